@@ -1,0 +1,94 @@
+"""Optimizers and learning-rate schedules for large-batch training, built from optax transformations.
+
+- ``lars``: optax.lars with biases and normalisation parameters excluded from weight decay and the trust ratio.
+- ``sgd`` / ``nesterov``: SGD with (Nesterov) momentum and L2 weight decay on the kernels.
+- ``adamw``: AdamW (decoupled weight decay on the kernels), for comparison.
+
+Durations are given in epochs and converted to steps from the dataset size and the global batch; the peak
+learning rate follows the linear scaling rule ``lr = base_lr * global_batch / base_batch``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import optax
+
+
+def decay_mask(params):
+    """True for the weights that take weight decay and LARS trust ratios: kernels (ndim > 1).
+
+    Biases and normalisation scales / offsets (ndim <= 1) are left alone.
+    """
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def scaled_lr(base_lr: float, global_batch: int, base_batch: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017): the learning rate grows with the global batch."""
+    if global_batch <= 0 or base_batch <= 0:
+        raise ValueError(f"batch sizes must be positive, got global_batch={global_batch}, base_batch={base_batch}")
+    return base_lr * global_batch / base_batch
+
+
+def steps_per_epoch(num_train: int, global_batch: int) -> int:
+    """Training steps per epoch: every step takes a full global batch (the remainder is dropped)."""
+    if num_train < global_batch:
+        raise ValueError(f"the training set has {num_train} images, fewer than one global batch of {global_batch}")
+    return num_train // global_batch
+
+
+def make_schedule(cfg, steps_per_epoch: int, global_batch: int) -> optax.Schedule:
+    """Linear warmup from ``warmup_init_lr`` to the scaled peak, then ``decay`` down to ``end_lr``.
+
+    ``cfg`` holds: base_lr, base_batch, warmup_epochs, warmup_init_lr, decay ('linear' | 'cosine' |
+    'polynomial' | 'step' | 'constant'), end_lr, power, step_epochs, step_gamma, and the total ``epochs``.
+    """
+    peak = scaled_lr(cfg.base_lr, global_batch, cfg.base_batch)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    rest = max(1, total - warmup)
+    if cfg.decay == "linear":
+        decay = optax.linear_schedule(peak, cfg.end_lr, rest)
+    elif cfg.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, rest, alpha=cfg.end_lr / peak if peak else 0.0)
+    elif cfg.decay == "polynomial":
+        decay = optax.polynomial_schedule(peak, cfg.end_lr, cfg.power, rest)
+    elif cfg.decay == "step":
+        bounds = {max(0, int(round(e * steps_per_epoch)) - warmup): cfg.step_gamma for e in cfg.step_epochs}
+        decay = optax.piecewise_constant_schedule(peak, bounds)
+    elif cfg.decay == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"optim.decay must be linear, cosine, polynomial, step or constant; got {cfg.decay!r}")
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(cfg.warmup_init_lr, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer named by ``cfg.name`` with the learning-rate ``schedule``."""
+    name, wd = cfg.name, cfg.weight_decay
+    if name == "lars":
+        return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
+                          trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
+                          trust_ratio_mask=decay_mask, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if name in ("sgd", "nesterov"):
+        return optax.chain(
+            optax.add_decayed_weights(wd, mask=decay_mask),
+            optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=name == "nesterov" or cfg.nesterov))
+    if name == "adamw":
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
+    raise ValueError(f"optim.name must be lars, sgd, nesterov or adamw; got {name!r}")
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Mean softmax cross-entropy against integer labels, with label smoothing."""
+    onehot = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        onehot = optax.smooth_labels(onehot, label_smoothing)
+    return optax.softmax_cross_entropy(logits, onehot).mean()
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    return int(math.ceil(epochs * steps_per_epoch))
