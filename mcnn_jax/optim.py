@@ -67,7 +67,15 @@ def make_schedule(cfg, steps_per_epoch: int, global_batch: int) -> optax.Schedul
 
 
 def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """The optimizer named by ``cfg.name`` with the learning-rate ``schedule``."""
+    """The optimizer named by ``cfg.name`` with the learning-rate ``schedule`` (after global-norm clipping to
+    ``cfg.grad_clip`` when it is positive)."""
+    tx = _base_optimizer(cfg, schedule)
+    if cfg.get("grad_clip", 0.0) > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx
+
+
+def _base_optimizer(cfg, schedule):
     name, wd = cfg.name, cfg.weight_decay
     if name == "lars":
         return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,

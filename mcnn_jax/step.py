@@ -1,7 +1,8 @@
 """The train state and the one jitted, pure train step ``(state, batch) -> (state, metrics)``.
 
-Data parallelism enters through ``grad_reduce``: a function applied to the flat float32 gradient buffer (one
-buffer for the whole model, so MPI needs one allreduce per step) that returns its mean over all ranks.
+Data parallelism enters through ``allreduce``: a function ``(flat_grads, metric_sums) -> (mean_grads,
+summed_metrics)`` over all ranks, given the gradients as ONE flat float32 buffer (and the step's metric sums
+beside them), so that MPI needs one allreduce per step (``mcnn_jax.distributed.World.fused_allreduce``).
 """
 
 from __future__ import annotations
@@ -45,10 +46,9 @@ def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: fl
 
 
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
-                    grad_reduce: Callable[[jax.Array], jax.Array] | None = None,
-                    metrics_reduce: Callable[[jax.Array], jax.Array] | None = None,
+                    allreduce: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
                     schedule: optax.Schedule | None = None, donate: bool = True):
-    """Returns the jitted train step. ``grad_reduce`` / ``metrics_reduce`` average / sum over ranks."""
+    """Returns the jitted train step. ``allreduce`` averages gradients and sums metrics over ranks."""
 
     def train_step(state: TrainState, batch):
         def loss_fn(params):
@@ -56,13 +56,13 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
             return loss, metrics
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        if grad_reduce is not None:
+        if allreduce is not None:
             flat, unravel = ravel_pytree(grads)
-            grads = unravel(grad_reduce(flat.astype(jnp.float32)))
-        if metrics_reduce is not None:
             names = sorted(metrics)
-            summed = metrics_reduce(jnp.stack([metrics[k].astype(jnp.float32) for k in names]))
-            metrics = {k: summed[i] for i, k in enumerate(names)}
+            flat, sums = allreduce(flat.astype(jnp.float32), jnp.stack([metrics[k].astype(jnp.float32)
+                                                                       for k in names]))
+            grads = unravel(flat)
+            metrics = {k: sums[i] for i, k in enumerate(names)}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))

@@ -1,0 +1,38 @@
+"""The embedded demo: a synthetic high-content screen, generated on first use, and an M-CNN trained on it.
+
+No data to download: if ``<workdir>/data/store`` is absent, the synthetic screen (``mcnn-data synthetic``) is
+generated into ``<workdir>/data`` and imported, then an M-CNN is trained to the target accuracy.
+
+    mcnn-train --config configs/default.py --workdir runs/default
+    mpiexec -n 2 mcnn-train --config configs/default.py --workdir runs/default2
+"""
+
+from mcnn_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.data.synthetic.enabled = True
+    c.data.synthetic.num_images = 640
+    c.data.synthetic.num_classes = 8
+    c.data.synthetic.height = 256
+    c.data.synthetic.width = 256
+    c.data.synthetic.seed = 0
+    c.data.split = "random"
+    c.data.val_fraction = 0.2
+    c.data.augment.rot90 = True  # square fields
+    c.model.input_shape = (256, 256, 3)
+    c.model.widths = (8, 8, 8, 16, 16, 16, 32)
+    c.model.merge_width = 256
+    c.model.head_width = 128
+    c.optim.name = "nesterov"
+    c.optim.base_lr = 0.02
+    c.optim.base_batch = 32
+    c.optim.warmup_init_lr = 0.002
+    c.optim.warmup_epochs = 1.0
+    c.optim.epochs = 20.0
+    c.optim.end_lr = 1e-4
+    c.train.global_batch = 32
+    c.train.eval_every_epochs = 2.0
+    c.train.target_accuracy = 0.95
+    return c

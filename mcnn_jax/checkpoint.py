@@ -1,0 +1,110 @@
+"""Orbax checkpoints in ``<workdir>/checkpoints``: the last N kept plus the best by validation accuracy.
+
+Each checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON item with the data
+order's position (the global step: the reader's order depends only on it and the seed), the validation
+metrics if the step was evaluated, and the config. Orbax writes a step into a temporary folder and renames it
+when complete, so a half-written checkpoint is never listed, and never restored.
+
+Only rank 0 writes (under MPI without ``jax.distributed`` every rank believes it is Orbax's primary process).
+Rank 0 also reads, and broadcasts the state to the other ranks, so only rank 0 needs the work directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+
+def _manager(directory: Path, keep: int = 3, read_only: bool = False, async_save: bool = True):
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=max(1, keep)),
+        cm.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+class Checkpointer:
+    """Writes (rank 0 only) and finds checkpoints of one work directory."""
+
+    def __init__(self, workdir, keep: int = 3, write: bool = True, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.write = write
+        if not write and not self.directory.is_dir():
+            self._mngr = None
+        else:
+            self._mngr = _manager(self.directory, keep, read_only=not write, async_save=async_save)
+
+    # --- writing --------------------------------------------------------------------------------------------
+    def save(self, state, meta: dict, val_accuracy: float | None = None, wait: bool = False):
+        """Starts an (asynchronous) save of ``state`` at its step; ``wait`` blocks until it is on disk."""
+        if not self.write:
+            return
+        step = int(jax.device_get(state.step))
+        if step in self._mngr.all_steps():
+            return
+        metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
+        meta = dict(meta, step=step, val_accuracy=val_accuracy)
+        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), metrics=metrics)
+        if wait:
+            self._mngr.wait_until_finished()
+
+    def wait(self):
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+
+    def close(self):
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+            self._mngr.close()
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        if self._mngr is None:
+            return []
+        self._mngr.reload()
+        return sorted(self._mngr.all_steps())
+
+    def meta(self, step: int) -> dict:
+        return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def resolve(self, which: str | int = "latest") -> int | None:
+        """The step of ``latest``, ``best`` (highest validation accuracy) or a step number; None if none."""
+        steps = self.steps()
+        if not steps:
+            return None
+        if which == "latest":
+            return steps[-1]
+        if which == "best":
+            scored = [(m.get("val_accuracy"), s) for s in steps for m in [self.meta(s)]
+                      if m.get("val_accuracy") is not None]
+            if not scored:
+                raise FileNotFoundError(f"no evaluated checkpoint in {self.directory}; kept steps: {steps}")
+            return max(scored)[1]
+        step = int(which)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; kept steps: {steps}")
+        return step
+
+    def restore(self, step: int, abstract_state):
+        """(state, meta) of ``step``, with the structure, shapes and dtypes of ``abstract_state``."""
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                               meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+
+def config_to_json(config) -> str:
+    return json.dumps(config.to_dict(), default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+
+
+def host_tree(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,107 @@
+"""``mcnn-eval``: evaluates a saved model on a store and prints accuracy and the confusion matrix.
+
+    mcnn-eval --workdir runs/default [--checkpoint best|latest|STEP] [--store PATH] [--split val|train|all]
+
+In a notebook, ``load_model(workdir)`` gives the model, its parameters and the checkpoint's metadata:
+
+    from mcnn_jax.evaluate import load_model
+    model, params, meta = load_model("runs/default", checkpoint="best")
+    logits = model.apply({"params": params}, images)  # images: float32 [N, H, W, C] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from .checkpoint import Checkpointer
+from .models import from_config, init_params
+
+
+def load_model(workdir, checkpoint: str | int = "best"):
+    """(model, params, meta) of a checkpoint in ``workdir``: ``best``, ``latest`` or a step number."""
+    ckpt = Checkpointer(workdir, write=False)
+    if not ckpt.steps():
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    step = ckpt.resolve(checkpoint)
+    meta = ckpt.meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    num_classes = meta["num_classes"]
+    model = from_config(config.model, num_classes=num_classes)
+    params = init_params(model, jax.random.key(0), tuple(config.model.input_shape))
+    from .optim import make_optimizer, make_schedule
+    from .step import create_state
+    tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
+    state, meta = ckpt.restore(step, create_state(params, tx, config.seed))
+    ckpt.close()
+    return model, state.params, meta
+
+
+def format_confusion(confusion: np.ndarray, class_names) -> str:
+    width = max(5, max(len(n) for n in class_names) + 1)
+    lines = ["true \\ predicted".ljust(width) + "".join(f"{i:>6d}" for i in range(len(class_names)))]
+    for i, name in enumerate(class_names):
+        lines.append(f"{i:>2d} {name}"[:width].ljust(width) + "".join(f"{v:>6d}" for v in confusion[i]))
+    return "\n".join(lines)
+
+
+def run(argv=None):
+    parser = argparse.ArgumentParser(prog="mcnn-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest or a step number")
+    parser.add_argument("--store", default="", help="another store to evaluate on (default: the run's)")
+    parser.add_argument("--split", default="val", choices=("val", "train", "all"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mcnn-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
+        return
+    print(f"checkpoint step {result['step']} of {args.workdir}; {result['count']} images of {result['store']} "
+          f"({args.split})")
+    print(f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}")
+    for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
+        print(f"  {name:<28s} {acc:.4f}")
+    print(format_confusion(np.asarray(result["confusion"]), result["class_names"]))
+
+
+def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
+    from .data import Reader, open_store, split_indices
+    from .distributed import World
+    from .step import make_eval_step
+    from .train import evaluate, store_path
+
+    model, params, meta = load_model(workdir, checkpoint)
+    config = ml_collections.ConfigDict(meta["config"])
+    path = Path(store) if store else store_path(config, workdir)
+    st = open_store(path)
+    if list(st.class_names) != list(meta["class_names"]):
+        raise ValueError(f"the store {path} has classes {st.class_names}, the model was trained on "
+                         f"{meta['class_names']}")
+    if split == "all":
+        idx = np.arange(st.num_images)
+    else:
+        train_idx, val_idx = split_indices(st, config.data)
+        idx = val_idx if split == "val" else train_idx
+    reader = Reader(st, idx, batch, augment=None, train=False)
+    try:
+        ev = evaluate(make_eval_step(model, len(st.class_names)), params, reader, len(st.class_names), World())
+    finally:
+        reader.close()
+    return dict(ev, step=meta["step"], store=str(path), class_names=list(st.class_names))
+
+
+if __name__ == "__main__":
+    run()
