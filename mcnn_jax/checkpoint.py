@@ -34,10 +34,11 @@ def _manager(directory: Path, keep: int = 3, read_only: bool = False, async_save
 class Checkpointer:
     """Writes (rank 0 only) and finds checkpoints of one work directory."""
 
-    def __init__(self, workdir, keep: int = 3, write: bool = True, async_save: bool = True):
+    def __init__(self, workdir, keep: int = 3, write: bool = True, async_save: bool = True, read: bool = True):
+        """``write=False``: only read; ``read=False`` too: a stand-in that does nothing (MPI ranks other than 0)."""
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.write = write
-        if not write and not self.directory.is_dir():
+        self.write = write and read
+        if not read or (not write and not self.directory.is_dir()):
             self._mngr = None
         else:
             self._mngr = _manager(self.directory, keep, read_only=not write, async_save=async_save)

@@ -52,7 +52,7 @@ class World:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         out = []
         for leaf in leaves:
-            buf = np.ascontiguousarray(np.asarray(leaf))
+            buf = np.array(leaf, copy=True, order="C")  # a writable host copy
             self.comm.Bcast(buf, root=0)
             out.append(jnp.asarray(buf))
         return jax.tree_util.tree_unflatten(treedef, out)

@@ -61,6 +61,8 @@ def run(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
+    from .runtime import enable_compilation_cache
+    enable_compilation_cache()
     try:
         result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
     except (FileNotFoundError, ValueError) as e:

@@ -40,8 +40,10 @@ def parse_args(argv):
 
 def run(argv=None):
     from .distributed import fail_fast, init_world
+    from .runtime import enable_compilation_cache
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    enable_compilation_cache()
     world = init_world()
     fail_fast(world)
     prefix = f"[rank {world.rank}] " if world.size > 1 else ""

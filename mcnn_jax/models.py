@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import fastconv
+
 PUBLISHED_POOL_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 PUBLISHED_WIDTHS = (16, 16, 16, 32, 32, 32, 64)
 PUBLISHED_POST_POOLS = (64, 32, 16, 8, 4, 2, 1)
@@ -25,8 +27,33 @@ PUBLISHED_POST_POOLS = (64, 32, 16, 8, 4, 2, 1)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _max_pool(x, f: int):
+IMPLS = ("xla", "fast")
+
+
+def _max_pool(x, f: int, impl: str = "xla"):
+    if impl == "fast":
+        return fastconv.max_pool(x, f)
     return x if f == 1 else nn.max_pool(x, (f, f), strides=(f, f))
+
+
+class Conv(nn.Module):
+    """A stride-1 'SAME' KxK convolution + bias with nn.Conv's parameters (``kernel`` HWIO, ``bias``) and
+    initialisers; ``impl="fast"`` computes its kernel gradient with ``fastconv.conv_fast``."""
+
+    features: int
+    kernel_size: int = 5
+    dtype: Any = jnp.float32
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.xavier_uniform(), (k, k, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        y = fastconv.conv_fast(x, kernel) if self.impl == "fast" else fastconv.conv_xla(x, kernel)
+        return y + bias
 
 
 def check_architecture(pool_factors, widths, post_pools) -> int:
@@ -64,19 +91,23 @@ class Branch(nn.Module):
     norm: str = "none"
     norm_groups: int = 8
     dtype: Any = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        x = _max_pool(x, self.pool)
+        x = _max_pool(x, self.pool, self.impl)
         for j in range(self.num_convs):
-            x = nn.Conv(self.width, (self.kernel_size, self.kernel_size), padding="SAME", use_bias=True,
-                        dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                        bias_init=nn.initializers.zeros, name=f"conv{j}")(x)
+            if self.impl == "xla":
+                x = nn.Conv(self.width, (self.kernel_size, self.kernel_size), padding="SAME", use_bias=True,
+                            dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                            bias_init=nn.initializers.zeros, name=f"conv{j}")(x)
+            else:
+                x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, name=f"conv{j}")(x)
             if self.norm == "group":
                 x = nn.GroupNorm(num_groups=min(self.norm_groups, self.width), dtype=self.dtype,
                                  name=f"norm{j}")(x)
             x = nn.relu(x)
-        return _max_pool(x, self.post_pool)
+        return _max_pool(x, self.post_pool, self.impl)
 
 
 class MCNN(nn.Module):
@@ -98,6 +129,7 @@ class MCNN(nn.Module):
     norm_groups: int = 8
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: Sequence[bool] | bool = False  # rematerialise (recompute in the backward pass) per branch
+    impl: str = "fast"  # "fast" (mcnn_jax.fastconv: same function, faster gradients on CPU) or "xla" (plain)
 
     @nn.compact
     def __call__(self, x):
@@ -107,6 +139,8 @@ class MCNN(nn.Module):
         check_input_size(x.shape[1], x.shape[2], total, self.merge_pool)
         if self.norm not in ("none", "group"):
             raise ValueError(f"norm must be 'none' or 'group', got {self.norm!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         dtype = _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
         remat = self.remat if isinstance(self.remat, (list, tuple)) else [bool(self.remat)] * len(self.widths)
         if len(remat) != len(self.widths):
@@ -117,12 +151,12 @@ class MCNN(nn.Module):
             cls = nn.remat(Branch) if remat[k] else Branch
             outs.append(cls(pool=f, width=w, post_pool=p, num_convs=self.convs_per_branch,
                             kernel_size=self.kernel_size, norm=self.norm, norm_groups=self.norm_groups,
-                            dtype=dtype, name=f"branch{k}")(x))
+                            dtype=dtype, impl=self.impl, name=f"branch{k}")(x))
         x = jnp.concatenate(outs, axis=-1)
         x = nn.Conv(self.merge_width, (1, 1), dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.zeros, name="merge")(x)
         x = nn.relu(x)
-        x = _max_pool(x, self.merge_pool)
+        x = _max_pool(x, self.merge_pool, self.impl)
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(self.head_width, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.zeros, name="hidden")(x)
@@ -133,7 +167,7 @@ class MCNN(nn.Module):
 
 
 MODEL_KEYS = ("num_classes", "pool_factors", "widths", "post_pools", "convs_per_branch", "kernel_size",
-              "merge_width", "merge_pool", "head_width", "norm", "norm_groups", "dtype", "remat")
+              "merge_width", "merge_pool", "head_width", "norm", "norm_groups", "dtype", "remat", "impl")
 
 
 def from_config(model_config, num_classes: int | None = None) -> MCNN:

@@ -65,7 +65,7 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
             metrics = {k: sums[i] for i, k in enumerate(names)}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -126,7 +126,8 @@ def train_and_evaluate(config, workdir, world: World | None = None) -> dict:
     tx = optim.make_optimizer(config.optim, schedule)
 
     state = create_state(init_params(model, jax.random.key(config.seed), (h, w, c)), tx, config.seed)
-    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, write=world.is_primary)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, write=world.is_primary,
+                        read=world.is_primary)
     start = world.bcast_object(ckpt.resolve("latest") if world.is_primary else None)
     if start is not None:
         if world.is_primary:

@@ -1,0 +1,27 @@
+"""The data layer: image stores (zarr v3 via TensorStore), importers, splits and the batch reader.
+
+    from mcnn_jax.data import open_store, split_indices, Reader, prepare_synthetic_store
+
+    store = open_store("data/store")            # Store: .read(indices), .labels, .class_names, .metadata
+    train_idx, val_idx = split_indices(store, config.data)
+    reader = Reader(store, train_idx, global_batch=32, rank=0, num_ranks=1, seed=0, augment=config.data.augment)
+    for step, batch in reader.iterate(start_step=0):   # batch: image float32 [b,H,W,C] in [0,1], label, mask
+        ...
+
+Importers: ``import_bbbc021``, ``import_folder``, ``generate_screen`` + ``prepare_synthetic_store``; the CLI is
+``mcnn-data`` (mcnn_jax.data.cli).
+"""
+
+from .augment import Augment
+from .bbbc021 import CHANNELS as BBBC021_CHANNELS
+from .bbbc021 import import_bbbc021
+from .folder import import_folder
+from .reader import Reader
+from .split import split_indices
+from .store import (CODECS, DEFAULT_CODEC, ImportDataError, IncompleteStoreError, Store, StoreError, open_store,
+                    to_float)
+from .synthetic import generate_screen, prepare_synthetic_store
+
+__all__ = ["Augment", "BBBC021_CHANNELS", "CODECS", "DEFAULT_CODEC", "ImportDataError", "IncompleteStoreError",
+           "Reader", "Store", "StoreError", "generate_screen", "import_bbbc021", "import_folder", "open_store",
+           "prepare_synthetic_store", "split_indices", "to_float"]

@@ -1,0 +1,150 @@
+"""``mcnn-data``: build and inspect image stores.
+
+    mcnn-data bbbc021   --metadata DIR --images DIR --out STORE [--scaling plate|image|none] [--illumination]
+    mcnn-data folder    --images DIR --out STORE
+    mcnn-data synthetic --out DIR [--images N] [--classes K] [--height H] [--width W] [--seed S] [--store STORE]
+    mcnn-data info      STORE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .store import CODECS, DEFAULT_CODEC, StoreError
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codec", default=DEFAULT_CODEC, choices=sorted(CODECS),
+                   help=f"zarr v3 compression of the image chunks (default: {DEFAULT_CODEC}, the fastest to "
+                        f"decode among the compressors measured by benchmarks/bench_reader.py)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
+    p.add_argument("--workers", type=int, default=2, help="threads reading and processing images (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _bbbc021_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scaling", default="plate", choices=("plate", "image", "none"),
+                   help="per-channel robust intensity scaling: percentiles pooled per plate (default), per "
+                        "image, or none (values kept)")
+    p.add_argument("--percentiles", type=float, nargs=2, default=(0.1, 99.9), metavar=("LOW", "HIGH"),
+                   help="the percentiles mapped to 0 and the dtype maximum (default 0.1 99.9)")
+    p.add_argument("--illumination", action="store_true",
+                   help="divide out a smooth per-plate, per-channel illumination field (a heavily blurred "
+                        "mean image of the plate)")
+    p.add_argument("--dtype", choices=("uint8", "uint16"), default=None,
+                   help="stored dtype (default: that of the TIFFs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mcnn-data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="A store is complete only once its COMPLETE marker is written; rerun an "
+                                        "interrupted import with the same arguments to finish it.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("bbbc021", help="import BBBC021 (Broad CSVs + plate folders of 16-bit TIFFs)",
+                       description="Import BBBC021 into a store: channels stacked DAPI, tubulin, actin; only "
+                                   "images whose (compound, concentration) has a mechanism of action are kept.")
+    p.add_argument("--metadata", required=True, type=Path,
+                   help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv")
+    p.add_argument("--images", required=True, type=Path,
+                   help="folder holding the plate folders (Image_PathName_* is relative to it)")
+    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    _bbbc021_options(p)
+    _add_store_options(p)
+
+    p = sub.add_parser("folder", help="import one sub-folder per class of TIFF / PNG / JPEG images",
+                       description="Import DIR/<class>/<image> into a store (pixel values kept).")
+    p.add_argument("--images", required=True, type=Path, help="folder with one sub-folder per class")
+    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    _add_store_options(p)
+
+    p = sub.add_parser("synthetic", help="generate a synthetic screen in the BBBC021 layout (and import it)",
+                       description="Write a deterministic synthetic high-content screen (TIFFs + BBBC021 CSVs) "
+                                   "to --out; with --store, also import it.")
+    p.add_argument("--out", required=True, type=Path, help="folder for the screen (plate folders + CSVs)")
+    p.add_argument("--images", type=int, default=240, help="number of images (fields) (default 240)")
+    p.add_argument("--classes", type=int, default=8, help="number of classes incl. DMSO (default 8)")
+    p.add_argument("--height", type=int, default=1024, help="field height in pixels (default 1024)")
+    p.add_argument("--width", type=int, default=1280, help="field width in pixels (default 1280)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--compounds", type=int, default=3, help="compounds per mechanism (default 3)")
+    p.add_argument("--concentrations", type=int, default=2, help="concentrations per compound (default 2)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="also import the screen into this store (per-plate scaling + illumination correction)")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store at --store")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("info", help="describe a store", description="Print a store's images per class, size, "
+                                                                    "dtype and compounds.")
+    p.add_argument("store", type=Path)
+    return ap
+
+
+def describe(path) -> str:
+    from .store import open_store
+
+    s = open_store(path)
+    h, w, c = s.image_shape
+    lines = [f"store       {s.path}",
+             f"images      {s.num_images} of {h}x{w}x{c} {s.dtype.name} (channels: {', '.join(s.channels)})",
+             f"size        {s.nbytes / 2**30:.3f} GiB raw, {s.disk_bytes() / 2**30:.3f} GiB on disk "
+             f"(codec {s.info.get('codec')})",
+             f"source      {s.info.get('source', '?')}"
+             + (f", scaling {s.info['scaling']}, illumination correction {s.info['illumination']}"
+                if "scaling" in s.info else ""),
+             f"classes     {len(s.class_names)}"]
+    width = max(len(n) for n in s.class_names)
+    comp = s.metadata.get("compound", [""] * s.num_images)
+    for name, n in s.class_counts().items():
+        cs = sorted({comp[i] for i in range(s.num_images) if s.labels[i] == s.class_names.index(name)} - {""})
+        lines.append(f"  {name:<{width}}  {n:6d} images" + (f"  ({', '.join(cs)})" if cs else ""))
+    compounds = s.compounds
+    lines.append(f"compounds   {len(compounds)}" + (f": {', '.join(compounds)}" if compounds else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        if args.command == "info":
+            print(describe(args.store))
+            return 0
+        if args.command == "bbbc021":
+            from .bbbc021 import import_bbbc021
+            out = import_bbbc021(args.metadata, args.images, args.out, scaling=args.scaling,
+                                 percentiles=tuple(args.percentiles), illumination=args.illumination,
+                                 dtype=args.dtype, codec=args.codec, overwrite=args.overwrite,
+                                 workers=args.workers, progress=not args.quiet)
+        elif args.command == "folder":
+            from .folder import import_folder
+            out = import_folder(args.images, args.out, codec=args.codec, overwrite=args.overwrite,
+                                workers=args.workers, progress=not args.quiet)
+        else:
+            from .synthetic import generate_screen
+            raw = generate_screen(args.out, args.images, args.classes, args.height, args.width, args.seed,
+                                  args.compounds, args.concentrations, progress=not args.quiet)
+            print(f"synthetic screen: {args.images} images of {args.height}x{args.width} in {raw} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+            if args.store is None:
+                return 0
+            from .bbbc021 import import_bbbc021
+            out = import_bbbc021(raw, raw, args.store, scaling="plate", illumination=True, dtype="uint16",
+                                 overwrite=args.overwrite, progress=not args.quiet)
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s\n")
+        print(describe(out))
+        return 0
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        print(f"mcnn-data: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mcnn-data: interrupted; rerun the same command to finish", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Faster CPU forms of the M-CNN's convolution and max-pool: the SAME functions, the SAME parameters.
+
+Measured on XLA:CPU (see benchmarks/profile_step.py): for the thin (16-channel) 5x5 convolutions at full
+resolution the forward and input-gradient convolutions run at 50-65% of the fp32 matmul peak, but the
+kernel gradient (``conv_general_dilated`` transposed to the weights) runs at ~12%, and it is the largest
+single cost of a training step. ``conv2d_same`` therefore keeps XLA's convolution for the forward pass and
+the input gradient, and computes the kernel gradient as ONE tall-skinny matmul with no wasted FLOPs:
+
+    dk[dy, dx, c, o] = sum_{n, y', x} A[n, y', x, (dx, c)] * B[n, y', x, (dy, o)]
+    A[n, y', x, (dx, c)] = xpad[n, y', x + dx, c]      (horizontal im2col of the zero-padded input: k*C wide)
+    B[n, y', x, (dy, o)] = ct[n, y' - dy, x, o]        (vertical shifts of the output gradient: k*O wide)
+
+i.e. dk = A^T B, an [k*C, rows] x [rows, k*O] contraction (80 x 1.3M x 80 for a 16->16 5x5 conv at
+1024x1280) that XLA's dot runs near peak. The rows are processed in chunks under a ``lax.scan`` so that A
+and B never exist whole (they would be k times the activation); images are stacked vertically with k-1 zero
+rows between them, so the chunks need not respect image boundaries.
+
+``max_pool`` (kernel = stride, no padding) is a reshape + max: its gradient is an elementwise mask instead
+of XLA's select-and-scatter. (They differ only where two window entries tie for the max: after a ReLU that
+happens only at 0, where the ReLU's gradient is 0 either way.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _pads(k: int) -> tuple[int, int]:
+    lo = (k - 1) // 2  # 'SAME' for stride 1
+    return lo, k - 1 - lo
+
+
+def conv_xla(x, kernel):
+    """Stride-1 'SAME' convolution, NHWC x HWIO -> NHWC (XLA's convolution)."""
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN)
+
+
+def kernel_grad(x, ct, k: int, chunk_rows: int = 0):
+    """d/dkernel of sum(ct * conv_xla(x, kernel)) for a k x k kernel: [k, k, C, O] in float32.
+
+    ``chunk_rows``: rows of the stacked, padded images per scan step (0 = about 2^18 pixels per step).
+    """
+    n, h, w, c = x.shape
+    o = ct.shape[-1]
+    lo, hi = _pads(k)
+    hp = h + k - 1
+    xpad = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0))).reshape(n * hp, w + k - 1, c)
+    ctp = jnp.pad(ct, ((0, 0), (0, k - 1), (0, 0), (0, 0))).reshape(n * hp, w, o)
+    rows = n * hp
+    r = chunk_rows or max(8, min(rows, (1 << 18) // w))
+    steps = -(-rows // r)
+    total = steps * r
+    xpad = jnp.pad(xpad, ((0, total - rows), (0, 0), (0, 0)))
+    ctp = jnp.pad(ctp, ((k - 1, total - rows), (0, 0), (0, 0)))  # k-1 zero rows on top: B[y'] = ct[y' - dy]
+
+    def body(acc, i):
+        xs = lax.dynamic_slice_in_dim(xpad, i * r, r, 0)                  # [r, w + k - 1, c]
+        cs = lax.dynamic_slice_in_dim(ctp, i * r, r + k - 1, 0)           # [r + k - 1, w, o]
+        a = jnp.concatenate([xs[:, dx:dx + w] for dx in range(k)], -1)    # [r, w, k*c]   (dx, c)
+        b = jnp.concatenate([cs[k - 1 - dy:k - 1 - dy + r] for dy in range(k)], -1)  # [r, w, k*o] (dy, o)
+        acc = acc + lax.dot_general(a.reshape(r * w, k * c), b.reshape(r * w, k * o), (((0,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        return acc, None
+
+    if steps == 1:
+        dk, _ = body(jnp.zeros((k * c, k * o), jnp.float32), 0)
+    else:
+        dk, _ = lax.scan(body, jnp.zeros((k * c, k * o), jnp.float32), jnp.arange(steps))
+    return dk.reshape(k, c, k, o).transpose(2, 0, 1, 3)  # [dx, c, dy, o] -> [dy, dx, c, o]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_fast(x, kernel, chunk_rows: int = 0):
+    """The same function as ``conv_xla``, with the kernel gradient computed by ``kernel_grad``."""
+    return conv_xla(x, kernel)
+
+
+def _conv_fast_fwd(x, kernel, chunk_rows):
+    return conv_xla(x, kernel), (x, kernel)
+
+
+def _conv_fast_bwd(chunk_rows, res, ct):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda x_: conv_xla(x_, kernel), x)
+    (dx,) = vjp_x(ct)
+    dk = kernel_grad(x, ct, kernel.shape[0], chunk_rows).astype(kernel.dtype)
+    return dx, dk
+
+
+conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+
+
+def max_pool(x, f: int):
+    """Max-pool NHWC by f (kernel = stride = f, no padding) as a reshape + max."""
+    if f == 1:
+        return x
+    n, h, w, c = x.shape
+    return x.reshape(n, h // f, f, w // f, f, c).max(axis=(2, 4))

@@ -1,0 +1,35 @@
+"""Shared fixtures of the data-layer tests (tests/test_data*.py): small stores built once per session."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BBBC021_CSVS = REPO.parent / "shared" / "bbbc021"  # CI: ../shared/bbbc021 relative to the repo root
+
+
+@pytest.fixture(scope="session")
+def data_synthetic_store(tmp_path_factory):
+    """A 48-image, 4-class, 128x128 synthetic store (generated + imported once)."""
+    from mcnn_jax.data import prepare_synthetic_store
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return prepare_synthetic_store(root, num_images=48, num_classes=4, height=128, width=128, seed=3,
+                                   progress=False)
+
+
+@pytest.fixture()
+def data_tiny_store(tmp_path):
+    """A store of 10 random 8x6x2 uint16 images with labels i % 3 and compounds c0..c4 (writer API)."""
+    from mcnn_jax.data.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 65535, (10, 8, 6, 2), dtype=np.uint16)
+    w = StoreWriter(tmp_path / "tiny", 10, (8, 6, 2), "uint16")
+    for i, im in enumerate(images):
+        w.write(i, im)
+    labels = [i % 3 for i in range(10)]
+    w.finish(labels, ["a", "b", "c"], {"compound": [f"c{i % 5}" for i in range(10)],
+                                       "class": ["abc"[i % 3] for i in range(10)]}, ["x", "y"])
+    return tmp_path / "tiny", images
