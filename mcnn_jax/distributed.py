@@ -2,7 +2,7 @@
 
 Under ``mpiexec -n N`` every rank runs the same program on its share of each global batch. Gradients (and
 the step's metric sums) are packed into one flat float32 buffer and summed with ONE mpi4jax allreduce inside
-the jitted train step (GradientFlow's fused "lazy" allreduce). Run without ``mpiexec``, the world is one rank
+the jitted train step (GradientFlow's fused "lazy" allreduce; see ``mcnn_jax.step``). Run without ``mpiexec``, the world is one rank
 and nothing touches MPI beyond initialising it.
 """
 
@@ -69,16 +69,13 @@ class World:
             raise RuntimeError(f"ranks hold different {what} (crc32 per rank: {digests})")
 
     # --- inside jit ---------------------------------------------------------------------------------------
-    def fused_allreduce(self, grads_flat: jax.Array, sums: jax.Array):
-        """One allreduce of [gradients | metric sums]: returns (mean gradients, summed metrics)."""
+    def allreduce_sum(self, buf: jax.Array) -> jax.Array:
+        """The sum over ranks of a flat float32 buffer, with one mpi4jax allreduce (inside jit)."""
         if self.size == 1:
-            return grads_flat, sums
+            return buf
         import mpi4jax
         from mpi4py import MPI
-        n = grads_flat.shape[0]
-        buf = jnp.concatenate([grads_flat.astype(jnp.float32), sums.astype(jnp.float32)])
-        buf = mpi4jax.allreduce(buf, op=MPI.SUM, comm=self.jax_comm)
-        return buf[:n] / self.size, buf[n:]
+        return mpi4jax.allreduce(buf, op=MPI.SUM, comm=self.jax_comm)
 
     def abort(self, code: int = 1):
         """Ends every rank of the job now (after this rank's error has been printed)."""

@@ -1,8 +1,8 @@
 """The train state and the one jitted, pure train step ``(state, batch) -> (state, metrics)``.
 
-Data parallelism enters through ``allreduce``: a function ``(flat_grads, metric_sums) -> (mean_grads,
-summed_metrics)`` over all ranks, given the gradients as ONE flat float32 buffer (and the step's metric sums
-beside them), so that MPI needs one allreduce per step (``mcnn_jax.distributed.World.fused_allreduce``).
+Data parallelism enters through ``allreduce``: a function that sums one flat float32 buffer over all ranks
+(``mcnn_jax.distributed.World.allreduce_sum``). The gradients and the step's metric sums are packed into ONE
+buffer, so MPI needs one allreduce per step (GradientFlow's fused "lazy" allreduce).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: fl
 
 
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
-                    allreduce: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+                    allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
                     schedule: optax.Schedule | None = None, donate: bool = True):
-    """Returns the jitted train step. ``allreduce`` averages gradients and sums metrics over ranks."""
+    """Returns the jitted train step. ``allreduce`` sums a flat float32 buffer over the ``num_ranks`` ranks: the
+    gradients (then divided by ``num_ranks``) and the metric sums travel in one buffer."""
 
     def train_step(state: TrainState, batch):
         def loss_fn(params):
@@ -56,13 +57,12 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
             return loss, metrics
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        if allreduce is not None:
-            flat, unravel = ravel_pytree(grads)
+        if allreduce is not None:  # gradients and metric sums: ONE buffer, ONE allreduce
             names = sorted(metrics)
-            flat, sums = allreduce(flat.astype(jnp.float32), jnp.stack([metrics[k].astype(jnp.float32)
-                                                                       for k in names]))
-            grads = unravel(flat)
-            metrics = {k: sums[i] for i, k in enumerate(names)}
+            flat, unravel = ravel_pytree((grads, [metrics[k].astype(jnp.float32) for k in names]))
+            grads, sums = unravel(allreduce(flat))
+            grads = jax.tree_util.tree_map(lambda g: g / num_ranks, grads)
+            metrics = dict(zip(names, sums))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

@@ -137,9 +137,9 @@ def train_and_evaluate(config, workdir, world: World | None = None) -> dict:
     world.check_same(state.params)  # ... which is checked
     start_step = int(state.step)
 
-    allreduce = world.fused_allreduce if world.size > 1 else None
+    allreduce = world.allreduce_sum if world.size > 1 else None
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, allreduce=allreduce,
-                                 schedule=schedule)
+                                 num_ranks=world.size, schedule=schedule)
     eval_step = make_eval_step(model, num_classes)
     local_batch = global_batch // world.size
     reader = Reader(store, train_idx, global_batch, rank=world.rank, num_ranks=world.size, seed=config.seed,

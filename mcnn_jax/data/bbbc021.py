@@ -29,7 +29,8 @@ import numpy as np
 import tifffile
 
 from . import intensity
-from ._util import read_csv
+from ._util import progress as progress_bar
+from ._util import progress_counter, read_csv
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
@@ -140,13 +141,6 @@ def load_image(images_dir: Path, row: Row, shape=None, dtype=None, csv_name: str
     return np.stack(planes, axis=-1)
 
 
-def _progress(it, total, desc, enabled):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-    return tqdm(it, total=total, desc=desc, unit="img", mininterval=1.0)
-
-
 def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", illumination: bool = False,
                    percentiles: tuple[float, float] = (0.1, 99.9), dtype: str | None = None,
                    codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
@@ -193,7 +187,7 @@ def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", ill
             by_plate: dict[str, list[Row]] = {p: [] for p in plates}
             for r in rows:
                 by_plate[r.plate].append(r)
-            bar = _progress(None, len(rows), "import: plate statistics", progress) if progress else None
+            bar = progress_counter(len(rows), "import: plate statistics") if progress else None
             with ThreadPoolExecutor(max(1, workers)) as pool:
                 for p in plates:
                     total = np.zeros((*shape, 3), np.float64)
@@ -232,7 +226,7 @@ def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", ill
 
     todo = [i for i in range(len(rows)) if not writer.done(i)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in _progress(pool.map(work, todo), len(todo), f"import: writing {out.name}", progress):
+        for i, img in progress_bar(pool.map(work, todo), len(todo), f"import: writing {out.name}", progress):
             writer.write(i, img)
     labels = [class_names.index(r.moa) for r in rows]
     metadata = dict(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._util import progress as progress_bar
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
@@ -79,9 +80,7 @@ def import_folder(images_dir, out, *, codec: str = DEFAULT_CODEC, overwrite: boo
     it = ThreadPoolExecutor(max(1, workers))
     try:
         results = it.map(load, todo)
-        if progress:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(todo), desc=f"import: writing {out.name}", unit="img")
+        results = progress_bar(results, len(todo), f"import: writing {out.name}", progress)
         for i, a in results:
             writer.write(i, a)
     finally:

@@ -34,6 +34,7 @@ import numpy as np
 import tifffile
 
 from ._util import atomic_write_bytes, atomic_write_json, write_csv
+from ._util import progress as progress_bar
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
 MOA_CSV = "BBBC021_v1_moa.csv"
@@ -360,11 +361,7 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     fields = {}
     rows = []
     t0 = time.perf_counter()
-    it = sites
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(sites, desc="synthetic screen", unit="img", mininterval=1.0)
-    for site in it:
+    for site in progress_bar(sites, len(sites), "synthetic screen", progress):
         rel, plate_name = _plate_dir(site.plate)
         folder = out / rel
         names = file_names(site, seed)
