@@ -11,7 +11,12 @@ import argparse
 import sys
 import traceback
 
-USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def _user_errors():
+    """Errors that are the input's fault: printed as one line, without a traceback."""
+    from .data import StoreError
+    return (ValueError, FileNotFoundError, StoreError)
 
 
 def parse_args(argv):
@@ -59,7 +64,7 @@ def run(argv=None):
             sys.exit(3)
     except SystemExit:
         raise
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         print(f"mcnn-train: {prefix}error: {e}", file=sys.stderr, flush=True)
         if world.size > 1:
             world.abort(2)

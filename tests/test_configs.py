@@ -1,0 +1,43 @@
+"""Every config loads, is locked, names the command that runs it, and the published recipe is what it says."""
+
+from pathlib import Path
+
+import pytest
+
+from mcnn_jax.config import base_config, load_config, published_recipe
+from mcnn_jax.models import from_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_locked_with_its_command(path):
+    config = load_config(str(path))
+    assert f"mcnn-train --config configs/{path.name}" in path.read_text().split('"""')[1]
+    with pytest.raises(AttributeError):
+        config.train.not_a_key = 1
+    h, w, c = config.model.input_shape
+    from_config(config.model)  # builds
+    if config.data.synthetic.enabled:
+        assert (config.data.synthetic.height, config.data.synthetic.width) == (h, w)
+
+
+def test_published_recipe_preset():
+    c = load_config("bbbc021")
+    assert (c.optim.name, c.optim.momentum, c.optim.nesterov) == ("nesterov", 0.9, True)
+    assert (c.optim.warmup_init_lr, c.optim.base_lr, c.optim.warmup_epochs) == (0.001, 0.008, 5.0)
+    assert (c.optim.decay, c.optim.end_lr, c.optim.label_smoothing, c.optim.weight_decay) == \
+        ("linear", 1e-4, 0.1, 5e-5)
+    assert tuple(c.model.input_shape) == (1024, 1280, 3)
+    assert published_recipe(base_config()).optim.to_dict() == c.optim.to_dict()
+
+
+def test_overrides_are_typed():
+    c = load_config("tiny", ["optim.name=lars", "train.global_batch=16", "optim.base_lr=1", "model.widths=(1,2,3,4,5,6,7)",
+                             "data.augment.flips=false"])
+    assert c.optim.name == "lars" and c.train.global_batch == 16 and c.optim.base_lr == 1.0
+    assert tuple(c.model.widths) == (1, 2, 3, 4, 5, 6, 7) and c.data.augment.flips is False
+    with pytest.raises(ValueError, match="section"):
+        load_config("tiny", ["optim=1"])
+    with pytest.raises(FileNotFoundError, match="the project's configs are"):
+        load_config("nope")
