@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 import traceback
 import zlib
 from typing import Any
@@ -82,6 +83,7 @@ class World:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.size > 1:
+            time.sleep(1.0)  # let the launcher forward what this rank printed before it tears the job down
             self.comm.Abort(code)
         os._exit(code)
 
@@ -114,8 +116,8 @@ def fail_fast(world: World):
         return
 
     def hook(exc_type, exc, tb):
-        sys.stderr.write(f"[rank {world.rank}/{world.size}] failed; stopping the whole job:\n")
-        traceback.print_exception(exc_type, exc, tb)
+        sys.stderr.write(f"[rank {world.rank}/{world.size}] failed; stopping the whole job:\n"
+                         + "".join(traceback.format_exception(exc_type, exc, tb)))
         world.abort(1)
 
     sys.excepthook = hook
