@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.norm_groups = 8
     c.model.dtype = "float32"
     c.model.remat = False
+    c.model.impl = "fast"  # "fast" (mcnn_jax.fastconv: same function and parameters, faster on CPU) or "xla"
 
     # --- optimizer and schedule (mcnn_jax.optim); durations in epochs ------------------------------------
     c.optim = ml_collections.ConfigDict()

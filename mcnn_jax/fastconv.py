@@ -1,17 +1,18 @@
 """Faster CPU forms of the M-CNN's convolution and max-pool: the SAME functions, the SAME parameters.
 
-Measured on XLA:CPU (see benchmarks/profile_step.py): for the thin (16-channel) 5x5 convolutions at full
-resolution the forward and input-gradient convolutions run at 50-65% of the fp32 matmul peak, but the
-kernel gradient (``conv_general_dilated`` transposed to the weights) runs at ~12%, and it is the largest
-single cost of a training step. ``conv2d_same`` therefore keeps XLA's convolution for the forward pass and
-the input gradient, and computes the kernel gradient as ONE tall-skinny matmul with no wasted FLOPs:
+Measured on XLA:CPU (benchmarks/profile_step.py, batch 1): for the thin (16-channel) 5x5 convolutions at
+full resolution the forward and input-gradient convolutions run at ~30-60% of the fp32 matmul peak, but the
+kernel gradient (``conv_general_dilated`` transposed to the weights) runs at 6-13%, and it is the largest
+single cost of a training step (~60% of XLA's time for branch0). ``conv_fast`` therefore keeps XLA's
+convolution for the forward pass and the input gradient, and computes the kernel gradient as ONE tall-skinny
+matmul with no wasted FLOPs (20-26% of peak including building its operands):
 
     dk[dy, dx, c, o] = sum_{n, y', x} A[n, y', x, (dx, c)] * B[n, y', x, (dy, o)]
     A[n, y', x, (dx, c)] = xpad[n, y', x + dx, c]      (horizontal im2col of the zero-padded input: k*C wide)
     B[n, y', x, (dy, o)] = ct[n, y' - dy, x, o]        (vertical shifts of the output gradient: k*O wide)
 
 i.e. dk = A^T B, an [k*C, rows] x [rows, k*O] contraction (80 x 1.3M x 80 for a 16->16 5x5 conv at
-1024x1280) that XLA's dot runs near peak. The rows are processed in chunks under a ``lax.scan`` so that A
+1024x1280); that dot alone runs at ~85% of the 4096^3 matmul rate. The rows are processed in chunks under a ``lax.scan`` so that A
 and B never exist whole (they would be k times the activation); images are stacked vertically with k-1 zero
 rows between them, so the chunks need not respect image boundaries.
 
@@ -41,10 +42,54 @@ def conv_xla(x, kernel):
     return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN)
 
 
+# XLA:CPU's convolution aborts (std::bad_alloc) once its im2col buffer, N*H*W*kh*kw*C elements, reaches 2^31:
+# at 1024x1280 with 16 channels and a 5x5 kernel that is any batch above 4 (measured: batch 16 fails in the
+# forward and the input gradient). Larger batches are therefore convolved in groups of images, in a lax.map.
+_IM2COL_LIMIT = 2 ** 31 - 1
+
+
+def _group(n: int, per_image: int) -> int:
+    g = max(1, _IM2COL_LIMIT // max(per_image, 1))
+    if n <= g:
+        return n
+    return max(d for d in range(1, g + 1) if n % d == 0)
+
+
+def _map_groups(fn, g: int, *arrays):
+    """fn over groups of g images (arrays share the leading batch axis), results concatenated."""
+    n = arrays[0].shape[0]
+    if g >= n:
+        return fn(*arrays)
+    out = lax.map(lambda a: fn(*a), tuple(a.reshape(n // g, g, *a.shape[1:]) for a in arrays))
+    return out.reshape(n, *out.shape[2:])
+
+
+def conv_safe(x, kernel):
+    """``conv_xla``, in groups of images small enough for XLA:CPU's im2col buffer."""
+    n, h, w, c = x.shape
+    g = _group(n, h * w * kernel.shape[0] * kernel.shape[1] * c)
+    return _map_groups(lambda a: conv_xla(a, kernel), g, x)
+
+
+def conv_input_grad(ct, kernel, x_shape):
+    """d/dx of sum(ct * conv_xla(x, kernel)) (XLA's transposed convolution), in safe groups of images."""
+    n, h, w, c = x_shape
+    o = ct.shape[-1]
+    g = _group(n, h * w * kernel.shape[0] * kernel.shape[1] * o)
+
+    def one(c_):
+        x0 = jax.ShapeDtypeStruct((c_.shape[0], h, w, c), ct.dtype)
+        return jax.linear_transpose(lambda a: conv_xla(a, kernel), x0)(c_)[0]
+
+    return _map_groups(one, g, ct)
+
+
 def kernel_grad(x, ct, k: int, chunk_rows: int = 0):
     """d/dkernel of sum(ct * conv_xla(x, kernel)) for a k x k kernel: [k, k, C, O] in float32.
 
-    ``chunk_rows``: rows of the stacked, padded images per scan step (0 = about 2^18 pixels per step).
+    ``chunk_rows``: rows of the stacked, padded images per scan step (0 = about 10k pixels per step, so
+    that each step's A and B chunks (~3 MB each) stay in cache between their construction and the dot:
+    measured 3-5x faster than larger chunks, and than XLA's own kernel gradient, at 1024x1280x16).
     """
     n, h, w, c = x.shape
     o = ct.shape[-1]
@@ -53,7 +98,7 @@ def kernel_grad(x, ct, k: int, chunk_rows: int = 0):
     xpad = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0))).reshape(n * hp, w + k - 1, c)
     ctp = jnp.pad(ct, ((0, 0), (0, k - 1), (0, 0), (0, 0))).reshape(n * hp, w, o)
     rows = n * hp
-    r = chunk_rows or max(8, min(rows, (1 << 18) // w))
+    r = min(rows, chunk_rows or max(1, 10240 // w))
     steps = -(-rows // r)
     total = steps * r
     xpad = jnp.pad(xpad, ((0, total - rows), (0, 0), (0, 0)))
@@ -77,18 +122,18 @@ def kernel_grad(x, ct, k: int, chunk_rows: int = 0):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_fast(x, kernel, chunk_rows: int = 0):
-    """The same function as ``conv_xla``, with the kernel gradient computed by ``kernel_grad``."""
-    return conv_xla(x, kernel)
+    """The same function as ``conv_xla``, with the kernel gradient computed by ``kernel_grad`` (and batches of
+    any size: see ``conv_safe``)."""
+    return conv_safe(x, kernel)
 
 
 def _conv_fast_fwd(x, kernel, chunk_rows):
-    return conv_xla(x, kernel), (x, kernel)
+    return conv_safe(x, kernel), (x, kernel)
 
 
 def _conv_fast_bwd(chunk_rows, res, ct):
     x, kernel = res
-    _, vjp_x = jax.vjp(lambda x_: conv_xla(x_, kernel), x)
-    (dx,) = vjp_x(ct)
+    dx = conv_input_grad(ct, kernel, x.shape).astype(x.dtype)
     dk = kernel_grad(x, ct, kernel.shape[0], chunk_rows).astype(kernel.dtype)
     return dx, dk
 
