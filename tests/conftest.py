@@ -1,4 +1,4 @@
-"""Shared fixtures of the data-layer tests (tests/test_data*.py): small stores built once per session."""
+"""Shared fixtures: small stores built once per session."""
 
 from pathlib import Path
 
@@ -33,3 +33,15 @@ def data_tiny_store(tmp_path):
     w.finish(labels, ["a", "b", "c"], {"compound": [f"c{i % 5}" for i in range(10)],
                                        "class": ["abc"[i % 3] for i in range(10)]}, ["x", "y"])
     return tmp_path / "tiny", images
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """The synthetic store of configs/tiny.py (the trainer and MPI tests), generated once for the session."""
+    from mcnn_jax.config import load_config
+    from mcnn_jax.data import prepare_synthetic_store
+
+    cfg = load_config(str(REPO / "configs" / "tiny.py")).data.synthetic
+    return str(prepare_synthetic_store(tmp_path_factory.mktemp("tiny_data"), num_images=cfg.num_images,
+                                       num_classes=cfg.num_classes, height=cfg.height, width=cfg.width,
+                                       seed=cfg.seed, progress=False))

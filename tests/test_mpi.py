@@ -38,15 +38,6 @@ def train(workdir, store, ranks, *overrides, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from mcnn_jax.data import prepare_synthetic_store
-    cfg = load_config(TINY).data.synthetic
-    return str(prepare_synthetic_store(tmp_path_factory.mktemp("data"), num_images=cfg.num_images,
-                                       num_classes=cfg.num_classes, height=cfg.height, width=cfg.width,
-                                       seed=cfg.seed))
-
-
-@pytest.fixture(scope="module")
 def one_rank(store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_rank")
     train(workdir, store, 1, "train.max_steps=5", "train.checkpoint_every_steps=1")

@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """The tiny config's synthetic store, generated once for the module."""
-    from mcnn_jax.data import prepare_synthetic_store
-    cfg = load_config(TINY).data.synthetic
-    return str(prepare_synthetic_store(tmp_path_factory.mktemp("data"), num_images=cfg.num_images,
-                                       num_classes=cfg.num_classes, height=cfg.height, width=cfg.width,
-                                       seed=cfg.seed))
-
-
 def tiny(store, *overrides):
     return load_config(TINY, [f"data.store={store}", *overrides])
 
