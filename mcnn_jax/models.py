@@ -189,7 +189,8 @@ def from_config(model_config, num_classes: int | None = None) -> MCNN:
 
 
 def init_params(model: MCNN, rng, input_shape=(1024, 1280, 3)):
-    """Initialises the parameters for NHWC inputs of ``input_shape`` (H, W, C), without running a forward pass."""
+    """Initialises the parameters for NHWC inputs of ``input_shape`` (H, W, C); jitted, so XLA drops the
+    forward computation that only ``init`` needs to trace."""
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     return jax.jit(lambda r: model.init(r, jnp.zeros(x.shape, x.dtype)))(rng)["params"]
 

@@ -10,8 +10,6 @@ learning rate follows the linear scaling rule ``lr = base_lr * global_batch / ba
 
 from __future__ import annotations
 
-import math
-
 import jax
 import optax
 
@@ -90,13 +88,12 @@ def _base_optimizer(cfg, schedule):
     raise ValueError(f"optim.name must be lars, sgd, nesterov or adamw; got {name!r}")
 
 
+def smoothed_targets(labels, num_classes: int, label_smoothing: float = 0.0):
+    """One-hot targets of integer labels, with label smoothing."""
+    onehot = jax.nn.one_hot(labels, num_classes)
+    return optax.smooth_labels(onehot, label_smoothing) if label_smoothing else onehot
+
+
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
     """Mean softmax cross-entropy against integer labels, with label smoothing."""
-    onehot = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
-        onehot = optax.smooth_labels(onehot, label_smoothing)
-    return optax.softmax_cross_entropy(logits, onehot).mean()
-
-
-def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
-    return int(math.ceil(epochs * steps_per_epoch))
+    return optax.softmax_cross_entropy(logits, smoothed_targets(labels, num_classes, label_smoothing)).mean()

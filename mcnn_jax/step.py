@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from .optim import smoothed_targets
+
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -36,9 +38,7 @@ def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: fl
     mask = batch.get("mask")
     if mask is None:
         mask = jnp.ones(labels.shape, jnp.float32)
-    onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) if label_smoothing \
-        else jax.nn.one_hot(labels, num_classes)
-    per_example = optax.softmax_cross_entropy(logits, onehot)
+    per_example = optax.softmax_cross_entropy(logits, smoothed_targets(labels, num_classes, label_smoothing))
     count = mask.sum()
     loss = (per_example * mask).sum() / jnp.maximum(count, 1.0)
     correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
