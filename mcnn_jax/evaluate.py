@@ -30,15 +30,16 @@ def load_model(workdir, checkpoint: str | int = "best"):
     if not ckpt.steps():
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
     step = ckpt.resolve(checkpoint)
-    meta = ckpt.meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
-    num_classes = meta["num_classes"]
-    model = from_config(config.model, num_classes=num_classes)
-    params = init_params(model, jax.random.key(0), tuple(config.model.input_shape))
+    saved = ckpt.meta(step)
+    config = ml_collections.ConfigDict(saved["config"])
+    model = from_config(config.model, num_classes=saved["num_classes"])
     from .optim import make_optimizer, make_schedule
     from .step import create_state
     tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
-    state, meta = ckpt.restore(step, create_state(params, tx, config.seed))
+    # the state's structure, shapes and dtypes only: nothing is initialised or compiled
+    abstract = jax.eval_shape(lambda: create_state(
+        init_params(model, jax.random.key(0), tuple(config.model.input_shape)), tx, config.seed))
+    state, meta = ckpt.restore(step, abstract)
     ckpt.close()
     return model, state.params, meta
 

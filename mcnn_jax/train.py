@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir, world: World | None = None) -> dict:
     start = world.bcast_object(ckpt.resolve("latest") if world.is_primary else None)
     if start is not None:
         if world.is_primary:
-            state, meta = ckpt.restore(start, state)
+            state, _ = ckpt.restore(start, state)
             progress_log(f"resuming from the checkpoint of step {start} in {ckpt.directory}")
     state = world.bcast_tree(state)  # every rank starts from rank 0's parameters ...
     world.check_same(state.params)  # ... which is checked
