@@ -11,7 +11,8 @@ and kills it above ``--max-rss-gb``; a batch is skipped when the machine has not
 Variants (comma-separated, ``--variants``):
     xla        the plain model: XLA convolutions and pools (MCNN(impl="xla")); aborts (std::bad_alloc in
                XLA:CPU's convolution) at batch > 4 at full resolution
-    base       the default model: MCNN() (impl="fast": mcnn_jax.fastconv kernel gradients and pools)
+    fast       XLA convolutions with mcnn_jax.fastconv's kernel gradients and pools (MCNN(impl="fast"))
+    base       the default model: MCNN() (impl="native": the C++ kernels of mcnn_jax.native)
     remat      base + rematerialisation of every branch (remat=True)
     remat0     base + rematerialisation of the full-resolution branch only (remat=(True,)+(False,)*6)
     bf16       base + bfloat16 compute (dtype="bfloat16"; parameters stay float32)
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "xla": dict(impl="xla"),
+    "fast": dict(impl="fast"),
     "base": dict(),
     "remat": dict(remat=True),
     "remat0": dict(remat=(True, False, False, False, False, False, False)),

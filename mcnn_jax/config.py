@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.norm_groups = 8
     c.model.dtype = "float32"
     c.model.remat = False
-    c.model.impl = "fast"  # "fast" (mcnn_jax.fastconv: same function and parameters, faster on CPU) or "xla"
+    c.model.impl = "native"  # "native" (C++ CPU kernels, compiled on first use), "fast" (XLA reformulated) or "xla"; same function
 
     # --- optimizer and schedule (mcnn_jax.optim); durations in epochs ------------------------------------
     c.optim = ml_collections.ConfigDict()

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import native
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -139,6 +141,38 @@ def _conv_fast_bwd(chunk_rows, res, ct):
 
 
 conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+
+
+def _pad_same(x, k: int):
+    lo, hi = _pads(k)
+    return jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+
+
+@jax.custom_vjp
+def conv_native(x, kernel):
+    """The same function as ``conv_xla`` on the native CPU kernels of ``mcnn_jax.native`` (float32, odd k,
+    output channels a multiple of the vector width: see ``native.supports``): the forward pass and the kernel
+    gradient always, the input gradient when the input channels allow it (else XLA's transposed convolution)."""
+    return native.conv_fwd(_pad_same(x, kernel.shape[0]), kernel)
+
+
+def _conv_native_fwd(x, kernel):
+    return conv_native(x, kernel), (x, kernel)
+
+
+def _conv_native_bwd(res, ct):
+    x, kernel = res
+    k = kernel.shape[0]
+    _, dx_native = native.supports(x.shape[-1], kernel.shape[-1], k, x.dtype)
+    if dx_native:  # the transpose of a 'SAME' (odd k) convolution: the flipped, transposed kernel, also 'SAME'
+        dx = native.conv_fwd(_pad_same(ct, k), jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    else:
+        dx = conv_input_grad(ct, kernel, x.shape)
+    dk = native.conv_dk(_pad_same(x, k), ct, k)
+    return dx, dk
+
+
+conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
 
 
 def max_pool(x, f: int):

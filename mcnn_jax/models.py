@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import fastconv
+from . import fastconv, native
 
 PUBLISHED_POOL_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 PUBLISHED_WIDTHS = (16, 16, 16, 32, 32, 32, 64)
@@ -27,23 +27,25 @@ PUBLISHED_POST_POOLS = (64, 32, 16, 8, 4, 2, 1)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-IMPLS = ("xla", "fast")
+IMPLS = ("native", "fast", "xla")
 
 
 def _max_pool(x, f: int, impl: str = "xla"):
-    if impl == "fast":
+    if impl in ("native", "fast"):
         return fastconv.max_pool(x, f)
     return x if f == 1 else nn.max_pool(x, (f, f), strides=(f, f))
 
 
 class Conv(nn.Module):
     """A stride-1 'SAME' KxK convolution + bias with nn.Conv's parameters (``kernel`` HWIO, ``bias``) and
-    initialisers; ``impl="fast"`` computes its kernel gradient with ``fastconv.conv_fast``."""
+    initialisers. ``impl="native"``: the C++ kernels of ``mcnn_jax.native`` where they apply (float32, odd k,
+    output channels a multiple of the CPU's vector width), else ``"fast"``; ``"fast"``: XLA's convolution with
+    the kernel gradient of ``fastconv.conv_fast``."""
 
     features: int
     kernel_size: int = 5
     dtype: Any = jnp.float32
-    impl: str = "fast"
+    impl: str = "native"
 
     @nn.compact
     def __call__(self, x):
@@ -52,7 +54,15 @@ class Conv(nn.Module):
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        y = fastconv.conv_fast(x, kernel) if self.impl == "fast" else fastconv.conv_xla(x, kernel)
+        if self.impl == "native":
+            if native.supports(x.shape[-1], self.features, k, self.dtype)[0]:
+                return fastconv.conv_native(x, kernel) + bias
+            if not native.available():
+                native.warn_unavailable()
+        if self.impl in ("native", "fast"):
+            y = fastconv.conv_fast(x, kernel)
+        else:
+            y = fastconv.conv_xla(x, kernel)
         return y + bias
 
 
@@ -129,7 +139,9 @@ class MCNN(nn.Module):
     norm_groups: int = 8
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: Sequence[bool] | bool = False  # rematerialise (recompute in the backward pass) per branch
-    impl: str = "fast"  # "fast" (mcnn_jax.fastconv: same function, faster gradients on CPU) or "xla" (plain)
+    # "native" (C++ kernels, mcnn_jax.native, falling back to "fast" where they do not apply), "fast"
+    # (mcnn_jax.fastconv: XLA with faster gradients) or "xla" (plain): the same function and parameters
+    impl: str = "native"
 
     @nn.compact
     def __call__(self, x):
