@@ -6,7 +6,7 @@ each branch convolution (conv + bias + ReLU) forward, its VJP (all of it), and s
 layers. Then the whole jitted train step (mcnn_jax.step.make_train_step) is timed for comparison with the
 sum of the parts. A matmul peak is measured right before each row, and every row carries its ratio to it.
 
-    python benchmarks/profile_step.py                          # batch 1, impl xla and fast, ~3-5 min
+    python benchmarks/profile_step.py                          # batch 1, impl xla, fast and native, ~5-8 min
     python benchmarks/profile_step.py --impls xla --batch 2 --out prof.json
     python benchmarks/profile_step.py --height 256 --width 256  # quick
 """
@@ -81,11 +81,11 @@ def machine() -> dict:
 
 
 def conv_fn(impl):
-    return fastconv.conv_fast if impl == "fast" else fastconv.conv_xla
+    return lambda x, kernel: fastconv.conv(x, kernel, impl)
 
 
 def pool_fn(impl, f):
-    if impl == "fast":
+    if impl in ("native", "fast"):
         return lambda x: fastconv.max_pool(x, f)
     return lambda x: x if f == 1 else nn.max_pool(x, (f, f), strides=(f, f))
 
@@ -190,7 +190,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1280)
-    p.add_argument("--impls", default="xla,fast")
+    p.add_argument("--impls", default="xla,fast,native")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed train steps per impl (0 = skip)")
     p.add_argument("--out", default="", help="JSON file (default: stdout only)")

@@ -143,17 +143,12 @@ def _conv_fast_bwd(chunk_rows, res, ct):
 conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
 
 
-def _pad_same(x, k: int):
-    lo, hi = _pads(k)
-    return jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-
-
 @jax.custom_vjp
 def conv_native(x, kernel):
     """The same function as ``conv_xla`` on the native CPU kernels of ``mcnn_jax.native`` (float32, odd k,
     output channels a multiple of the vector width: see ``native.supports``): the forward pass and the kernel
     gradient always, the input gradient when the input channels allow it (else XLA's transposed convolution)."""
-    return native.conv_fwd(_pad_same(x, kernel.shape[0]), kernel)
+    return native.conv_fwd(x, kernel)
 
 
 def _conv_native_fwd(x, kernel):
@@ -165,19 +160,91 @@ def _conv_native_bwd(res, ct):
     k = kernel.shape[0]
     _, dx_native = native.supports(x.shape[-1], kernel.shape[-1], k, x.dtype)
     if dx_native:  # the transpose of a 'SAME' (odd k) convolution: the flipped, transposed kernel, also 'SAME'
-        dx = native.conv_fwd(_pad_same(ct, k), jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+        dx = native.conv_fwd(ct, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
     else:
         dx = conv_input_grad(ct, kernel, x.shape)
-    dk = native.conv_dk(_pad_same(x, k), ct, k)
+    dk, _ = native.conv_dk(x, ct, k)
     return dx, dk
 
 
 conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
 
 
+@jax.custom_vjp
+def conv_bias_relu_native(x, kernel, bias):
+    """relu(conv_xla(x, kernel) + bias) in one pass of the native kernels (same conditions as ``conv_native``).
+
+    The backward pass never builds the masked output gradient ct * (z > 0): the native kernels mask each row
+    as they read it, and the kernel-gradient pass also sums the bias gradient."""
+    return native.conv_fwd(x, kernel, bias, relu=True)
+
+
+def _cbr_fwd(x, kernel, bias):
+    z = conv_bias_relu_native(x, kernel, bias)
+    return z, (x, kernel, z)
+
+
+def _cbr_bwd(res, ct):
+    x, kernel, z = res
+    k = kernel.shape[0]
+    if native.supports(x.shape[-1], kernel.shape[-1], k, x.dtype)[1]:
+        dx = native.conv_fwd(ct, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), gate=z)
+    else:
+        dx = conv_input_grad(jnp.where(z > 0, ct, 0), kernel, x.shape)
+    dk, db = native.conv_dk(x, ct, k, gate=z)
+    return dx, dk, db
+
+
+conv_bias_relu_native.defvjp(_cbr_fwd, _cbr_bwd)
+
+
+def conv_bias_relu(x, kernel, bias, impl: str = "native"):
+    """relu(conv(x, kernel) + bias): fused in the native kernels where they take the layer."""
+    if impl == "native" and native.supports(x.shape[-1], kernel.shape[-1], kernel.shape[0], x.dtype)[0]:
+        return conv_bias_relu_native(x, kernel, bias)
+    return jax.nn.relu(conv(x, kernel, impl) + bias)
+
+
+def conv(x, kernel, impl: str = "native"):
+    """The 'SAME' stride-1 convolution in the form ``impl`` names: "native" (``conv_native`` where the native
+    kernels take the layer, else "fast"), "fast" (``conv_fast``) or "xla" (``conv_xla``)."""
+    if impl == "native":
+        if native.supports(x.shape[-1], kernel.shape[-1], kernel.shape[0], x.dtype)[0]:
+            return conv_native(x, kernel)
+        if not native.available():
+            native.warn_unavailable()
+        impl = "fast"
+    return conv_fast(x, kernel) if impl == "fast" else conv_xla(x, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x, f: int):
-    """Max-pool NHWC by f (kernel = stride = f, no padding) as a reshape + max."""
+    """Max-pool NHWC by f (kernel = stride = f, no padding) as a reshape + max.
+
+    Its gradient is one elementwise pass: ``ct`` goes to every input equal to its window's maximum (XLA's
+    select-and-scatter gives it to the first one only, and jnp.max's own gradient splits it among ties and
+    needs a second reduction). Ties between maxima happen after a ReLU only at 0, where the ReLU's gradient is
+    0 either way; the images themselves are never differentiated.
+    """
     if f == 1:
         return x
     n, h, w, c = x.shape
     return x.reshape(n, h // f, f, w // f, f, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x, f):
+    y = max_pool(x, f)
+    return y, (x, y)
+
+
+def _max_pool_bwd(f, res, ct):
+    x, y = res
+    if f == 1:
+        return (ct,)
+    n, h, w, c = x.shape
+    xs = x.reshape(n, h // f, f, w // f, f, c)
+    hit = xs == y[:, :, None, :, None, :]
+    return (jnp.where(hit, ct[:, :, None, :, None, :], 0).astype(x.dtype).reshape(x.shape),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import fastconv, native
+from . import fastconv
 
 PUBLISHED_POOL_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 PUBLISHED_WIDTHS = (16, 16, 16, 32, 32, 32, 64)
@@ -46,6 +46,7 @@ class Conv(nn.Module):
     kernel_size: int = 5
     dtype: Any = jnp.float32
     impl: str = "native"
+    relu: bool = False  # relu(conv + bias), fused into one pass by the native kernels
 
     @nn.compact
     def __call__(self, x):
@@ -54,16 +55,9 @@ class Conv(nn.Module):
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        if self.impl == "native":
-            if native.supports(x.shape[-1], self.features, k, self.dtype)[0]:
-                return fastconv.conv_native(x, kernel) + bias
-            if not native.available():
-                native.warn_unavailable()
-        if self.impl in ("native", "fast"):
-            y = fastconv.conv_fast(x, kernel)
-        else:
-            y = fastconv.conv_xla(x, kernel)
-        return y + bias
+        if self.relu:
+            return fastconv.conv_bias_relu(x, kernel, bias, self.impl)
+        return fastconv.conv(x, kernel, self.impl) + bias
 
 
 def check_architecture(pool_factors, widths, post_pools) -> int:
@@ -111,6 +105,10 @@ class Branch(nn.Module):
                 x = nn.Conv(self.width, (self.kernel_size, self.kernel_size), padding="SAME", use_bias=True,
                             dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                             bias_init=nn.initializers.zeros, name=f"conv{j}")(x)
+            elif self.norm == "none":  # conv + bias + ReLU in one layer (one pass for the native kernels)
+                x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=True,
+                         name=f"conv{j}")(x)
+                continue
             else:
                 x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, name=f"conv{j}")(x)
             if self.norm == "group":

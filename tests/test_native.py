@@ -126,3 +126,18 @@ def test_falls_back_with_a_warning_when_no_compiler(tmp_path):
     assert "OK (1, 3)" in r.stdout and "no C++ compiler" in r.stdout
     assert "using the XLA form" in r.stdout
     assert not any(p.suffix == ".so" for p in (tmp_path / "cache").glob("*"))
+
+
+@pytest.mark.parametrize("n,h,w,c,o,k", [CASES[0], CASES[1], CASES[3]])
+def test_fused_conv_bias_relu_value_and_grads(n, h, w, c, o, k):
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c))
+    kern = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.2
+    bias = jax.random.normal(jax.random.key(3), (o,))
+    ct = jax.random.normal(jax.random.key(2), (n, h, w, o))
+    plain = lambda x, kern, bias: jax.nn.relu(fastconv.conv_xla(x, kern) + bias)  # noqa: E731
+    z1, f1 = jax.vjp(jax.jit(fastconv.conv_bias_relu_native), x, kern, bias)
+    z0, f0 = jax.vjp(plain, x, kern, bias)
+    assert float((z0 > 0).mean()) > 0.2 and float((z0 == 0).mean()) > 0.2  # the mask matters
+    np.testing.assert_allclose(z1, z0, rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(("dx", "dkernel", "dbias"), f0(ct), f1(ct)):
+        assert _rel(b, a) < 1e-5, name

@@ -132,15 +132,20 @@ def supports(in_channels: int, out_channels: int, kernel_size: int, dtype) -> tu
     return out_channels % vw == 0, in_channels % vw == 0
 
 
-def conv_fwd(xpad, kernel):
-    """y = 'VALID' convolution of the padded NHWC input with the HWIO kernel (float32)."""
-    k, _, _, o = kernel.shape
-    n, hp, wp, _ = xpad.shape
-    out = jax.ShapeDtypeStruct((n, hp - k + 1, wp - k + 1, o), jnp.float32)
-    return jax.ffi.ffi_call("mcnn_conv_fwd", out, vmap_method="sequential")(xpad, kernel)
+def conv_fwd(x, kernel, bias=None, gate=None, relu: bool = False):
+    """y = 'SAME' stride-1 convolution of the NHWC input with the HWIO kernel (float32, odd k), plus ``bias``,
+    then max(y, 0) if ``relu``. With ``gate``, the input is first masked: x * (gate > 0)."""
+    o = kernel.shape[-1]
+    out = jax.ShapeDtypeStruct((*x.shape[:3], o), jnp.float32)
+    bias = jnp.zeros((o,), jnp.float32) if bias is None else bias
+    return jax.ffi.ffi_call("mcnn_conv_fwd", out, vmap_method="sequential")(
+        x, x if gate is None else gate, kernel, bias, gated=gate is not None, relu=bool(relu))
 
 
-def conv_dk(xpad, ct, k: int):
-    """The kernel gradient [k, k, C, O] of the 'VALID' convolution of ``xpad`` given its output gradient ``ct``."""
-    out = jax.ShapeDtypeStruct((k, k, xpad.shape[-1], ct.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("mcnn_conv_dk", out, vmap_method="sequential")(xpad, ct)
+def conv_dk(x, ct, k: int, gate=None):
+    """(dk [k, k, C, O], db [O]): the kernel and bias gradients of the 'SAME' convolution of ``x`` plus a bias,
+    given its output gradient ``ct`` (masked first, ct * (gate > 0), with ``gate``)."""
+    out = (jax.ShapeDtypeStruct((k, k, x.shape[-1], ct.shape[-1]), jnp.float32),
+           jax.ShapeDtypeStruct((ct.shape[-1],), jnp.float32))
+    return jax.ffi.ffi_call("mcnn_conv_dk", out, vmap_method="sequential")(
+        x, ct, ct if gate is None else gate, gated=gate is not None)

@@ -1,7 +1,7 @@
 // Direct stride-1 convolution kernels for the M-CNN's thin KxK layers on CPU (XLA FFI custom calls).
 //
-// Layouts: images NHWC, kernels HWIO, all float32. The callers (mcnn_jax/native.py) pad the input to
-// 'SAME' first, so every kernel reads only in-bounds memory:
+// Layouts: images NHWC, kernels HWIO, all float32; xpad is x zero-padded to 'SAME' (k odd: (k-1)/2 on each
+// side), which is never built whole: each thread keeps the k padded rows it needs in a small ring buffer.
 //
 //   mcnn_conv_fwd: y[n, h, w, o]     = sum_{i, j, c} xpad[n, h + i, w + j, c] * kern[i, j, c, o]
 //   mcnn_conv_dk:  dk[i, j, c, o]    = sum_{n, h, w} xpad[n, h + i, w + j, c] * ct[n, h, w, o]
@@ -68,16 +68,67 @@ inline vf bcast(float a) {
 // every core through OpenMP.
 std::mutex g_mutex;
 
+// dst[0 .. n) = x[at ..] where gate is null, else x[at ..] * (gate[at ..] > 0).
+inline void Load(float* dst, const float* x, const float* gate, int64_t at, int64_t n) {
+  if (gate == nullptr) {
+    std::memcpy(dst, x + at, sizeof(float) * n);
+    return;
+  }
+  x += at;
+  gate += at;
+  for (int64_t e = 0; e < n; ++e) dst[e] = gate[e] > 0.0f ? x[e] : 0.0f;
+}
+
+// The k zero-padded rows xpad[n, h .. h + k) of one image, for a thread that walks output rows mostly in
+// order: each padded row is copied (into the middle of a zeroed buffer) once per thread, not once per use.
+class RowRing {
+ public:
+  // gate != nullptr: the rows are x * (gate > 0) (the output gradient masked by the ReLU's output).
+  RowRing(const float* x, const float* gate, int H, int W, int C, int k)
+      : x_(x), gate_(gate), H_(H), W_(W), C_(C), k_(k), lo_((k - 1) / 2), width_(static_cast<int64_t>(W + k - 1) * C),
+        buf_(static_cast<size_t>(k + 1) * width_, 0.0f), tag_(k, -1) {}
+
+  // Pointers to the k padded rows of output row h of image n (row i: xpad[n, h + i, 0, 0]).
+  void Rows(int64_t n, int h, const float** rows) {
+    for (int i = 0; i < k_; ++i) {
+      const int r = h + i - lo_;  // source row
+      if (r < 0 || r >= H_) {
+        rows[i] = zero();
+        continue;
+      }
+      const int slot = r % k_;
+      float* dst = buf_.data() + static_cast<int64_t>(slot) * width_;
+      const int64_t tag = n * H_ + r;
+      if (tag_[slot] != tag) {
+        Load(dst + static_cast<int64_t>(lo_) * C_, x_, gate_, tag * W_ * C_, static_cast<int64_t>(W_) * C_);
+        tag_[slot] = tag;
+      }
+      rows[i] = dst;
+    }
+  }
+
+ private:
+  const float* zero() const { return buf_.data() + static_cast<int64_t>(k_) * width_; }
+  const float* x_;
+  const float* gate_;
+  int H_, W_, C_, k_, lo_;
+  int64_t width_;
+  std::vector<float> buf_;  // k ring slots + one row of zeros; the slots' borders stay zero
+  std::vector<int64_t> tag_;
+};
+
 // ---------------------------------------------------------------------------------------------------- fwd
-// y[0 .. P) pixels, channels [o0, o0 + NV*kVW): x points at xpad[n, h, w0, 0], w at kern[0, 0, 0, o0].
+// y[0 .. P) pixels, channels [o0, o0 + NV*kVW): rows[i] + off points at xpad[n, h + i, w0, 0], w at
+// kern[0, 0, 0, o0].
 template <int NV, int P>
-inline void FwdTile(const float* x, int64_t xrow, const float* w, int k, int C, int O, float* y) {
+inline void FwdTile(const float* const* rows, int64_t off, const float* w, const float* b, bool relu, int k, int C,
+                    int O, float* y) {
   vf acc[P][NV];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < NV; ++v) acc[p][v] = vf{};
   const int kc = k * C;
   for (int i = 0; i < k; ++i) {
-    const float* xr = x + i * xrow;
+    const float* xr = rows[i] + off;
     const float* wr = w + static_cast<int64_t>(i) * kc * O;
     for (int q = 0; q < kc; ++q) {
       vf wv[NV];
@@ -88,27 +139,36 @@ inline void FwdTile(const float* x, int64_t xrow, const float* w, int k, int C, 
       }
     }
   }
+  vf bias[NV];
+  for (int v = 0; v < NV; ++v) bias[v] = load(b + v * kVW);
+  const vf zero = vf{};
   for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) store(y + static_cast<int64_t>(p) * O + v * kVW, acc[p][v]);
+    for (int v = 0; v < NV; ++v) {
+      vf out = acc[p][v] + bias[v];
+      if (relu) out = out > zero ? out : zero;
+      store(y + static_cast<int64_t>(p) * O + v * kVW, out);
+    }
 }
 
 template <int NV, int P>
-inline void FwdTail(int r, const float* x, int64_t xrow, const float* w, int k, int C, int O, float* y) {
+inline void FwdTail(int r, const float* const* rows, int64_t off, const float* w, const float* b, bool relu, int k,
+                    int C, int O, float* y) {
   if constexpr (P > 0) {
-    if (r == P) return FwdTile<NV, P>(x, xrow, w, k, C, O, y);
-    FwdTail<NV, P - 1>(r, x, xrow, w, k, C, O, y);
+    if (r == P) return FwdTile<NV, P>(rows, off, w, b, relu, k, C, O, y);
+    FwdTail<NV, P - 1>(r, rows, off, w, b, relu, k, C, O, y);
   }
 }
 
 template <int NV>
-void FwdRow(const float* x, int64_t xrow, const float* w, int k, int C, int O, int W, float* y) {
+void FwdRow(const float* const* rows, const float* w, const float* b, bool relu, int k, int C, int O, int W, float* y) {
   constexpr int P = kAcc / NV;
   for (int o0 = 0; o0 < O; o0 += NV * kVW) {
     int w0 = 0;
     for (; w0 + P <= W; w0 += P)
-      FwdTile<NV, P>(x + static_cast<int64_t>(w0) * C, xrow, w + o0, k, C, O, y + static_cast<int64_t>(w0) * O + o0);
+      FwdTile<NV, P>(rows, static_cast<int64_t>(w0) * C, w + o0, b + o0, relu, k, C, O,
+                     y + static_cast<int64_t>(w0) * O + o0);
     if (w0 < W)
-      FwdTail<NV, P - 1>(W - w0, x + static_cast<int64_t>(w0) * C, xrow, w + o0, k, C, O,
+      FwdTail<NV, P - 1>(W - w0, rows, static_cast<int64_t>(w0) * C, w + o0, b + o0, relu, k, C, O,
                          y + static_cast<int64_t>(w0) * O + o0);
   }
 }
@@ -144,13 +204,14 @@ inline void DkTail(int r, const float* x, const float* ct, int W, int C, int O, 
   }
 }
 
-// acc[i, q, o] += the contribution of output row (n, h): x points at xpad[n, h, 0, 0], ct at ct[n, h, 0, 0].
+// acc[i, q, o] += the contribution of output row (n, h): rows[i] points at xpad[n, h + i, 0, 0], ct at
+// ct[n, h, 0, 0].
 template <int NV>
-void DkRow(const float* x, int64_t xrow, const float* ct, int k, int C, int O, int W, float* acc) {
+void DkRow(const float* const* rows, const float* ct, int k, int C, int O, int W, float* acc) {
   constexpr int Q = kAcc / NV;
   const int kc = k * C;
   for (int i = 0; i < k; ++i) {
-    const float* xr = x + i * xrow;
+    const float* xr = rows[i];
     float* a = acc + static_cast<int64_t>(i) * kc * O;
     for (int o0 = 0; o0 < O; o0 += NV * kVW) {
       int q0 = 0;
@@ -166,60 +227,82 @@ inline int PickNV(int O) { return (O / kVW) % 2 == 0 ? 2 : 1; }
 ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, int64_t k, int64_t C, int64_t O) {
   if (x.dimensions().size() != 4) return ffi::Error::InvalidArgument("mcnn conv: input must be NHWC");
   if (x.dimensions()[3] != C) return ffi::Error::InvalidArgument("mcnn conv: input channels != kernel's");
-  if (x.dimensions()[1] < k || x.dimensions()[2] < k)
-    return ffi::Error::InvalidArgument("mcnn conv: padded input smaller than the kernel");
+  if (k % 2 == 0) return ffi::Error::InvalidArgument("mcnn conv: the kernel size must be odd");
   if (O % kVW != 0)
     return ffi::Error::InvalidArgument("mcnn conv: output channels must be a multiple of " +
                                        std::to_string(kVW));
   return ffi::Error::Success();
 }
 
-ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+bool SameShape(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b) {
+  auto da = a.dimensions(), db = b.dimensions();
+  if (da.size() != db.size()) return false;
+  for (size_t i = 0; i < da.size(); ++i)
+    if (da[i] != db[i]) return false;
+  return true;
+}
+
+// y = conv(x * (gate > 0) if gated else x, kern) + bias, then max(., 0) if relu.
+ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, bool gated, bool relu) {
   auto wd = w.dimensions();
   if (wd.size() != 4 || wd[0] != wd[1]) return ffi::Error::InvalidArgument("mcnn conv: kernel must be KxKxCxO");
   const int k = static_cast<int>(wd[0]), C = static_cast<int>(wd[2]), O = static_cast<int>(wd[3]);
   if (auto e = CheckShapes(x, k, C, O); e.failure()) return e;
+  if (gated && !SameShape(x, gate)) return ffi::Error::InvalidArgument("mcnn conv: gate shape != input shape");
+  if (bias.element_count() != O) return ffi::Error::InvalidArgument("mcnn conv: bias size != output channels");
   auto xd = x.dimensions();
-  const int64_t N = xd[0], Hp = xd[1], Wp = xd[2];
-  const int H = static_cast<int>(Hp - k + 1), W = static_cast<int>(Wp - k + 1);
+  const int64_t N = xd[0];
+  const int H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
   auto yd = y->dimensions();
   if (yd.size() != 4 || yd[0] != N || yd[1] != H || yd[2] != W || yd[3] != O)
     return ffi::Error::InvalidArgument("mcnn conv: output shape mismatch");
   const float* xp = x.typed_data();
+  const float* gp = gated ? gate.typed_data() : nullptr;
   const float* wp = w.typed_data();
+  const float* bp = bias.typed_data();
   float* yp = y->typed_data();
-  const int64_t xrow = Wp * C;
   const int nv = PickNV(O);
   std::lock_guard<std::mutex> lock(g_mutex);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int h = 0; h < H; ++h) {
-      const float* xs = xp + (n * Hp + h) * xrow;
-      float* ys = yp + (n * H + h) * static_cast<int64_t>(W) * O;
-      if (nv == 2)
-        FwdRow<2>(xs, xrow, wp, k, C, O, W, ys);
-      else
-        FwdRow<1>(xs, xrow, wp, k, C, O, W, ys);
-    }
+#pragma omp parallel
+  {
+    RowRing ring(xp, gp, H, W, C, k);
+    std::vector<const float*> rows(k);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int h = 0; h < H; ++h) {
+        ring.Rows(n, h, rows.data());
+        float* ys = yp + (n * H + h) * static_cast<int64_t>(W) * O;
+        if (nv == 2)
+          FwdRow<2>(rows.data(), wp, bp, relu, k, C, O, W, ys);
+        else
+          FwdRow<1>(rows.data(), wp, bp, relu, k, C, O, W, ys);
+      }
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error ConvDkImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct, ffi::ResultBuffer<ffi::F32> dk) {
+// dk = the kernel gradient and db = the bias gradient of conv(x, kern) + bias, for the output gradient
+// ct * (gate > 0) if gated else ct.
+ffi::Error ConvDkImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::F32> gate,
+                      ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db, bool gated) {
   auto kd = dk->dimensions();
   auto cd = ct.dimensions();
   if (kd.size() != 4 || kd[0] != kd[1]) return ffi::Error::InvalidArgument("mcnn conv dk: kernel must be KxKxCxO");
   const int k = static_cast<int>(kd[0]), C = static_cast<int>(kd[2]), O = static_cast<int>(kd[3]);
   if (auto e = CheckShapes(x, k, C, O); e.failure()) return e;
+  if (gated && !SameShape(ct, gate)) return ffi::Error::InvalidArgument("mcnn conv dk: gate shape != ct shape");
   auto xd = x.dimensions();
-  const int64_t N = xd[0], Hp = xd[1], Wp = xd[2];
-  const int H = static_cast<int>(Hp - k + 1), W = static_cast<int>(Wp - k + 1);
+  const int64_t N = xd[0];
+  const int H = static_cast<int>(xd[1]), W = static_cast<int>(xd[2]);
   if (cd.size() != 4 || cd[0] != N || cd[1] != H || cd[2] != W || cd[3] != O)
     return ffi::Error::InvalidArgument("mcnn conv dk: output-gradient shape mismatch");
+  if (db->element_count() != O) return ffi::Error::InvalidArgument("mcnn conv dk: db size != output channels");
   const float* xp = x.typed_data();
   const float* cp = ct.typed_data();
-  float* out = dk->typed_data();
-  const int64_t xrow = Wp * C;
-  const int64_t size = static_cast<int64_t>(k) * k * C * O;
+  const float* gp = gated ? gate.typed_data() : nullptr;
+  const int64_t size = static_cast<int64_t>(k) * k * C * O + O;  // dk, then db
+  const int64_t row = static_cast<int64_t>(W) * O;
   const int nv = PickNV(O);
   std::lock_guard<std::mutex> lock(g_mutex);
   const int threads = omp_get_max_threads();
@@ -227,21 +310,37 @@ ffi::Error ConvDkImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct, ffi::Re
 #pragma omp parallel num_threads(threads)
   {
     float* acc = partial.data() + static_cast<int64_t>(omp_get_thread_num()) * size;
+    float* dbacc = acc + size - O;
+    RowRing ring(xp, nullptr, H, W, C, k);
+    std::vector<const float*> rows(k);
+    std::vector<float> masked(gp ? row : 0);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; ++n)
       for (int h = 0; h < H; ++h) {
-        const float* xs = xp + (n * Hp + h) * xrow;
-        const float* cs = cp + (n * H + h) * static_cast<int64_t>(W) * O;
+        ring.Rows(n, h, rows.data());
+        const int64_t at = (n * H + h) * row;
+        const float* cs = cp + at;
+        if (gp) {
+          Load(masked.data(), cp, gp, at, row);
+          cs = masked.data();
+        }
+        for (int w = 0; w < W; ++w)
+          for (int o = 0; o < O; ++o) dbacc[o] += cs[static_cast<int64_t>(w) * O + o];
         if (nv == 2)
-          DkRow<2>(xs, xrow, cs, k, C, O, W, acc);
+          DkRow<2>(rows.data(), cs, k, C, O, W, acc);
         else
-          DkRow<1>(xs, xrow, cs, k, C, O, W, acc);
+          DkRow<1>(rows.data(), cs, k, C, O, W, acc);
       }
   }
+  float* out = dk->typed_data();
+  float* dbo = db->typed_data();
   for (int64_t e = 0; e < size; ++e) {
     float s = 0.0f;
     for (int t = 0; t < threads; ++t) s += partial[static_cast<size_t>(t) * size + e];
-    out[e] = s;
+    if (e < size - O)
+      out[e] = s;
+    else
+      dbo[e - (size - O)] = s;
   }
   return ffi::Error::Success();
 }
@@ -250,15 +349,22 @@ ffi::Error ConvDkImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct, ffi::Re
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(McnnConvFwd, ConvFwdImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate (read only if gated)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<bool>("gated")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(McnnConvDk, ConvDkImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ct
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate (read only if gated)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db
+                                  .Attr<bool>("gated"));
 
 extern "C" int mcnn_vector_width() { return kVW; }
 extern "C" int mcnn_max_threads() { return omp_get_max_threads(); }
