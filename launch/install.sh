@@ -67,3 +67,13 @@ else
   "${pip[@]}" install -e "$here$extras"
 fi
 "$py" -c 'import mpi4jax, mcnn_jax; print(">> mcnn-jax", mcnn_jax.__version__, "with mpi4jax", mpi4jax.__version__, "is installed")'
+# The native convolution kernels (mcnn_jax/native/conv.cc) are compiled for this CPU on first use; build them
+# now so that a missing compiler shows here, not as a slower first run (which falls back to XLA, with a warning).
+"$py" - <<'PY'
+from mcnn_jax import native
+s = native.status()
+if s["ok"]:
+    print(f">> native CPU kernels built: {s['vector_width']}-float vectors, {s['threads']} threads ({s['path']})")
+else:
+    print(f">> WARNING: native CPU kernels unavailable ({s['reason']}); training uses the slower XLA form")
+PY

@@ -1,5 +1,10 @@
 """Faster CPU forms of the M-CNN's convolution and max-pool: the SAME functions, the SAME parameters.
 
+``conv`` / ``conv_bias_relu`` pick the form a model's ``impl`` names. ``impl="native"`` (the default) runs
+the C++ kernels of ``mcnn_jax.native`` (``conv_native``, ``conv_bias_relu_native``: forward, input gradient
+and kernel gradient as direct, register-blocked convolutions, 0.6-0.9 of the matmul peak) where they take the
+layer, else the XLA forms below (``impl="fast"``):
+
 Measured on XLA:CPU (benchmarks/profile_step.py, batch 1): for the thin (16-channel) 5x5 convolutions at
 full resolution the forward and input-gradient convolutions run at ~30-60% of the fp32 matmul peak, but the
 kernel gradient (``conv_general_dilated`` transposed to the weights) runs at 6-13%, and it is the largest

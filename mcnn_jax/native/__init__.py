@@ -132,9 +132,15 @@ def supports(in_channels: int, out_channels: int, kernel_size: int, dtype) -> tu
     return out_channels % vw == 0, in_channels % vw == 0
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"mcnn_jax native kernels unavailable: {status()['reason']}")
+
+
 def conv_fwd(x, kernel, bias=None, gate=None, relu: bool = False):
     """y = 'SAME' stride-1 convolution of the NHWC input with the HWIO kernel (float32, odd k), plus ``bias``,
     then max(y, 0) if ``relu``. With ``gate``, the input is first masked: x * (gate > 0)."""
+    _require()
     o = kernel.shape[-1]
     out = jax.ShapeDtypeStruct((*x.shape[:3], o), jnp.float32)
     bias = jnp.zeros((o,), jnp.float32) if bias is None else bias
@@ -145,6 +151,7 @@ def conv_fwd(x, kernel, bias=None, gate=None, relu: bool = False):
 def conv_dk(x, ct, k: int, gate=None):
     """(dk [k, k, C, O], db [O]): the kernel and bias gradients of the 'SAME' convolution of ``x`` plus a bias,
     given its output gradient ``ct`` (masked first, ct * (gate > 0), with ``gate``)."""
+    _require()
     out = (jax.ShapeDtypeStruct((k, k, x.shape[-1], ct.shape[-1]), jnp.float32),
            jax.ShapeDtypeStruct((ct.shape[-1],), jnp.float32))
     return jax.ffi.ffi_call("mcnn_conv_dk", out, vmap_method="sequential")(

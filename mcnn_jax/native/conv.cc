@@ -120,9 +120,12 @@ class RowRing {
 // ---------------------------------------------------------------------------------------------------- fwd
 // y[0 .. P) pixels, channels [o0, o0 + NV*kVW): rows[i] + off points at xpad[n, h + i, w0, 0], w at
 // kern[0, 0, 0, o0].
-template <int NV, int P>
-inline void FwdTile(const float* const* rows, int64_t off, const float* w, const float* b, bool relu, int k, int C,
+// CC: the input channels as a compile-time constant (0: use C), so that the P pixel offsets p*C are immediate
+// displacements rather than registers (the register tile needs every general-purpose register it can get).
+template <int NV, int P, int CC>
+inline void FwdTile(const float* const* rows, int64_t off, const float* w, const float* b, bool relu, int k, int Crt,
                     int O, float* y) {
+  const int C = CC ? CC : Crt;
   vf acc[P][NV];
   for (int p = 0; p < P; ++p)
     for (int v = 0; v < NV; ++v) acc[p][v] = vf{};
@@ -150,25 +153,25 @@ inline void FwdTile(const float* const* rows, int64_t off, const float* w, const
     }
 }
 
-template <int NV, int P>
+template <int NV, int P, int CC>
 inline void FwdTail(int r, const float* const* rows, int64_t off, const float* w, const float* b, bool relu, int k,
                     int C, int O, float* y) {
   if constexpr (P > 0) {
-    if (r == P) return FwdTile<NV, P>(rows, off, w, b, relu, k, C, O, y);
-    FwdTail<NV, P - 1>(r, rows, off, w, b, relu, k, C, O, y);
+    if (r == P) return FwdTile<NV, P, CC>(rows, off, w, b, relu, k, C, O, y);
+    FwdTail<NV, P - 1, CC>(r, rows, off, w, b, relu, k, C, O, y);
   }
 }
 
-template <int NV>
+template <int NV, int CC>
 void FwdRow(const float* const* rows, const float* w, const float* b, bool relu, int k, int C, int O, int W, float* y) {
   constexpr int P = kAcc / NV;
   for (int o0 = 0; o0 < O; o0 += NV * kVW) {
     int w0 = 0;
     for (; w0 + P <= W; w0 += P)
-      FwdTile<NV, P>(rows, static_cast<int64_t>(w0) * C, w + o0, b + o0, relu, k, C, O,
+      FwdTile<NV, P, CC>(rows, static_cast<int64_t>(w0) * C, w + o0, b + o0, relu, k, C, O,
                      y + static_cast<int64_t>(w0) * O + o0);
     if (w0 < W)
-      FwdTail<NV, P - 1>(W - w0, rows, static_cast<int64_t>(w0) * C, w + o0, b + o0, relu, k, C, O,
+      FwdTail<NV, P - 1, CC>(W - w0, rows, static_cast<int64_t>(w0) * C, w + o0, b + o0, relu, k, C, O,
                          y + static_cast<int64_t>(w0) * O + o0);
   }
 }
@@ -234,6 +237,26 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, int64_t k, int64_t C, int64_t O
   return ffi::Error::Success();
 }
 
+template <int NV>
+void FwdRowC(const float* const* rows, const float* w, const float* b, bool relu, int k, int C, int O, int W,
+             float* y) {
+  switch (C) {  // the M-CNN's input widths as constants; any other C works too, a little slower
+    case 3: return FwdRow<NV, 3>(rows, w, b, relu, k, C, O, W, y);
+    case 16: return FwdRow<NV, 16>(rows, w, b, relu, k, C, O, W, y);
+    case 32: return FwdRow<NV, 32>(rows, w, b, relu, k, C, O, W, y);
+    case 64: return FwdRow<NV, 64>(rows, w, b, relu, k, C, O, W, y);
+    default: return FwdRow<NV, 0>(rows, w, b, relu, k, C, O, W, y);
+  }
+}
+
+inline void FwdRowFor(int nv, const float* const* rows, const float* w, const float* b, bool relu, int k, int C,
+                      int O, int W, float* y) {
+  if (nv == 2)
+    FwdRowC<2>(rows, w, b, relu, k, C, O, W, y);
+  else
+    FwdRowC<1>(rows, w, b, relu, k, C, O, W, y);
+}
+
 bool SameShape(ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b) {
   auto da = a.dimensions(), db = b.dimensions();
   if (da.size() != db.size()) return false;
@@ -273,10 +296,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate, ffi:
       for (int h = 0; h < H; ++h) {
         ring.Rows(n, h, rows.data());
         float* ys = yp + (n * H + h) * static_cast<int64_t>(W) * O;
-        if (nv == 2)
-          FwdRow<2>(rows.data(), wp, bp, relu, k, C, O, W, ys);
-        else
-          FwdRow<1>(rows.data(), wp, bp, relu, k, C, O, W, ys);
+        FwdRowFor(nv, rows.data(), wp, bp, relu, k, C, O, W, ys);
       }
   }
   return ffi::Error::Success();
