@@ -81,7 +81,8 @@ def test_flops():
 
 
 def test_flops_match_xla_cost_analysis():
-    model = MCNN(num_classes=3, widths=(4, 4, 4, 8, 8, 8, 8), merge_width=16, head_width=8)
+    # plain XLA layers: XLA's cost analysis cannot see inside the native kernels' custom calls
+    model = MCNN(num_classes=3, widths=(4, 4, 4, 8, 8, 8, 8), merge_width=16, head_width=8, impl="xla")
     x = jnp.ones((1, 256, 256, 3))
     params = model.init(jax.random.key(0), x)["params"]
     cost = jax.jit(lambda p: model.apply({"params": p}, x)).lower(params).compile().cost_analysis()
