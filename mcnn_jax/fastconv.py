@@ -160,16 +160,22 @@ def _conv_native_fwd(x, kernel):
     return conv_native(x, kernel), (x, kernel)
 
 
+def _native_grads(x, kernel, ct, gate=None):
+    """(dx, dkernel, dbias) of conv(x, kernel) + bias for the output gradient ct, masked by gate > 0 if given
+    (the ReLU's output: the native kernels mask each row as they read it)."""
+    k = kernel.shape[0]
+    if native.supports(x.shape[-1], kernel.shape[-1], k, x.dtype)[1]:
+        # the transpose of a 'SAME' (odd k) convolution: the flipped, transposed kernel, also 'SAME'
+        dx = native.conv_fwd(ct, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), gate=gate)
+    else:
+        dx = conv_input_grad(ct if gate is None else jnp.where(gate > 0, ct, 0), kernel, x.shape)
+    dk, db = native.conv_dk(x, ct, k, gate=gate)
+    return dx, dk, db
+
+
 def _conv_native_bwd(res, ct):
     x, kernel = res
-    k = kernel.shape[0]
-    _, dx_native = native.supports(x.shape[-1], kernel.shape[-1], k, x.dtype)
-    if dx_native:  # the transpose of a 'SAME' (odd k) convolution: the flipped, transposed kernel, also 'SAME'
-        dx = native.conv_fwd(ct, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    else:
-        dx = conv_input_grad(ct, kernel, x.shape)
-    dk, _ = native.conv_dk(x, ct, k)
-    return dx, dk
+    return _native_grads(x, kernel, ct)[:2]
 
 
 conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
@@ -191,13 +197,7 @@ def _cbr_fwd(x, kernel, bias):
 
 def _cbr_bwd(res, ct):
     x, kernel, z = res
-    k = kernel.shape[0]
-    if native.supports(x.shape[-1], kernel.shape[-1], k, x.dtype)[1]:
-        dx = native.conv_fwd(ct, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), gate=z)
-    else:
-        dx = conv_input_grad(jnp.where(z > 0, ct, 0), kernel, x.shape)
-    dk, db = native.conv_dk(x, ct, k, gate=z)
-    return dx, dk, db
+    return _native_grads(x, kernel, ct, gate=z)
 
 
 conv_bias_relu_native.defvjp(_cbr_fwd, _cbr_bwd)

@@ -100,21 +100,20 @@ class Branch(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = _max_pool(x, self.pool, self.impl)
+        fused = self.impl != "xla" and self.norm == "none"  # conv + bias + ReLU in one layer (one native pass)
         for j in range(self.num_convs):
             if self.impl == "xla":
                 x = nn.Conv(self.width, (self.kernel_size, self.kernel_size), padding="SAME", use_bias=True,
                             dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                             bias_init=nn.initializers.zeros, name=f"conv{j}")(x)
-            elif self.norm == "none":  # conv + bias + ReLU in one layer (one pass for the native kernels)
-                x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=True,
-                         name=f"conv{j}")(x)
-                continue
             else:
-                x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, name=f"conv{j}")(x)
+                x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=fused,
+                         name=f"conv{j}")(x)
             if self.norm == "group":
                 x = nn.GroupNorm(num_groups=min(self.norm_groups, self.width), dtype=self.dtype,
                                  name=f"norm{j}")(x)
-            x = nn.relu(x)
+            if not fused:
+                x = nn.relu(x)
         return _max_pool(x, self.post_pool, self.impl)
 
 
