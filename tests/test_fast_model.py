@@ -10,12 +10,9 @@ from mcnn_jax import MCNN, count_params
 from mcnn_jax import fastconv
 from mcnn_jax.models import from_config
 
+from conftest import assert_same_model, rel_err as _rel
+
 SMALL = dict(num_classes=5, widths=(4, 4, 4, 8, 8, 8, 8), merge_width=16, head_width=8)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
 
 
 @pytest.mark.parametrize("shape,k,chunk", [((2, 37, 45, 3, 5), 5, 0), ((2, 37, 45, 3, 5), 5, 7),
@@ -77,19 +74,7 @@ def test_fast_model_same_outputs_and_gradients(hw, remat):
     plain = MCNN(impl="xla", remat=remat, **SMALL)
     fast = MCNN(impl="fast", remat=remat, **SMALL)
     params = plain.init(jax.random.key(1), x)["params"]
-    y0 = jax.jit(plain.apply)({"params": params}, x)
-    y1 = jax.jit(fast.apply)({"params": params}, x)
-    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
-    labels = jnp.array([1, 3])
-
-    def loss(p, m):
-        logits = m.apply({"params": p}, x)
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
-
-    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, plain)
-    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, fast)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
-        assert _rel(b, a) < 1e-4, jax.tree_util.keystr(path)
+    assert_same_model(plain, fast, params, x, jnp.array([1, 3]))
 
 
 def test_impl_key():
