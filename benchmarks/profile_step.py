@@ -115,7 +115,8 @@ def profile(model: MCNN, impl: str, batch: int, h: int, w: int, reps: int, out: 
             kern = jax.random.normal(key, (k, k, cin, width), jnp.float32) * 0.05
             bias = jnp.zeros((width,), jnp.float32)
             ct = jax.random.normal(key, (batch, hb, wb, width), jnp.float32)
-            layer = lambda x, kern, bias: nn.relu(conv(x, kern) + bias)  # noqa: E731
+            # the layer as the model runs it (for "native": conv + bias + ReLU fused in the kernels)
+            layer = lambda x, kern, bias: fastconv.conv_bias_relu(x, kern, bias, impl)  # noqa: E731
             fl = 2 * k * k * cin * width * hb * wb * batch
             name = f"branch{b}/conv{j}"
             emit(row(name, "forward", timeit(jax.jit(layer), x, kern, bias, reps=reps), fl, matmul_peak()))
