@@ -21,9 +21,9 @@ i.e. dk = A^T B, an [k*C, rows] x [rows, k*O] contraction (80 x 1.3M x 80 for a 
 and B never exist whole (they would be k times the activation); images are stacked vertically with k-1 zero
 rows between them, so the chunks need not respect image boundaries.
 
-``max_pool`` (kernel = stride, no padding) is a reshape + max: its gradient is an elementwise mask instead
-of XLA's select-and-scatter. (They differ only where two window entries tie for the max: after a ReLU that
-happens only at 0, where the ReLU's gradient is 0 either way.)
+``max_pool`` (kernel = stride, no padding) computes each window's max and the index of its first maximum in one
+reduction; its gradient is then one elementwise pass instead of XLA's select-and-scatter, with the same result
+(ties included: see ``max_pool``).
 """
 
 from __future__ import annotations
@@ -222,34 +222,56 @@ def conv(x, kernel, impl: str = "native"):
     return conv_fast(x, kernel) if impl == "fast" else conv_xla(x, kernel)
 
 
+def _window_index(shape, f: int):
+    """Row-major position (i * f + j) of each element of [n, h/f, f, w/f, f, c] windows within its window."""
+    return lax.broadcasted_iota(jnp.int32, shape, 2) * f + lax.broadcasted_iota(jnp.int32, shape, 4)
+
+
+def _max_and_first(a, b):
+    """Reduction of (value, window index) pairs: the larger value; among equal values the lower index (the
+    first in row-major order, as XLA's max-pool gradient chooses); NaN wins, so NaN propagates as in max."""
+    (av, ai), (bv, bi) = a, b
+    pick_a = (av > bv) | ((av == bv) & (ai < bi)) | ((av != av) & ((bv == bv) | (ai < bi)))
+    return jnp.where(pick_a, av, bv), jnp.where(pick_a, ai, bi)
+
+
+def _pool_argmax(x, f: int):
+    """(max, the row-major index within the window of its FIRST occurrence) of each f x f window, in one pass."""
+    n, h, w, c = x.shape
+    xs = x.reshape(n, h // f, f, w // f, f, c)
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(f * f, jnp.int32))
+    return lax.reduce((xs, _window_index(xs.shape, f)), init, _max_and_first, (2, 4))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x, f: int):
-    """Max-pool NHWC by f (kernel = stride = f, no padding) as a reshape + max.
+    """Max-pool NHWC by f (kernel = stride = f, no padding): the same function and gradient as XLA's
+    ``reduce_window`` max-pool (``flax.linen.max_pool``).
 
-    Its gradient is one elementwise pass: ``ct`` goes to every input equal to its window's maximum (XLA's
-    select-and-scatter gives it to the first one only, and jnp.max's own gradient splits it among ties and
-    needs a second reduction). Ties between maxima happen after a ReLU only at 0, where the ReLU's gradient is
-    0 either way; the images themselves are never differentiated.
+    The gradient goes to ONE input per window: the first maximum in row-major order, as XLA's
+    select-and-scatter chooses. Ties are common, not rare: a flat background, a saturated object or an
+    all-zero border makes a convolution's output constant over a region, so a window can hold thousands of
+    equal maxima (tests/test_pool.py). The forward pass records the winner's window index (one variadic
+    reduction: the max and its index together), so the backward pass is one elementwise pass that reads only
+    that index and the output gradient, never the input.
     """
-    if f == 1:
-        return x
-    n, h, w, c = x.shape
-    return x.reshape(n, h // f, f, w // f, f, c).max(axis=(2, 4))
+    return x if f == 1 else _pool_argmax(x, f)[0]
 
 
 def _max_pool_fwd(x, f):
-    y = max_pool(x, f)
-    return y, (x, y)
+    if f == 1:
+        return x, None
+    y, arg = _pool_argmax(x, f)
+    return y, arg.astype(jnp.uint16 if f * f <= 2 ** 16 else jnp.int32)  # the index, small
 
 
-def _max_pool_bwd(f, res, ct):
-    x, y = res
+def _max_pool_bwd(f, arg, ct):
     if f == 1:
         return (ct,)
-    n, h, w, c = x.shape
-    xs = x.reshape(n, h // f, f, w // f, f, c)
-    hit = xs == y[:, :, None, :, None, :]
-    return (jnp.where(hit, ct[:, :, None, :, None, :], 0).astype(x.dtype).reshape(x.shape),)
+    n, ho, wo, c = ct.shape
+    shape = (n, ho, f, wo, f, c)
+    won = _window_index(shape, f) == arg.astype(jnp.int32)[:, :, None, :, None, :]
+    return (jnp.where(won, ct[:, :, None, :, None, :], 0).astype(ct.dtype).reshape(n, ho * f, wo * f, c),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
