@@ -28,6 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.height = 1024
     c.data.synthetic.width = 1280
     c.data.synthetic.seed = 0
+    # the camera (mcnn_jax.data.synthetic.Camera): "noisy" | "offset" | "flat" background, a full-well level in
+    # counts (0 = off) and 16 | 12 | 8 bits; flat backgrounds, saturation and 8 bits are what real fields look like
+    c.data.synthetic.background = "noisy"
+    c.data.synthetic.saturation = 0
+    c.data.synthetic.bits = 16
     c.data.split = "random"  # "random" (seeded, stratified) or "compound" (leave one compound out)
     c.data.val_fraction = 0.2
     c.data.holdout_compound = ""  # with split="compound": the compound whose images are the validation set

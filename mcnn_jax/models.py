@@ -120,7 +120,8 @@ class Branch(nn.Module):
 class MCNN(nn.Module):
     """The M-CNN. ``MCNN(num_classes=13)`` at 1024x1280x3 has 42,577,261 parameters.
 
-    Input: NHWC float (any float dtype; it is cast to ``dtype``). Output: float32 logits [N, num_classes].
+    Input: NHWC float (any float dtype; it is cast to ``dtype``). Output: float32 logits [N, num_classes] (float64 if ``dtype`` is float64,
+    as the finite-difference tests use).
     """
 
     num_classes: int = 13
@@ -172,7 +173,7 @@ class MCNN(nn.Module):
         x = nn.relu(x)
         x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.zeros, name="logits")(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(dtype, jnp.float32))  # float32 (float64 for a float64 model)
 
 
 MODEL_KEYS = ("num_classes", "pool_factors", "widths", "post_pools", "convs_per_branch", "kernel_size",

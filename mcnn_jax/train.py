@@ -38,6 +38,7 @@ def prepare_store(config, workdir, world: World, log=print):
     """Opens the config's store; with ``data.synthetic.enabled`` and no ``data.store``, rank 0 first generates
     the synthetic screen into ``<workdir>/data`` (once: a complete store is reused)."""
     from .data import open_store, prepare_synthetic_store
+    from .data.synthetic import Camera
 
     syn = config.data.synthetic
     if syn.enabled and not config.data.store:
@@ -46,7 +47,7 @@ def prepare_store(config, workdir, world: World, log=print):
                 f"{syn.height}x{syn.width}) in {Path(workdir) / 'data'}")
             prepare_synthetic_store(Path(workdir) / "data", num_images=syn.num_images,
                                     num_classes=syn.num_classes, height=syn.height, width=syn.width,
-                                    seed=syn.seed)
+                                    seed=syn.seed, camera=Camera(syn.background, syn.saturation, syn.bits))
         world.barrier()
     path = store_path(config, workdir)
     if not path.exists():

@@ -85,3 +85,27 @@ def test_prepare_is_idempotent_and_resumes(tmp_path, monkeypatch):
     # other parameters rebuild the store
     s2 = open_store(prepare_synthetic_store(root, 20, 4, 64, 64, seed=1, progress=False))
     assert s2.num_images == 20
+
+
+def test_realistic_camera_flat_saturated_8bit(tmp_path):
+    """The camera option gives what real fields have: an exactly flat background, saturated objects, 8-bit
+    levels; the store keeps them (no illumination correction), and the default camera is unchanged."""
+    cam = S.Camera(background="flat", saturation=1500, bits=8)
+    rng = lambda: np.random.default_rng([0, 5])  # noqa: E731
+    img = S.render_field(rng(), 64, 80, S.phenotype_params(2), None, cam)
+    assert img.dtype == np.uint8
+    values, counts = np.unique(img, return_counts=True)
+    assert counts.max() / img.size > 0.5  # one background level covers most of the field
+    assert (img == 1500 // 16).any()  # saturated pixels, all at the clip level
+    assert img.max() == 1500 // 16
+    default = S.render_field(rng(), 64, 80, S.phenotype_params(2))
+    assert np.unique(default).size > 200  # the default camera: noise everywhere
+    with pytest.raises(ValueError, match="background"):
+        S.Camera(background="dark")
+    store = open_store(prepare_synthetic_store(tmp_path / "r", 16, 4, 128, 128, seed=1, progress=False,
+                                               camera=cam))
+    images = store.read(list(range(4)))
+    zeros = (images == 0).mean()
+    assert zeros > 0.4, zeros  # the flat background maps to exactly 0 after per-plate scaling
+    assert (images == np.iinfo(images.dtype).max).mean() > 0.001  # saturated objects stay flat at the top
+    assert store.info["synthetic"]["camera"] == dict(background="flat", saturation=1500, bits=8)

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--compounds", type=int, default=3, help="compounds per mechanism (default 3)")
     p.add_argument("--concentrations", type=int, default=2, help="concentrations per compound (default 2)")
+    p.add_argument("--background", choices=("noisy", "offset", "flat"), default="noisy",
+                   help="camera background: noise everywhere (default), a flat offset with sparse noise, or "
+                        "exactly flat where there is no signal")
+    p.add_argument("--saturation", type=int, default=0, help="full-well level in counts above which pixels "
+                                                               "clip (default 0 = off)")
+    p.add_argument("--bits", type=int, choices=(16, 12, 8), default=16,
+                   help="camera bit depth; 8 writes an 8-bit export (uint8 TIFFs) (default 16)")
     p.add_argument("--store", type=Path, default=None,
                    help="also import the screen into this store (per-plate scaling + illumination correction)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete store at --store")
@@ -125,15 +132,17 @@ def main(argv=None) -> int:
             out = import_folder(args.images, args.out, codec=args.codec, overwrite=args.overwrite,
                                 workers=args.workers, progress=not args.quiet)
         else:
-            from .synthetic import generate_screen
+            from .synthetic import Camera, generate_screen
+            camera = Camera(args.background, args.saturation, args.bits)
             raw = generate_screen(args.out, args.images, args.classes, args.height, args.width, args.seed,
-                                  args.compounds, args.concentrations, progress=not args.quiet)
+                                  args.compounds, args.concentrations, progress=not args.quiet, camera=camera)
             print(f"synthetic screen: {args.images} images of {args.height}x{args.width} in {raw} "
                   f"({time.perf_counter() - t0:.1f} s)")
             if args.store is None:
                 return 0
             from .bbbc021 import import_bbbc021
-            out = import_bbbc021(raw, raw, args.store, scaling="plate", illumination=True, dtype="uint16",
+            out = import_bbbc021(raw, raw, args.store, scaling="plate", illumination=not camera.realistic,
+                                 dtype="uint16",
                                  overwrite=args.overwrite, progress=not args.quiet)
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s\n")
         print(describe(out))

@@ -23,6 +23,7 @@ field is a crop of a large one; at 256x256 a field has ~20 control cells.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -109,6 +110,65 @@ def phenotype_params(class_index: int, strength: float = 1.0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the camera: how realistic the recorded pixels are
+
+BACKGROUNDS = ("noisy", "offset", "flat")
+BITS = (16, 12, 8)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """How a field is recorded. The default is a 16-bit camera with shot and read noise everywhere. Real fields
+    are often harsher, and these options make them so (they are what breaks naive max-pool gradients):
+
+    - ``background``: ``"noisy"`` (offset + noise on every pixel), ``"offset"`` (a flat camera offset with read
+      noise on 3% of the pixels, shot noise on the signal) or ``"flat"`` (exactly constant where there is no
+      signal; noise only on the signal);
+    - ``saturation``: the full-well level in counts, above which pixels clip (0 = only the dtype clips);
+    - ``bits``: 16, 12 (values clipped to 4095) or 8 (an 8-bit export of a 12-bit camera: value // 16, stored
+      as uint8 TIFFs).
+    """
+
+    background: str = "noisy"
+    saturation: int = 0
+    bits: int = 16
+
+    def __post_init__(self):
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"camera background must be one of {BACKGROUNDS}, got {self.background!r}")
+        if self.bits not in BITS:
+            raise ValueError(f"camera bits must be one of {BITS}, got {self.bits!r}")
+        if self.saturation < 0:
+            raise ValueError(f"camera saturation must be >= 0 counts (0 = off), got {self.saturation}")
+
+    @property
+    def realistic(self) -> bool:
+        return self != Camera()
+
+    def record(self, rng: np.random.Generator, signal: np.ndarray) -> np.ndarray:
+        """Camera counts (uint16, or uint8 for 8 bits) of a float signal (photo-electrons above the offset)."""
+        img = signal + 110.0
+        shot = np.sqrt(img * 0.6) * rng.standard_normal(img.shape, dtype=np.float32)
+        read = 6.0 * rng.standard_normal(img.shape, dtype=np.float32)
+        if self.background == "noisy":
+            img = img + shot + read
+        else:
+            on_signal = signal > 0.5
+            img = img + np.where(on_signal, shot, 0.0)
+            if self.background == "offset":
+                img += np.where(~on_signal & (rng.random(img.shape) < 0.03), np.rint(np.abs(read)), 0.0)
+            else:
+                img += np.where(on_signal, read, 0.0)
+        top = 65535 if self.bits == 16 else 4095
+        if self.saturation:
+            top = min(top, self.saturation)
+        img = np.clip(img, 0, top)  # truncated to integers below, as a camera's ADC does
+        if self.bits == 8:
+            return (img // 16).astype(np.uint8)
+        return img.astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # rendering
 
 
@@ -175,8 +235,10 @@ def illumination_field(h: int, w: int, plate_seed) -> np.ndarray:
     return (1.0 - strength * np.minimum(yy * yy + xx * xx, 1.0)).astype(np.float32)
 
 
-def render_field(rng: np.random.Generator, h: int, w: int, params: dict, illumination=None) -> np.ndarray:
-    """Renders one 3-channel (DAPI, tubulin, actin) field as uint16 [3, h, w]."""
+def render_field(rng: np.random.Generator, h: int, w: int, params: dict, illumination=None,
+                 camera: Camera = Camera()) -> np.ndarray:
+    """Renders one 3-channel (DAPI, tubulin, actin) field as [3, h, w] camera counts (uint16; uint8 for an
+    8-bit camera)."""
     p = params
     # --- coarse: how many cells, where ---------------------------------------------------------------------
     n = max(1, int(round(p["density"] * h * w * rng.uniform(0.9, 1.1))))
@@ -232,10 +294,7 @@ def render_field(rng: np.random.Generator, h: int, w: int, params: dict, illumin
     img *= rng.uniform(0.9, 1.1, (3, 1, 1)).astype(np.float32)
     if illumination is not None:
         img *= illumination[None]
-    img += 110.0
-    img += np.sqrt(img * 0.6) * rng.standard_normal(img.shape, dtype=np.float32) + \
-        6.0 * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.clip(img, 0, 65535).astype(np.uint16)
+    return camera.record(rng, img)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,7 +387,7 @@ def _tiff_bytes(img: np.ndarray) -> bytes:
 
 def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: int = 1024, width: int = 1280,
                     seed: int = 0, compounds_per_class: int = 3, concentrations: int = 2,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, camera: Camera = Camera()) -> Path:
     """Writes a synthetic screen in the BBBC021 layout under ``out`` and returns ``out``.
 
     Idempotent: if ``out`` holds a finished screen with the same parameters it returns at once; an interrupted
@@ -341,6 +400,8 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     params = dict(num_images=int(num_images), num_classes=int(num_classes), height=int(height),
                   width=int(width), seed=int(seed), compounds_per_class=int(compounds_per_class),
                   concentrations=int(concentrations), version=GENERATOR_VERSION)
+    if camera.realistic:  # (the default camera is left out, so screens made before the option stay valid)
+        params["camera"] = dataclasses.asdict(camera)
     marker = out / MARKER
     if marker.exists():
         try:
@@ -373,7 +434,7 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
         if site.plate not in fields:
             fields[site.plate] = illumination_field(height, width, [seed, 1_000_003, site.plate])
         img = render_field(np.random.default_rng([seed, site.image_number]), height, width,
-                           phenotype_params(site.class_index, site.strength), fields[site.plate])
+                           phenotype_params(site.class_index, site.strength), fields[site.plate], camera)
         for ch, name in enumerate(names):
             _write_tiff(folder / name, img[ch])
     elapsed = time.perf_counter() - t0
@@ -386,13 +447,14 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
 
 
 def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int = 1024, width: int = 1280,
-                            seed: int = 0, progress: bool = True) -> Path:
+                            seed: int = 0, progress: bool = True, camera: Camera = Camera()) -> Path:
     """Generates a synthetic screen under ``root/raw`` and imports it into ``root/store``; returns the store path.
 
     Idempotent: returns at once if ``root/store`` is a complete store made with the same parameters (a complete
     store made with other parameters is rebuilt). Safe to rerun after an interruption: the screen generation
     and the import both resume. Import options: per-plate 0.1 / 99.9 percentile scaling, per-plate
-    illumination correction, uint16.
+    illumination correction, uint16; with a realistic ``camera``, no illumination correction (it would undo
+    the flat background: the store keeps flat regions, saturated objects and the camera's quantisation).
     """
     from .bbbc021 import import_bbbc021
     from .store import StoreError, is_complete, open_store
@@ -401,6 +463,8 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
     store_path = root / "store"
     params = dict(num_images=int(num_images), num_classes=int(num_classes), height=int(height),
                   width=int(width), seed=int(seed))
+    if camera.realistic:
+        params["camera"] = dataclasses.asdict(camera)
     rebuild = False
     recorded = dict(params, version=GENERATOR_VERSION)
     if is_complete(store_path):
@@ -410,7 +474,8 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
         except StoreError:
             pass
         rebuild = True
-    raw = generate_screen(root / "raw", progress=progress, **params)
-    import_bbbc021(raw, raw, store_path, scaling="plate", illumination=True, dtype="uint16",
+    raw = generate_screen(root / "raw", progress=progress, camera=camera,
+                          **{k: v for k, v in params.items() if k != "camera"})
+    import_bbbc021(raw, raw, store_path, scaling="plate", illumination=not camera.realistic, dtype="uint16",
                    overwrite=rebuild, progress=progress, extra_info=dict(synthetic=recorded))
     return store_path
