@@ -128,3 +128,26 @@ def test_fused_conv_bias_relu_value_and_grads(n, h, w, c, o, k):
     np.testing.assert_allclose(z1, z0, rtol=1e-4, atol=1e-4)
     for name, a, b in zip(("dx", "dkernel", "dbias"), f0(ct), f1(ct)):
         assert _rel(b, a) < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", ["8bit_zero_border", "flat_saturated", "constant_channel"])
+@pytest.mark.parametrize("n,h,w,c,o,k", [CASES[0], CASES[1], CASES[4]])
+def test_native_kernels_on_realistic_fields(kind, n, h, w, c, o, k):
+    """Fused conv + bias + ReLU on microscopy-like inputs with a zero bias: all-zero borders put pre-activations
+    at exactly 0 (the ReLU's mask at 0), flat regions give equal outputs, and the output gradient is sparse, as
+    a max-pool's is (one entry per window). Values and all three gradients equal the plain XLA form's."""
+    from fields import fields
+    x = jnp.asarray(fields(kind, n, h, w, c))
+    kern = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.2
+    bias = jnp.zeros((o,))
+    ct = jax.random.normal(jax.random.key(2), (n, h, w, o)) * (jax.random.uniform(jax.random.key(3), (n, h, w, o))
+                                                                < 1 / 16)
+    plain = lambda x, kern, bias: jax.nn.relu(fastconv.conv_xla(x, kern) + bias)  # noqa: E731
+    z1, f1 = jax.vjp(jax.jit(fastconv.conv_bias_relu_native), x, kern, bias)
+    z0, f0 = jax.vjp(plain, x, kern, bias)
+    pre = fastconv.conv_xla(x, kern)
+    if kind == "8bit_zero_border":
+        assert float((pre == 0).mean()) > 0.05  # exact zeros before the ReLU: its mask at 0 is exercised
+    np.testing.assert_allclose(z1, z0, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("dx", "dkernel", "dbias"), f0(ct), f1(ct)):
+        assert _rel(b, a) < 1e-5, name
