@@ -32,13 +32,12 @@ def _manager(directory: Path, keep: int = 3, read_only: bool = False, async_save
 
 
 class Checkpointer:
-    """Writes (rank 0 only) and finds checkpoints of one work directory."""
+    """Writes and finds the checkpoints of one work directory (``write=False``: only reads)."""
 
-    def __init__(self, workdir, keep: int = 3, write: bool = True, async_save: bool = True, read: bool = True):
-        """``write=False``: only read; ``read=False`` too: a stand-in that does nothing (MPI ranks other than 0)."""
+    def __init__(self, workdir, keep: int = 3, write: bool = True, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.write = write and read
-        if not read or (not write and not self.directory.is_dir()):
+        self.write = write
+        if not write and not self.directory.is_dir():
             self._mngr = None
         else:
             self._mngr = _manager(self.directory, keep, read_only=not write, async_save=async_save)
@@ -101,6 +100,37 @@ class Checkpointer:
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+
+class NullCheckpointer:
+    """What MPI ranks other than 0 hold: saving does nothing, no step is ever found, and ``restore`` returns the
+    state it was given (rank 0's restored state then reaches every rank by broadcast)."""
+
+    def __init__(self, workdir):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+
+    def save(self, state, meta: dict, val_accuracy: float | None = None, wait: bool = False):
+        pass
+
+    def wait(self):
+        pass
+
+    def close(self):
+        pass
+
+    def steps(self) -> list[int]:
+        return []
+
+    def resolve(self, which: str | int = "latest") -> None:
+        return None
+
+    def restore(self, step: int, abstract_state):
+        return abstract_state, {}
+
+
+def rank_checkpointer(workdir, world, keep: int = 3) -> Checkpointer | NullCheckpointer:
+    """Rank 0 owns the checkpoints: a ``Checkpointer`` there, a ``NullCheckpointer`` on every other rank."""
+    return Checkpointer(workdir, keep=keep) if world.is_primary else NullCheckpointer(workdir)
 
 
 def config_to_json(config) -> str:

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
 import ml_collections
 
-from .models import PUBLISHED_POOL_FACTORS, PUBLISHED_POST_POOLS, PUBLISHED_WIDTHS
+from .models import MCNN, MODEL_KEYS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,46 +41,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment.intensity_jitter = 0.05
     c.data.prefetch = 2
 
-    # --- model: the M-CNN (mcnn_jax.models.MCNN) ---------------------------------------------------------
-    c.model = ml_collections.ConfigDict()
-    c.model.num_classes = 13  # replaced by the store's number of classes at run time
+    # --- model: the M-CNN (mcnn_jax.models.MCNN); every field of MCNN, with MCNN's defaults ---------------
+    c.model = model_defaults()
     c.model.input_shape = (1024, 1280, 3)
-    c.model.pool_factors = PUBLISHED_POOL_FACTORS
-    c.model.widths = PUBLISHED_WIDTHS
-    c.model.post_pools = PUBLISHED_POST_POOLS
-    c.model.convs_per_branch = 3
-    c.model.kernel_size = 5
-    c.model.merge_width = 1024
-    c.model.merge_pool = 2
-    c.model.head_width = 512
-    c.model.norm = "none"
-    c.model.norm_groups = 8
-    c.model.dtype = "float32"
-    c.model.remat = False
-    c.model.impl = "native"  # "native" (C++ CPU kernels, compiled on first use), "fast" (XLA reformulated) or "xla"; same function
+    # model.num_classes is replaced by the store's number of classes at run time; model.impl: "native" (C++ CPU
+    # kernels, compiled on first use), "fast" (XLA reformulated) or "xla"; the same function
 
     # --- optimizer and schedule (mcnn_jax.optim); durations in epochs ------------------------------------
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "nesterov"  # lars | sgd | nesterov | adamw
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-5
     c.optim.trust_coefficient = 0.001  # LARS
     c.optim.eps = 1e-8
     c.optim.b1 = 0.9  # AdamW
     c.optim.b2 = 0.999
-    c.optim.base_lr = 0.008  # peak learning rate at base_batch; scaled linearly to the global batch
-    c.optim.base_batch = 32
-    c.optim.warmup_init_lr = 0.001
-    c.optim.warmup_epochs = 5.0
-    c.optim.decay = "linear"  # linear | cosine | polynomial | step | constant
-    c.optim.end_lr = 1e-4
-    c.optim.power = 2.0
-    c.optim.step_epochs = (30.0, 60.0)
+    c.optim.power = 2.0  # decay="polynomial"
+    c.optim.step_epochs = (30.0, 60.0)  # decay="step"
     c.optim.step_gamma = 0.1
-    c.optim.label_smoothing = 0.1
     c.optim.epochs = 50.0
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
+    published_recipe(c)  # name, momentum, learning rates and schedule, label smoothing, weight decay
 
     # --- training loop -----------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -91,24 +71,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.train.progress = "auto"  # auto (a bar on a terminal) | bar | log
+    c.train.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
     return c
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The ``model`` section: every field of ``MCNN`` with its default (the dtype as its name)."""
+    fields = {f.name: f.default for f in dataclasses.fields(MCNN) if f.name in MODEL_KEYS}
+    fields["dtype"] = jnp.dtype(fields["dtype"]).name
+    return ml_collections.ConfigDict(fields)
+
+
+# The published CPU recipe's optimizer keys; ``published_recipe`` applies them and ``base_config`` starts from them.
+PUBLISHED_RECIPE = dict(
+    name="nesterov",  # lars | nesterov (SGD, Nesterov momentum) | momentum (SGD, heavy ball; 0 = plain) | adamw
+    momentum=0.9, nesterov=True,  # optim.nesterov: LARS's momentum kind (the SGD names say theirs)
+    warmup_init_lr=0.001, base_lr=0.008, base_batch=32,  # the peak base_lr at base_batch, scaled linearly
+    warmup_epochs=5.0, decay="linear", end_lr=1e-4, label_smoothing=0.1, weight_decay=5e-5)
 
 
 def published_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The published CPU recipe (Intel, ISC 2019), applied to ``c`` in place: Nesterov momentum 0.9, a linear
     warmup from 0.001 to 0.008 over 5 epochs, then linear decay to 1e-4; label smoothing 0.1; weight decay 5e-5.
     The peak 0.008 is at ``optim.base_batch`` (32) and scales linearly with the global batch."""
-    c.optim.name = "nesterov"
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.warmup_init_lr = 0.001
-    c.optim.base_lr = 0.008
-    c.optim.base_batch = 32
-    c.optim.warmup_epochs = 5.0
-    c.optim.decay = "linear"
-    c.optim.end_lr = 1e-4
-    c.optim.label_smoothing = 0.1
-    c.optim.weight_decay = 5e-5
+    c.optim.update(PUBLISHED_RECIPE)
     return c
 
 
