@@ -1,12 +1,13 @@
 """The full set of config keys every experiment has, with defaults. Config files in ``configs/`` start from
-``base_config()``, change what they need, and return it locked, so a misspelt key is an error."""
+``base_config()``, change what they need, and return it; ``ml_collections.config_flags`` loads them locked (so
+a misspelt key is an error) and applies ``--config.KEY=VALUE`` overrides."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import importlib.util
+import functools
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -112,24 +113,73 @@ def find_config_file(path: str) -> Path:
     raise FileNotFoundError(f"no config file {path}" + (f"; the project's configs are {known}" if known else ""))
 
 
+def parse_config_flags(argv: Sequence[str], flag_values=None):
+    """Parses ``argv`` (program name first) with absl flags and ``ml_collections.config_flags``: ``--config``
+    is a config file (or the name of one in ``configs/``), ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``)
+    overrides a key. Returns the ``FlagValues``; ``.config`` is the locked config. Other flags must be defined
+    in ``flag_values`` beforehand. A misspelt key, a section set to a value or a value of the wrong type is a
+    ValueError that names the key and what would do (the library's own errors, with a did-you-mean list)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = _resolve_config_path(list(argv))
+    fv = flag_values if flag_values is not None else flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv,
+                                    help_string="a config file (configs/NAME.py) or a config name")
+    try:
+        fv(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise _explain(argv, e) from None
+    if fv.config is None:
+        raise ValueError("no config given: --config configs/NAME.py")
+    return fv
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Runs ``get_config()`` of the config file, locks the result and applies ``key=value`` overrides."""
-    file = find_config_file(path)
-    spec = importlib.util.spec_from_file_location(f"mcnn_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {file} has no get_config() function")
-    config = module.get_config()
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"get_config() of {file} must return an ml_collections.ConfigDict")
-    config.lock()
+    """Runs ``get_config()`` of the config file, locks the result and applies ``KEY=VALUE`` overrides, as
+    ``mcnn-train --config PATH --config.KEY=VALUE`` does."""
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
+        if "=" not in item:
             raise ValueError(f"config override {item!r} must be KEY=VALUE")
-        set_key(config, key, value)
-    return config
+    return parse_config_flags(["mcnn", f"--config={path}", *[f"--config.{o}" for o in overrides]]).config
+
+
+def _resolve_config_path(argv: list[str]) -> list[str]:
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            argv[i + 1] = str(find_config_file(argv[i + 1]))
+        elif arg.startswith("--config="):
+            argv[i] = f"--config={find_config_file(arg.split('=', 1)[1])}"
+    return argv
+
+
+def _explain(argv: list[str], error: Exception) -> Exception:
+    """The ValueError for a failed override: unknown key (with close matches), a section, or a wrong type."""
+    overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    paths = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-config")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if not overrides or not paths:
+        return ValueError(str(error))
+    config = parse_config_flags(["mcnn", f"--config={paths[-1]}"]).config
+    valid = all_keys(config)
+    for key in overrides:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) and part in node else None
+            if node is None:
+                close = difflib.get_close_matches(key, valid, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                return ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+        if isinstance(node, ml_collections.ConfigDict):
+            return ValueError(f"config key {key!r} is a section; set one of its keys: "
+                              f"{', '.join(all_keys(node, key + '.'))}")
+    bad = re.search(r"--config\.([\w.]+)=(.*?): (.*)", str(error))
+    if bad:
+        key, value, why = bad.groups()
+        current = functools.reduce(lambda n, part: n[part], key.split("."), config)
+        return ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {value!r}: "
+                          f"{why}")
+    return ValueError(f"bad config override: {error}")
 
 
 def all_keys(config, prefix: str = "") -> list[str]:
@@ -140,48 +190,3 @@ def all_keys(config, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{k}")
     return out
-
-
-def _parse_value(text: str, current):
-    if isinstance(current, str):
-        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        return text[1:-1] if quoted else text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(current, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return value
-
-
-def set_key(config, key: str, text: str) -> None:
-    """Sets a dotted ``key`` to the value written as ``text``; an unknown key or a wrong type is a ValueError
-    that says which keys (or which type) would do."""
-    parts = key.split(".")
-    node = config
-    for i, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            valid = all_keys(config)
-            close = difflib.get_close_matches(key, valid, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
-        if i < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"config key {key!r} is a section; set one of its keys: "
-                         f"{', '.join(all_keys(current, key + '.'))}")
-    value = _parse_value(text, current)
-    if current is not None and not isinstance(value, type(current)) and not (
-            isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool)):
-        raise ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {text!r}")
-    try:
-        node[parts[-1]] = value
-    except TypeError as e:
-        raise ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {text!r}: "
-                         f"{e}") from None
