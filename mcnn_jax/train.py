@@ -42,19 +42,33 @@ def itstime(step: int, every: int, total: int) -> bool:
     return (every > 0 and step % every == 0) or step == total
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # tracing + lowering + XLA compilation in this process, from JAX's monitoring events
+
+
+def _on_duration(event: str, duration: float, **kwargs):
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
 class Chrono:
-    """Wall time and throughput. The train step is compiled before its first call (``compile_s``, measured
-    apart); ``images_per_s`` is the steady-state rate over the steps after the first one this process ran
-    (data wait included), so neither compilation nor the first call's warm-up lowers it."""
+    """Wall time and throughput. ``compile_s`` is the time JAX spent tracing, lowering and compiling during the
+    first step this process ran (JAX's own compile events); ``images_per_s`` is the steady-state rate over the
+    steps after that first one (data wait included), so neither compilation nor warm-up lowers it."""
 
     def __init__(self, global_batch: int):
         self.global_batch = global_batch
         self.t_start = time.perf_counter()  # the wall clock of the run starts before the first step
         self.compile_s = 0.0
-        self.first_step_s = None
+        self.first_step_s = None  # the first step's wait + step time, compilation included
         self.steps = 0
         self.wait_s = self.step_s = 0.0  # all steps
         self.steady_s = 0.0  # steps after the first
+        self._compiled_before = _compile_seconds[0]
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -65,6 +79,7 @@ class Chrono:
         self.step_s += step_s
         if self.steps == 1:
             self.first_step_s = wait_s + step_s
+            self.compile_s = _compile_seconds[0] - self._compiled_before
         else:
             self.steady_s += wait_s + step_s
 
@@ -72,7 +87,9 @@ class Chrono:
     def images_per_s(self) -> float | None:
         if self.steps > 1:
             return (self.steps - 1) * self.global_batch / max(self.steady_s, 1e-9)
-        return self.global_batch / max(self.first_step_s, 1e-9) if self.steps else None
+        if self.steps:  # one step so far: its time without the compilation
+            return self.global_batch / max(self.first_step_s - self.compile_s, 1e-9)
+        return None
 
     def summary(self) -> dict:
         return dict(images_per_s=self.images_per_s, compile_s=self.compile_s, first_step_s=self.first_step_s,
@@ -222,21 +239,18 @@ class Outcome:
 
 
 def _run_step(run: Run, state, chrono: Chrono, step: int):
-    """Fetches the next global batch and runs the train step on it (compiled, and timed apart, the first time)."""
+    """Fetches the next global batch and runs the train step on it; returns the state, metrics and times."""
     t0 = time.perf_counter()
     _, batch = next(run.batches)
     t1 = time.perf_counter()
-    if chrono.steps == 0:
-        run.train_step = run.train_step.lower(state, batch).compile()
-        chrono.compile_s = time.perf_counter() - t1
-        logging.info(f"compiled the train step in {chrono.compile_s:.1f} s")
-        t1 = time.perf_counter()
     run.profiler.before(step)
-    state, metrics = run.train_step(state, batch)
+    state, metrics = run.train_step(state, batch)  # compiled at the first call
     m = jax.device_get(metrics)
     t2 = time.perf_counter()
     run.profiler.after(step)
     chrono.record(t1 - t0, t2 - t1)
+    if chrono.steps == 1:
+        logging.info(f"the first step took {t2 - t1:.1f} s, {chrono.compile_s:.1f} s of it compiling")
     return state, m, t1 - t0, t2 - t1
 
 
