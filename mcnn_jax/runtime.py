@@ -56,12 +56,16 @@ class _TerminalHandler(pylogging.Handler):
             self.handleError(record)
 
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parent)  # mcnn_jax, wherever it is installed
+_LIBRARIES = tuple({str(Path(p).resolve()) for p in sys.path if Path(p).name in ("site-packages", "dist-packages")})
 
 
 def _ours_or_warning(record) -> bool:
-    """The project's own lines, and every library's warnings (Orbax logs much at INFO through absl too)."""
-    return record.levelno >= pylogging.WARNING or record.pathname.startswith(_PACKAGE)
+    """Every warning, and the INFO lines of anything but installed libraries (Orbax logs much at INFO through
+    absl too)."""
+    path = record.pathname
+    return (record.levelno >= pylogging.WARNING or path.startswith(_PACKAGE)
+            or not (_LIBRARIES and path.startswith(_LIBRARIES)))
 
 
 def _our_handler(h) -> bool:
