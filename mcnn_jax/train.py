@@ -257,14 +257,14 @@ def _run_step(run: Run, state, chrono: Chrono, step: int):
 def _diverged(run: Run, step: int, loss: float) -> TrainingDiverged:
     run.ckpt.wait()
     last = run.world.bcast_object(run.ckpt.resolve("latest"))
-    what = (f"The last good checkpoint (step {last}) is kept in {run.ckpt.directory}; rerun to resume from it"
-            if last is not None else
-            f"No checkpoint exists yet (none is saved before step {_first_save(run)}), so a rerun starts from "
-            f"scratch")
+    kept, then = ((f"The last good checkpoint (step {last}) is kept in {run.ckpt.directory}", "to resume from it")
+                  if last is not None else
+                  (f"No checkpoint exists yet (the first would have been saved at step {_first_save(run)}), so "
+                   f"nothing is kept", "to start again from step 0"))
     return TrainingDiverged(
-        f"the training loss became {loss} at step {step}: stopping. {what}, after lowering the learning rate "
-        f"(optim.base_lr, optim.warmup_init_lr), lengthening the warmup (optim.warmup_epochs) or clipping the "
-        f"gradients (optim.grad_clip).")
+        f"the training loss became {loss} at step {step}: stopping. {kept}. Lower the learning rate "
+        f"(optim.base_lr, optim.warmup_init_lr), lengthen the warmup (optim.warmup_epochs) or clip the "
+        f"gradients (optim.grad_clip), then rerun the same command {then}.")
 
 
 def _first_save(run: Run) -> int:
