@@ -6,11 +6,11 @@ Generates the screen into ``<workdir>/data`` on first use (about 1 s per field; 
     mpiexec -n 2 mcnn-train --config configs/synthetic_fullres.py --workdir runs/synthetic_fullres
 """
 
-from mcnn_jax.config import base_config, published_recipe
+from mcnn_jax.config import base_config
 
 
 def get_config():
-    c = published_recipe(base_config())
+    c = base_config()  # the published M-CNN and optimizer recipe are its defaults
     c.data.synthetic.enabled = True
     c.data.synthetic.num_images = 520
     c.data.synthetic.num_classes = 13

@@ -5,8 +5,9 @@ order's position (the global step: the reader's order depends only on it and the
 metrics if the step was evaluated, and the config. Orbax writes a step into a temporary folder and renames it
 when complete, so a half-written checkpoint is never listed, and never restored.
 
-Only rank 0 writes (under MPI without ``jax.distributed`` every rank believes it is Orbax's primary process).
-Rank 0 also reads, and broadcasts the state to the other ranks, so only rank 0 needs the work directory.
+Rank 0 owns the checkpoints (``rank_checkpointer``): it holds the ``Checkpointer``, the other ranks a
+``NullCheckpointer`` (under MPI without ``jax.distributed`` every rank would believe it is Orbax's primary
+process). Rank 0 also reads, and broadcasts the state to the other ranks, so only rank 0 needs the checkpoints.
 """
 
 from __future__ import annotations
@@ -20,28 +21,27 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 
-def _manager(directory: Path, keep: int = 3, read_only: bool = False, async_save: bool = True):
+def _manager(directory: Path, keep: int = 3, read_only: bool = False):
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=max(1, keep)),
         cm.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
 
 class Checkpointer:
-    """Writes (rank 0 only) and finds checkpoints of one work directory."""
+    """Writes and finds the checkpoints of one work directory (``write=False``: only reads)."""
 
-    def __init__(self, workdir, keep: int = 3, write: bool = True, async_save: bool = True, read: bool = True):
-        """``write=False``: only read; ``read=False`` too: a stand-in that does nothing (MPI ranks other than 0)."""
+    def __init__(self, workdir, keep: int = 3, write: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.write = write and read
-        if not read or (not write and not self.directory.is_dir()):
+        self.write = write
+        if not write and not self.directory.is_dir():
             self._mngr = None
         else:
-            self._mngr = _manager(self.directory, keep, read_only=not write, async_save=async_save)
+            self._mngr = _manager(self.directory, keep, read_only=not write)
 
     # --- writing --------------------------------------------------------------------------------------------
     def save(self, state, meta: dict, val_accuracy: float | None = None, wait: bool = False):
@@ -101,6 +101,37 @@ class Checkpointer:
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+
+class NullCheckpointer:
+    """What MPI ranks other than 0 hold: saving does nothing, no step is ever found, and ``restore`` returns the
+    state it was given (rank 0's restored state then reaches every rank by broadcast)."""
+
+    def __init__(self, workdir):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+
+    def save(self, state, meta: dict, val_accuracy: float | None = None, wait: bool = False):
+        pass
+
+    def wait(self):
+        pass
+
+    def close(self):
+        pass
+
+    def steps(self) -> list[int]:
+        return []
+
+    def resolve(self, which: str | int = "latest") -> None:
+        return None
+
+    def restore(self, step: int, abstract_state):
+        return abstract_state, {}
+
+
+def rank_checkpointer(workdir, world, keep: int = 3) -> Checkpointer | NullCheckpointer:
+    """Rank 0 owns the checkpoints: a ``Checkpointer`` there, a ``NullCheckpointer`` on every other rank."""
+    return Checkpointer(workdir, keep=keep) if world.is_primary else NullCheckpointer(workdir)
 
 
 def config_to_json(config) -> str:

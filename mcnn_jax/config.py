@@ -1,17 +1,20 @@
 """The full set of config keys every experiment has, with defaults. Config files in ``configs/`` start from
-``base_config()``, change what they need, and return it locked, so a misspelt key is an error."""
+``base_config()``, change what they need, and return it; ``ml_collections.config_flags`` loads them locked (so
+a misspelt key is an error) and applies ``--config.KEY=VALUE`` overrides."""
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import difflib
-import importlib.util
+import functools
+import re
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
 import ml_collections
 
-from .models import PUBLISHED_POOL_FACTORS, PUBLISHED_POST_POOLS, PUBLISHED_WIDTHS
+from .models import MCNN, MODEL_KEYS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,46 +47,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment.intensity_jitter = 0.05
     c.data.prefetch = 2
 
-    # --- model: the M-CNN (mcnn_jax.models.MCNN) ---------------------------------------------------------
-    c.model = ml_collections.ConfigDict()
-    c.model.num_classes = 13  # replaced by the store's number of classes at run time
+    # --- model: the M-CNN (mcnn_jax.models.MCNN); every field of MCNN, with MCNN's defaults ---------------
+    c.model = model_defaults()
     c.model.input_shape = (1024, 1280, 3)
-    c.model.pool_factors = PUBLISHED_POOL_FACTORS
-    c.model.widths = PUBLISHED_WIDTHS
-    c.model.post_pools = PUBLISHED_POST_POOLS
-    c.model.convs_per_branch = 3
-    c.model.kernel_size = 5
-    c.model.merge_width = 1024
-    c.model.merge_pool = 2
-    c.model.head_width = 512
-    c.model.norm = "none"
-    c.model.norm_groups = 8
-    c.model.dtype = "float32"
-    c.model.remat = False
-    c.model.impl = "native"  # "native" (C++ CPU kernels, compiled on first use), "fast" (XLA reformulated) or "xla"; same function
+    # model.num_classes is replaced by the store's number of classes at run time; model.impl: "native" (C++ CPU
+    # kernels, compiled on first use), "fast" (XLA reformulated) or "xla"; the same function
 
     # --- optimizer and schedule (mcnn_jax.optim); durations in epochs ------------------------------------
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "nesterov"  # lars | sgd | nesterov | adamw
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-5
     c.optim.trust_coefficient = 0.001  # LARS
     c.optim.eps = 1e-8
     c.optim.b1 = 0.9  # AdamW
     c.optim.b2 = 0.999
-    c.optim.base_lr = 0.008  # peak learning rate at base_batch; scaled linearly to the global batch
-    c.optim.base_batch = 32
-    c.optim.warmup_init_lr = 0.001
-    c.optim.warmup_epochs = 5.0
-    c.optim.decay = "linear"  # linear | cosine | polynomial | step | constant
-    c.optim.end_lr = 1e-4
-    c.optim.power = 2.0
-    c.optim.step_epochs = (30.0, 60.0)
+    c.optim.power = 2.0  # decay="polynomial"
+    c.optim.step_epochs = (30.0, 60.0)  # decay="step"
     c.optim.step_gamma = 0.1
-    c.optim.label_smoothing = 0.1
     c.optim.epochs = 50.0
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
+    published_recipe(c)  # name, momentum, learning rates and schedule, label smoothing, weight decay
 
     # --- training loop -----------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -96,24 +77,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.train.progress = "auto"  # auto (a bar on a terminal) | bar | log
+    c.train.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
     return c
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The ``model`` section: every field of ``MCNN`` with its default (the dtype as its name)."""
+    fields = {f.name: f.default for f in dataclasses.fields(MCNN) if f.name in MODEL_KEYS}
+    fields["dtype"] = jnp.dtype(fields["dtype"]).name
+    return ml_collections.ConfigDict(fields)
+
+
+# The published CPU recipe's optimizer keys; ``published_recipe`` applies them and ``base_config`` starts from them.
+PUBLISHED_RECIPE = dict(
+    name="nesterov",  # lars | nesterov (SGD, Nesterov momentum) | momentum (SGD, heavy ball; 0 = plain) | adamw
+    momentum=0.9, nesterov=True,  # optim.nesterov: LARS's momentum kind (the SGD names say theirs)
+    warmup_init_lr=0.001, base_lr=0.008, base_batch=32,  # the peak base_lr at base_batch, scaled linearly
+    warmup_epochs=5.0, decay="linear", end_lr=1e-4, label_smoothing=0.1, weight_decay=5e-5)
 
 
 def published_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The published CPU recipe (Intel, ISC 2019), applied to ``c`` in place: Nesterov momentum 0.9, a linear
     warmup from 0.001 to 0.008 over 5 epochs, then linear decay to 1e-4; label smoothing 0.1; weight decay 5e-5.
     The peak 0.008 is at ``optim.base_batch`` (32) and scales linearly with the global batch."""
-    c.optim.name = "nesterov"
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.warmup_init_lr = 0.001
-    c.optim.base_lr = 0.008
-    c.optim.base_batch = 32
-    c.optim.warmup_epochs = 5.0
-    c.optim.decay = "linear"
-    c.optim.end_lr = 1e-4
-    c.optim.label_smoothing = 0.1
-    c.optim.weight_decay = 5e-5
+    c.optim.update(PUBLISHED_RECIPE)
     return c
 
 
@@ -131,24 +118,73 @@ def find_config_file(path: str) -> Path:
     raise FileNotFoundError(f"no config file {path}" + (f"; the project's configs are {known}" if known else ""))
 
 
+def parse_config_flags(argv: Sequence[str], flag_values=None):
+    """Parses ``argv`` (program name first) with absl flags and ``ml_collections.config_flags``: ``--config``
+    is a config file (or the name of one in ``configs/``), ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``)
+    overrides a key. Returns the ``FlagValues``; ``.config`` is the locked config. Other flags must be defined
+    in ``flag_values`` beforehand. A misspelt key, a section set to a value or a value of the wrong type is a
+    ValueError that names the key and what would do (the library's own errors, with a did-you-mean list)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = _resolve_config_path(list(argv))
+    fv = flag_values if flag_values is not None else flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv,
+                                    help_string="a config file (configs/NAME.py) or a config name")
+    try:
+        fv(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise _explain(argv, e) from None
+    if fv.config is None:
+        raise ValueError("no config given: --config configs/NAME.py")
+    return fv
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Runs ``get_config()`` of the config file, locks the result and applies ``key=value`` overrides."""
-    file = find_config_file(path)
-    spec = importlib.util.spec_from_file_location(f"mcnn_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {file} has no get_config() function")
-    config = module.get_config()
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"get_config() of {file} must return an ml_collections.ConfigDict")
-    config.lock()
+    """Runs ``get_config()`` of the config file, locks the result and applies ``KEY=VALUE`` overrides, as
+    ``mcnn-train --config PATH --config.KEY=VALUE`` does."""
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
+        if "=" not in item:
             raise ValueError(f"config override {item!r} must be KEY=VALUE")
-        set_key(config, key, value)
-    return config
+    return parse_config_flags(["mcnn", f"--config={path}", *[f"--config.{o}" for o in overrides]]).config
+
+
+def _resolve_config_path(argv: list[str]) -> list[str]:
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            argv[i + 1] = str(find_config_file(argv[i + 1]))
+        elif arg.startswith("--config="):
+            argv[i] = f"--config={find_config_file(arg.split('=', 1)[1])}"
+    return argv
+
+
+def _explain(argv: list[str], error: Exception) -> Exception:
+    """The ValueError for a failed override: unknown key (with close matches), a section, or a wrong type."""
+    overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    paths = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-config")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if not overrides or not paths:
+        return ValueError(str(error))
+    config = parse_config_flags(["mcnn", f"--config={paths[-1]}"]).config
+    valid = all_keys(config)
+    for key in overrides:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) and part in node else None
+            if node is None:
+                close = difflib.get_close_matches(key, valid, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                return ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+        if isinstance(node, ml_collections.ConfigDict):
+            return ValueError(f"config key {key!r} is a section; set one of its keys: "
+                              f"{', '.join(all_keys(node, key + '.'))}")
+    bad = re.search(r"--config\.([\w.]+)=(.*?): (.*)", str(error))
+    if bad:
+        key, value, why = bad.groups()
+        current = functools.reduce(lambda n, part: n[part], key.split("."), config)
+        return ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {value!r}: "
+                          f"{why}")
+    return ValueError(f"bad config override: {error}")
 
 
 def all_keys(config, prefix: str = "") -> list[str]:
@@ -159,48 +195,3 @@ def all_keys(config, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{k}")
     return out
-
-
-def _parse_value(text: str, current):
-    if isinstance(current, str):
-        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        return text[1:-1] if quoted else text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(current, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return value
-
-
-def set_key(config, key: str, text: str) -> None:
-    """Sets a dotted ``key`` to the value written as ``text``; an unknown key or a wrong type is a ValueError
-    that says which keys (or which type) would do."""
-    parts = key.split(".")
-    node = config
-    for i, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            valid = all_keys(config)
-            close = difflib.get_close_matches(key, valid, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
-        if i < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"config key {key!r} is a section; set one of its keys: "
-                         f"{', '.join(all_keys(current, key + '.'))}")
-    value = _parse_value(text, current)
-    if current is not None and not isinstance(value, type(current)) and not (
-            isinstance(current, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool)):
-        raise ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {text!r}")
-    try:
-        node[parts[-1]] = value
-    except TypeError as e:
-        raise ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {text!r}: "
-                         f"{e}") from None

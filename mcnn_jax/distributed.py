@@ -3,7 +3,8 @@
 Under ``mpiexec -n N`` every rank runs the same program on its share of each global batch. Gradients (and
 the step's metric sums) are packed into one flat float32 buffer and summed with ONE mpi4jax allreduce inside
 the jitted train step (GradientFlow's fused "lazy" allreduce; see ``mcnn_jax.step``). Run without ``mpiexec``, the world is one rank
-and nothing touches MPI beyond initialising it.
+and nothing touches MPI beyond initialising it. Host-side collectives (broadcasts, sums of evaluation counts,
+barriers) are methods of ``World`` too: no other module calls mpi4py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class World:
     size: int = 1
     comm: Any = None  # mpi4py communicator for host-side collectives
     jax_comm: Any = None  # a clone of it, used only by mpi4jax inside jitted code
+    _timed_allreduce: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_primary(self) -> bool:
@@ -45,6 +47,16 @@ class World:
             return value
         from mpi4py import MPI
         return self.comm.allreduce(value, op=MPI.MAX)
+
+    def allreduce_host_sum(self, value):
+        """The sum over ranks of a number or a NumPy array (arrays are summed in place and returned)."""
+        if self.size == 1:
+            return value
+        from mpi4py import MPI
+        if isinstance(value, np.ndarray):
+            self.comm.Allreduce(MPI.IN_PLACE, value, op=MPI.SUM)
+            return value
+        return self.comm.allreduce(value, op=MPI.SUM)
 
     def bcast_tree(self, tree):
         """Rank 0's values of every leaf of ``tree`` on every rank (leaves of the same shape and dtype)."""
@@ -77,6 +89,25 @@ class World:
         import mpi4jax
         from mpi4py import MPI
         return mpi4jax.allreduce(buf, op=MPI.SUM, comm=self.jax_comm)
+
+    def time_allreduce(self, size: int) -> float:
+        """Seconds one ``allreduce_sum`` of a float32 buffer of ``size`` elements takes, measured apart from the
+        train step: the ranks first meet at a barrier (so waiting for a slower rank's compute is not counted),
+        then one jitted mpi4jax allreduce of a buffer the size of the step's packed gradients + metrics runs and
+        is waited for. It is the cost of the step's communication alone, as the step would pay it with no
+        overlap. Collective: every rank must call it at the same steps. 0.0 on one rank (nothing to send)."""
+        if self.size == 1:
+            return 0.0
+        fn = self._timed_allreduce.get(size)
+        if fn is None:
+            fn = self._timed_allreduce[size] = jax.jit(self.allreduce_sum)
+            buf = jnp.zeros((size,), jnp.float32)
+            fn(buf).block_until_ready()  # compile (and warm) outside the timing
+        buf = jnp.zeros((size,), jnp.float32)
+        self.barrier()
+        t0 = time.perf_counter()
+        fn(buf).block_until_ready()
+        return time.perf_counter() - t0
 
     def abort(self, code: int = 1):
         """Ends every rank of the job now (after this rank's error has been printed)."""

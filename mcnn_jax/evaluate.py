@@ -1,4 +1,5 @@
-"""``mcnn-eval``: evaluates a saved model on a store and prints accuracy and the confusion matrix.
+"""Evaluation: the ``Evaluator`` the training loop calls, and ``mcnn-eval``, which evaluates a saved model on a
+store and prints accuracy and the confusion matrix.
 
     mcnn-eval --workdir runs/default [--checkpoint best|latest|STEP] [--store PATH] [--split val|train|all]
 
@@ -21,7 +22,33 @@ import ml_collections
 import numpy as np
 
 from .checkpoint import Checkpointer
+from .distributed import World
 from .models import from_config, init_params
+
+
+class Evaluator:
+    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class) of ``params`` over one
+    pass of ``reader``, summed over the MPI ranks (each rank evaluates its share of every batch)."""
+
+    def __init__(self, model, reader, num_classes: int, world: World | None = None):
+        from .step import make_eval_step
+        self.reader, self.num_classes, self.world = reader, num_classes, world or World()
+        self.eval_step = make_eval_step(model, num_classes)
+
+    def run(self, params) -> dict:
+        confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+        loss_sum = 0.0
+        for _, batch in self.reader.iterate():
+            metrics, pred = self.eval_step(params, batch)
+            mask = batch["mask"] > 0
+            np.add.at(confusion, (batch["label"][mask], np.asarray(pred)[mask]), 1)
+            loss_sum += float(metrics["loss_sum"])
+        confusion = self.world.allreduce_host_sum(confusion)
+        loss_sum = self.world.allreduce_host_sum(loss_sum)
+        count = confusion.sum()
+        per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+        return dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
+                    per_class_accuracy=per_class, confusion=confusion, count=int(count))
 
 
 def load_model(workdir, checkpoint: str | int = "best"):
@@ -82,9 +109,7 @@ def run(argv=None):
 
 def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
     from .data import Reader, open_store, split_indices
-    from .distributed import World
-    from .step import make_eval_step
-    from .train import evaluate, store_path
+    from .data.prepare import store_path
 
     model, params, meta = load_model(workdir, checkpoint)
     config = ml_collections.ConfigDict(meta["config"])
@@ -100,7 +125,7 @@ def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch
         idx = val_idx if split == "val" else train_idx
     reader = Reader(st, idx, batch, augment=None, train=False)
     try:
-        ev = evaluate(make_eval_step(model, len(st.class_names)), params, reader, len(st.class_names), World())
+        ev = Evaluator(model, reader, len(st.class_names)).run(params)
     finally:
         reader.close()
     return dict(ev, step=meta["step"], store=str(path), class_names=list(st.class_names))

@@ -2,15 +2,17 @@
 
     mcnn-train --config configs/default.py --workdir runs/default [--config.KEY=VALUE ...]
 
-Rerunning the same command resumes from the work directory's latest checkpoint.
+Rerunning the same command resumes from the work directory's latest checkpoint. Overrides: any config key,
+e.g. --config.train.global_batch=64 --config.optim.name=lars (a misspelt key is an error that lists the valid
+ones). Exit codes: 0 done (or preempted, with a checkpoint saved), 2 bad input, 3 the loss diverged, 1 a crash.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import traceback
 
+from absl import flags, logging
 
 
 def _user_errors():
@@ -20,60 +22,54 @@ def _user_errors():
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="mcnn-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides: any config key, e.g. --config.train.global_batch=64 --config.optim.name=lars "
-               "(a misspelt key is an error that lists the valid ones).")
-    parser.add_argument("--config", required=True, help="a config file (configs/NAME.py) or a config name")
-    parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and the summary go")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    i = 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; config overrides look like --config.train.global_batch=8")
-        item = item[len("--config."):]
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                parser.error(f"--config.{item} needs a value")
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+    """(config, workdir) from the command line (``argv`` without the program name)."""
+    from .config import parse_config_flags
+
+    if {"-h", "--help", "-help"} & set(argv):
+        print(__doc__)
+        sys.exit(0)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the summary go", flag_values=fv)
+    argv = ["mcnn-train", *argv]
+    try:
+        parse_config_flags(argv, fv)
+    except flags.Error as e:
+        raise ValueError(f"{e}; usage: mcnn-train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]")
+    if not fv.workdir:
+        raise ValueError("--workdir DIR is required")
+    return fv.config, fv.workdir
+
+
+def _fail(world, code: int, message: str):
+    logging.error(message)
+    if world.size > 1:
+        world.abort(code)
+    sys.exit(code)
 
 
 def run(argv=None):
     from .distributed import fail_fast, init_world
-    from .runtime import enable_compilation_cache
+    from .runtime import enable_compilation_cache, setup_logging
 
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    enable_compilation_cache()
     world = init_world()
+    setup_logging(rank=world.rank, size=world.size)  # train_and_evaluate adds the per-rank file
     fail_fast(world)
-    prefix = f"[rank {world.rank}] " if world.size > 1 else ""
     try:
-        from .config import load_config
-        config = load_config(args.config, overrides)
+        config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
+        enable_compilation_cache()
         from .train import TrainingDiverged, train_and_evaluate
         try:
-            train_and_evaluate(config, args.workdir, world)
+            train_and_evaluate(config, workdir, world)
         except TrainingDiverged as e:  # every rank sees the same (reduced) loss
             if world.is_primary:
-                print(f"mcnn-train: {e}", file=sys.stderr, flush=True)
+                logging.error(f"mcnn-train: {e}")
             sys.exit(3)
     except SystemExit:
         raise
     except _user_errors() as e:
-        print(f"mcnn-train: {prefix}error: {e}", file=sys.stderr, flush=True)
-        if world.size > 1:
-            world.abort(2)
-        sys.exit(2)
+        _fail(world, 2, f"mcnn-train: error: {e}")
     except Exception:
-        print(f"mcnn-train: {prefix}failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        if world.size > 1:
-            world.abort(1)
-        sys.exit(1)
+        _fail(world, 1, f"mcnn-train: failed:\n{traceback.format_exc()}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
 
 def _plain(v):
@@ -49,41 +50,73 @@ class MetricsLog:
 
 
 class Progress:
-    """A tqdm bar (steps, images/s, loss, ETA) on an interactive terminal, plain log lines otherwise."""
+    """Progress of a long loop (training steps, images imported): a tqdm bar on an interactive terminal, else a
+    plain line through ``absl.logging`` every ``every`` units (0: at every tenth of the total) and at the end.
 
-    def __init__(self, total: int, initial: int, mode: str = "auto", every: int = 10, enabled: bool = True):
-        self.enabled, self.every, self.total = enabled, max(1, every), total
+    ``update(n, **shown)`` advances by ``n``; ``set(position, **shown)`` moves to a position; ``shown`` values
+    (loss, img/s, ...) are printed with the bar or line.
+    """
+
+    def __init__(self, total: int, initial: int = 0, *, desc: str = "", unit: str = "step", mode: str = "auto",
+                 every: int = 0, enabled: bool = True):
+        self.enabled, self.total, self.desc, self.unit = enabled, total, desc, unit
+        self.marks = ({max(1, round(total * k / 10)) for k in range(1, 11)} if every <= 0 else None)
+        self.every, self.n = max(1, every), initial
         self.bar = None
         if enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc or None, unit=unit, dynamic_ncols=True,
+                            mininterval=0.5)
         self._t0, self._s0 = time.perf_counter(), initial
 
-    def update(self, step: int, images_per_s: float, **shown):
+    def update(self, n: int = 1, **shown):
+        self.set(self.n + n, **shown)
+
+    def set(self, position: int, **shown):
+        crossed = range(self.n + 1, position + 1)
+        self.n = position
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({"img/s": f"{images_per_s:.2f}", **{k: f"{v:.4g}" for k, v in shown.items()}},
-                                 refresh=False)
-        elif step % self.every == 0 or step == self.total:
-            done = step - self._s0
-            elapsed = time.perf_counter() - self._t0
-            eta = elapsed / done * (self.total - step) if done else float("nan")
-            parts = " | ".join(f"{k} {v:.4g}" for k, v in shown.items())
-            self.log(f"step {step}/{self.total} | {parts} | {images_per_s:.2f} img/s | eta {_duration(eta)}")
+            self.bar.update(position - self.bar.n)
+            if shown:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif position == self.total or any(self._due(i) for i in crossed):
+            self.log(self._line(position, shown))
+
+    def _due(self, i: int) -> bool:
+        return i in self.marks if self.marks is not None else i % self.every == 0
+
+    def _line(self, position: int, shown: dict) -> str:
+        done, elapsed = position - self._s0, time.perf_counter() - self._t0
+        eta = elapsed / done * (self.total - position) if done else float("nan")
+        parts = [f"{self.desc}: {self.unit} {position}/{self.total}" if self.desc else
+                 f"{self.unit} {position}/{self.total}"]
+        parts += [f"{k} {v:.4g}" for k, v in shown.items()]
+        return " | ".join(parts + [f"{_duration(elapsed)} elapsed, eta {_duration(eta)}"])
 
     def log(self, message: str):
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, flush=True)
+        """A line for the user (rank 0's terminal and the rank's log file, through absl.logging)."""
+        if self.enabled:
+            logging.info(message)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def track(it, total: int, desc: str, enabled: bool = True, unit: str = "image"):
+    """Iterates ``it`` with a ``Progress`` of ``total`` units (nothing shown when not ``enabled``)."""
+    if not enabled:
+        yield from it
+        return
+    counter = Progress(total, desc=desc, unit=unit)
+    try:
+        for item in it:
+            yield item
+            counter.update(1)
+    finally:
+        counter.close()
 
 
 def _duration(seconds: float) -> str:

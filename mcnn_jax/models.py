@@ -12,6 +12,7 @@ Pure ``init`` / ``apply``: import it in a notebook with ``from mcnn_jax import M
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -176,8 +177,8 @@ class MCNN(nn.Module):
         return x.astype(jnp.promote_types(dtype, jnp.float32))  # float32 (float64 for a float64 model)
 
 
-MODEL_KEYS = ("num_classes", "pool_factors", "widths", "post_pools", "convs_per_branch", "kernel_size",
-              "merge_width", "merge_pool", "head_width", "norm", "norm_groups", "dtype", "remat", "impl")
+# the config's model keys: MCNN's own fields (not Flax's parent / name), so a new field needs no edit here
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(MCNN) if f.name not in ("parent", "name"))
 
 
 def from_config(model_config, num_classes: int | None = None) -> MCNN:

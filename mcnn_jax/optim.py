@@ -1,7 +1,11 @@
 """Optimizers and learning-rate schedules for large-batch training, built from optax transformations.
 
 - ``lars``: optax.lars with biases and normalisation parameters excluded from weight decay and the trust ratio.
-- ``sgd`` / ``nesterov``: SGD with (Nesterov) momentum and L2 weight decay on the kernels.
+- ``nesterov``: SGD with Nesterov momentum and L2 weight decay on the kernels (the published recipe).
+- ``momentum``: SGD with heavy-ball momentum and L2 weight decay on the kernels (``momentum=0``: plain SGD).
+- ``sgd`` is the name earlier versions used; it is read as what it ran (``nesterov`` when ``optim.nesterov`` is
+  true, as it was by default, else ``momentum``), with a warning, so old work directories still resume and
+  evaluate.
 - ``adamw``: AdamW (decoupled weight decay on the kernels), for comparison.
 
 Durations are given in epochs and converted to steps from the dataset size and the global batch; the peak
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from absl import logging
 
 
 def decay_mask(params):
@@ -73,19 +78,32 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     return tx
 
 
+NAMES = ("lars", "nesterov", "momentum", "adamw")
+
+
+def optimizer_name(cfg) -> str:
+    """``cfg.name``, with the old name ``sgd`` read as what it ran: ``nesterov`` or ``momentum``."""
+    if cfg.name != "sgd":
+        return cfg.name
+    name = "nesterov" if cfg.get("nesterov", True) else "momentum"
+    logging.warning(f"optim.name='sgd' is the old name of the SGD optimizers; it ran (and runs) as "
+                    f"optim.name='{name}' (optim.nesterov={bool(cfg.get('nesterov', True))}): use that name")
+    return name
+
+
 def _base_optimizer(cfg, schedule):
-    name, wd = cfg.name, cfg.weight_decay
+    name, wd = optimizer_name(cfg), cfg.weight_decay
     if name == "lars":
         return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
                           trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
                           trust_ratio_mask=decay_mask, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if name in ("sgd", "nesterov"):
+    if name in ("nesterov", "momentum"):
         return optax.chain(
             optax.add_decayed_weights(wd, mask=decay_mask),
-            optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=name == "nesterov" or cfg.nesterov))
+            optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=name == "nesterov"))
     if name == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
-    raise ValueError(f"optim.name must be lars, sgd, nesterov or adamw; got {name!r}")
+    raise ValueError(f"optim.name must be one of {', '.join(NAMES)}; got {name!r}")
 
 
 def smoothed_targets(labels, num_classes: int, label_smoothing: float = 0.0):

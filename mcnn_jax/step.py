@@ -18,7 +18,6 @@ from jax.flatten_util import ravel_pytree
 from .optim import smoothed_targets
 
 
-
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any
@@ -47,7 +46,7 @@ def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: fl
 
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
                     allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
-                    schedule: optax.Schedule | None = None, donate: bool = True):
+                    schedule: optax.Schedule | None = None):
     """Returns the jitted train step. ``allreduce`` sums a flat float32 buffer over the ``num_ranks`` ranks: the
     gradients (then divided by ``num_ranks``) and the metric sums travel in one buffer."""
 
@@ -70,7 +69,7 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
             metrics["lr"] = schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return jax.jit(train_step, donate_argnums=(0,))  # the old state's buffers are reused
 
 
 def make_eval_step(model, num_classes: int):

@@ -3,252 +3,366 @@
 ``train_and_evaluate(config, workdir)`` resumes from the latest checkpoint in ``workdir`` if there is one, runs
 the jitted train step over the reader's global batches, evaluates periodically, saves checkpoints, and
 returns (and writes to ``<workdir>/summary.json``) a summary with the time to train to the target accuracy.
+
+``setup`` builds everything a run needs (a ``Run``); ``train_and_evaluate`` is the loop over it. Store
+preparation is in ``data/prepare.py``, evaluation in ``evaluate.py``, collectives in ``distributed.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
-import numpy as np
+from absl import logging
 
 from . import optim
-from .checkpoint import Checkpointer, config_to_json, host_tree
+from .checkpoint import config_to_json, host_tree, rank_checkpointer
 from .distributed import World, init_world
+from .evaluate import Evaluator
+from .flops import mcnn_flops
 from .metrics_log import MetricsLog, Progress
 from .models import from_config, init_params
-from .step import create_state, make_eval_step, make_train_step
+from .runtime import StopRequest, setup_logging
+from .step import create_state, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss became NaN or Inf; the last good checkpoint (if any) is kept."""
 
 
-# --- data ------------------------------------------------------------------------------------------------------
-def store_path(config, workdir) -> Path:
-    return Path(config.data.store) if config.data.store else Path(workdir) / "data" / "store"
+def itstime(step: int, every: int, total: int) -> bool:
+    """True every ``every`` steps (never if ``every`` <= 0) and at the last step ``total``."""
+    return (every > 0 and step % every == 0) or step == total
 
 
-def prepare_store(config, workdir, world: World, log=print):
-    """Opens the config's store; with ``data.synthetic.enabled`` and no ``data.store``, rank 0 first generates
-    the synthetic screen into ``<workdir>/data`` (once: a complete store is reused)."""
-    from .data import open_store, prepare_synthetic_store
-    from .data.synthetic import Camera
-
-    syn = config.data.synthetic
-    if syn.enabled and not config.data.store:
-        if world.is_primary:
-            log(f"preparing the synthetic screen ({syn.num_images} images, {syn.num_classes} classes, "
-                f"{syn.height}x{syn.width}) in {Path(workdir) / 'data'}")
-            prepare_synthetic_store(Path(workdir) / "data", num_images=syn.num_images,
-                                    num_classes=syn.num_classes, height=syn.height, width=syn.width,
-                                    seed=syn.seed, camera=Camera(syn.background, syn.saturation, syn.bits))
-        world.barrier()
-    path = store_path(config, workdir)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no image store at {path}: import one first (mcnn-data bbbc021|folder|synthetic ... --out {path}) "
-            f"or set --config.data.store")
-    return open_store(path)
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # tracing + lowering + XLA compilation in this process, from JAX's monitoring events
 
 
-# --- evaluation ------------------------------------------------------------------------------------------------
-def evaluate(eval_step, params, reader, num_classes: int, world: World) -> dict:
-    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class) over the reader's pass."""
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    loss_sum = 0.0
-    for _, batch in reader.iterate():
-        metrics, pred = eval_step(params, batch)
-        mask = batch["mask"] > 0
-        np.add.at(confusion, (batch["label"][mask], np.asarray(pred)[mask]), 1)
-        loss_sum += float(metrics["loss_sum"])
-    if world.size > 1:
-        from mpi4py import MPI
-        world.comm.Allreduce(MPI.IN_PLACE, confusion, op=MPI.SUM)
-        loss_sum = world.comm.allreduce(loss_sum, op=MPI.SUM)
-    count = confusion.sum()
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
-                per_class_accuracy=per_class, confusion=confusion, count=int(count))
+def _on_duration(event: str, duration: float, **kwargs):
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
 
 
-# --- signals ---------------------------------------------------------------------------------------------------
-class StopRequest:
-    """SIGTERM / SIGINT (a cluster preempting the job, or Ctrl-C) ask the loop to checkpoint and exit; a second
-    SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
-# --- the loop --------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir, world: World | None = None) -> dict:
-    from .data import Reader, split_indices
+class Chrono:
+    """Wall time and throughput. ``compile_s`` is the time JAX spent tracing, lowering and compiling during the
+    first step this process ran (JAX's own compile events); ``images_per_s`` is the steady-state rate over the
+    steps after that first one (data wait included), so neither compilation nor warm-up lowers it."""
 
-    world = world or init_world()
-    workdir = Path(workdir).absolute()
-    if world.is_primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-    progress_log = (lambda msg: print(msg, flush=True)) if world.is_primary else (lambda msg: None)
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.t_start = time.perf_counter()  # the wall clock of the run starts before the first step
+        self.compile_s = 0.0
+        self.first_step_s = None  # the first step's wait + step time, compilation included
+        self.steps = 0
+        self.wait_s = self.step_s = 0.0  # all steps
+        self.steady_s = 0.0  # steps after the first
+        self._compiled_before = _compile_seconds[0]
 
-    store = prepare_store(config, workdir, world, progress_log)
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def record(self, wait_s: float, step_s: float):
+        self.steps += 1
+        self.wait_s += wait_s
+        self.step_s += step_s
+        if self.steps == 1:
+            self.first_step_s = wait_s + step_s
+            self.compile_s = _compile_seconds[0] - self._compiled_before
+        else:
+            self.steady_s += wait_s + step_s
+
+    @property
+    def images_per_s(self) -> float | None:
+        if self.steps > 1:
+            return (self.steps - 1) * self.global_batch / max(self.steady_s, 1e-9)
+        if self.steps:  # one step so far: its time without the compilation
+            return self.global_batch / max(self.first_step_s - self.compile_s, 1e-9)
+        return None
+
+    def summary(self) -> dict:
+        return dict(images_per_s=self.images_per_s, compile_s=self.compile_s, first_step_s=self.first_step_s,
+                    data_wait_fraction=self.wait_s / max(self.wait_s + self.step_s, 1e-9))
+
+
+class Profiler:
+    """A ``jax.profiler`` trace of the steps ``first``..``last`` (1-based, inclusive, as in metrics.jsonl) into
+    ``<workdir>/profile/rank<R>``, for TensorBoard's profile plugin or Perfetto. ``(0, 0)`` traces nothing."""
+
+    def __init__(self, steps, workdir: Path, rank: int):
+        self.first, self.last = (int(s) for s in steps)
+        self.directory = Path(workdir) / "profile" / f"rank{rank}"
+        self.active = False
+
+    def before(self, step: int):
+        if self.first > 0 and step == self.first and not self.active:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int):
+        if self.active and step >= self.last:
+            self.close()
+
+    def close(self):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info(f"wrote the profile of steps {self.first}..{self.last} to {self.directory}")
+
+
+@dataclasses.dataclass
+class Run:
+    """What ``setup`` builds: everything the loop reads or calls."""
+
+    config: Any
+    workdir: Path
+    world: World
+    store: Any
+    steps_per_epoch: int
+    start_step: int
+    total_steps: int
+    state: Any  # the initial state (donated to the first step: read start_step instead)
+    train_step: Any  # jitted (state, batch) -> (state, metrics)
+    batches: Any  # iterator of (step, batch) from the training reader, from the state's step on
+    evaluator: Evaluator
+    ckpt: Any  # Checkpointer on rank 0, NullCheckpointer elsewhere
+    log: MetricsLog
+    progress: Progress
+    profiler: Profiler
+    train_flops: float  # training FLOPs per image (forward + backward)
+    buffer_size: int  # float32 elements of the step's one allreduce (gradients + metric sums)
+
+    def meta(self, state, chrono: Chrono) -> dict:
+        return dict(config=json.loads(config_to_json(self.config)), data_position=int(state.step),
+                    ranks=self.world.size, elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
+                    class_names=list(self.store.class_names), store=str(self.store.path))
+
+
+# --- set-up ----------------------------------------------------------------------------------------------------
+def _open_data(config, workdir, world):
+    from .data import split_indices
+    from .data.prepare import prepare_store
+
+    store = prepare_store(config, workdir, world)
     train_idx, val_idx = split_indices(store, config.data)
     h, w, c = store.image_shape
     if tuple(config.model.input_shape) != (h, w, c):
         raise ValueError(f"the store {store.path} holds {h}x{w}x{c} images but config.model.input_shape is "
                          f"{tuple(config.model.input_shape)}: set --config.model.input_shape='({h}, {w}, {c})'")
-    num_classes = len(store.class_names)
-    model = from_config(config.model, num_classes=num_classes)
+    if config.train.global_batch % world.size:
+        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
+                         f"MPI ranks; choose a multiple of {world.size}")
+    return store, train_idx, val_idx
 
-    global_batch = config.train.global_batch
-    if global_batch % world.size:
-        raise ValueError(f"train.global_batch={global_batch} is not divisible by the {world.size} MPI ranks; "
-                         f"choose a multiple of {world.size}")
-    spe = optim.steps_per_epoch(len(train_idx), global_batch)
-    total_steps = config.train.max_steps or math.ceil(config.optim.epochs * spe)
-    schedule = optim.make_schedule(config.optim, spe, global_batch)
-    tx = optim.make_optimizer(config.optim, schedule)
 
-    state = create_state(init_params(model, jax.random.key(config.seed), (h, w, c)), tx, config.seed)
-    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, write=world.is_primary,
-                        read=world.is_primary)
-    start = world.bcast_object(ckpt.resolve("latest") if world.is_primary else None)
+def _initial_state(config, model, tx, image_shape, ckpt, world):
+    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks."""
+    state = create_state(init_params(model, jax.random.key(config.seed), image_shape), tx, config.seed)
+    start = world.bcast_object(ckpt.resolve("latest"))
     if start is not None:
-        if world.is_primary:
-            state, _ = ckpt.restore(start, state)
-            progress_log(f"resuming from the checkpoint of step {start} in {ckpt.directory}")
+        state, _ = ckpt.restore(start, state)  # rank 0 reads; the others get its state from the broadcast
+        logging.info(f"resuming from the checkpoint of step {start} in {ckpt.directory}")
     state = world.bcast_tree(state)  # every rank starts from rank 0's parameters ...
     world.check_same(state.params)  # ... which is checked
-    start_step = int(state.step)
+    return state
 
-    allreduce = world.allreduce_sum if world.size > 1 else None
-    train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, allreduce=allreduce,
-                                 num_ranks=world.size, schedule=schedule)
-    eval_step = make_eval_step(model, num_classes)
-    local_batch = global_batch // world.size
-    reader = Reader(store, train_idx, global_batch, rank=world.rank, num_ranks=world.size, seed=config.seed,
-                    augment=config.data.augment, train=True, prefetch=config.data.prefetch)
-    eval_reader = Reader(store, val_idx, (config.train.eval_batch or local_batch) * world.size, rank=world.rank,
-                         num_ranks=world.size, seed=config.seed, augment=None, train=False,
-                         prefetch=config.data.prefetch)
-    eval_every = max(1, round(config.train.eval_every_epochs * spe))
-    ckpt_every = config.train.checkpoint_every_steps or eval_every
 
-    log = MetricsLog(workdir, enabled=world.is_primary)
-    progress = Progress(total_steps, start_step, config.train.progress, config.train.log_every_steps,
-                        enabled=world.is_primary)
+def _readers(config, store, train_idx, val_idx, world, stack):
+    from .data import Reader
+
+    gb, local = config.train.global_batch, config.train.global_batch // world.size
+    reader = stack.enter_context(contextlib.closing(Reader(
+        store, train_idx, gb, rank=world.rank, num_ranks=world.size, seed=config.seed,
+        augment=config.data.augment, train=True, prefetch=config.data.prefetch)))
+    eval_reader = stack.enter_context(contextlib.closing(Reader(
+        store, val_idx, (config.train.eval_batch or local) * world.size, rank=world.rank, num_ranks=world.size,
+        seed=config.seed, augment=None, train=False, prefetch=config.data.prefetch)))
+    return reader, eval_reader
+
+
+def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
+    """Builds a run; every resource it opens is closed by ``stack``."""
+    store, train_idx, val_idx = _open_data(config, workdir, world)
+    image_shape, num_classes = store.image_shape, len(store.class_names)
+    model = from_config(config.model, num_classes=num_classes)
+    gb = config.train.global_batch
+    spe = optim.steps_per_epoch(len(train_idx), gb)
+    total_steps = config.train.max_steps or math.ceil(config.optim.epochs * spe)
+    schedule = optim.make_schedule(config.optim, spe, gb)
+    tx = optim.make_optimizer(config.optim, schedule)
+    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints)))
+    state = _initial_state(config, model, tx, image_shape, ckpt, world)
+    train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
+                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule)
+    reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
+    log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
+    progress = stack.enter_context(contextlib.closing(Progress(
+        total_steps, int(state.step), mode=config.train.progress, every=config.train.log_every_steps,
+        enabled=world.is_primary)))
+    profiler = stack.enter_context(contextlib.closing(Profiler(config.train.profile_steps, workdir, world.rank)))
+    run = Run(config=config, workdir=workdir, world=world, store=store, steps_per_epoch=spe,
+              start_step=int(state.step), total_steps=total_steps, state=state, train_step=train_step,
+              batches=reader.iterate(start_step=int(state.step)),
+              evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
+              progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
+              buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3)
+    h, w, c = image_shape
     if world.is_primary:
         (workdir / "config.json").write_text(config_to_json(config))
-        progress.log(f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
-                     f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {local_batch} images = global "
-                     f"batch {global_batch}; {spe} steps/epoch; training steps {start_step}..{total_steps}")
-    summary = dict(start_step=start_step, total_steps=total_steps, ranks=world.size, global_batch=global_batch)
-    stop = StopRequest()
-    t_first = time.perf_counter()
-    time_wait = time_step = 0.0
-    reached = None
-    best = None
-    step = start_step
-    last_eval = None
+    logging.info(f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
+                 f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {gb // world.size} images = "
+                 f"global batch {gb}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
+    return run
 
-    def meta():
-        return dict(config=json.loads(config_to_json(config)), data_position=int(state.step),
-                    ranks=world.size, elapsed=time.perf_counter() - t_first, num_classes=num_classes,
-                    class_names=list(store.class_names), store=str(store.path))
 
-    try:
-        batches = reader.iterate(start_step=start_step)
-        while step < total_steps:
-            t0 = time.perf_counter()
-            _, batch = next(batches)
-            t1 = time.perf_counter()
-            state, metrics = train_step(state, batch)
-            m = jax.device_get(metrics)
-            t2 = time.perf_counter()
-            time_wait += t1 - t0
-            time_step += t2 - t1
-            step += 1
-            loss = float(m["loss_sum"] / max(m["count"], 1))
-            if not math.isfinite(loss):
-                ckpt.wait()
-                last = ckpt.resolve("latest") if world.is_primary else None
-                raise TrainingDiverged(
-                    f"the training loss became {loss} at step {step}: stopping. The last good checkpoint "
-                    f"(step {last}) is kept in {ckpt.directory}; lower optim.base_lr or set optim.grad_clip, "
-                    f"then rerun to resume from it.")
-            train_acc = float(m["correct"] / max(m["count"], 1))
-            ips = global_batch / max(t2 - t0, 1e-9)
-            if world.is_primary and (step % config.train.log_every_steps == 0 or step == total_steps):
-                log.write("train", step, loss=loss, accuracy=train_acc, lr=float(m["lr"]),
-                          grad_norm=float(m["grad_norm"]), images_per_s=ips, epoch=step / spe,
-                          data_wait_s=t1 - t0, step_s=t2 - t1, wall=time.perf_counter() - t_first)
-            progress.update(step, ips, loss=loss, acc=train_acc, lr=float(m["lr"]))
+# --- the loop --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Outcome:
+    """What the loop found out: how far it got, the evaluations, and why it stopped."""
 
-            val_acc = None
-            if step % eval_every == 0 or step == total_steps:
-                ev = evaluate(eval_step, state.params, eval_reader, num_classes, world)
-                val_acc = float(ev["accuracy"])
-                last_eval = ev
-                wall = time.perf_counter() - t_first
-                log.write("val", step, loss=ev["loss"], accuracy=val_acc, epoch=step / spe, wall=wall,
-                          per_class_accuracy=ev["per_class_accuracy"], confusion=ev["confusion"],
-                          class_names=store.class_names)
-                progress.log(f"step {step} (epoch {step / spe:.2f}): validation accuracy {val_acc:.4f}, "
-                             f"loss {ev['loss']:.4f} on {ev['count']} images")
-                best = val_acc if best is None else max(best, val_acc)
-                if config.train.target_accuracy and val_acc >= config.train.target_accuracy and reached is None:
-                    reached = dict(step=step, wall_s=wall, accuracy=val_acc)
-                    progress.log(f"target accuracy {config.train.target_accuracy} reached at step {step}: "
-                                 f"time to train {wall:.1f} s")
-            preempted = world.allreduce_max(stop.signum) > 0
-            if val_acc is not None or step % ckpt_every == 0 or preempted or reached or step == total_steps:
-                ckpt.save(state, meta(), val_accuracy=val_acc, wait=preempted)
-            if preempted:
-                progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command "
-                             f"to resume")
-                summary["preempted_at_step"] = step
-                break
-            if reached:
-                break
-    finally:
-        stop.restore()
-        reader.close()
-        eval_reader.close()
-        ckpt.close()
-        progress.close()
-        log.close()
+    step: int
+    best: float | None = None
+    last_eval: dict | None = None
+    reached: dict | None = None  # step, wall_s, accuracy when the target accuracy was reached
+    preempted_at: int | None = None
 
-    wall = time.perf_counter() - t_first
-    steps_run = step - start_step
+
+def _run_step(run: Run, state, chrono: Chrono, step: int):
+    """Fetches the next global batch and runs the train step on it; returns the state, metrics and times."""
+    t0 = time.perf_counter()
+    _, batch = next(run.batches)
+    t1 = time.perf_counter()
+    run.profiler.before(step)
+    state, metrics = run.train_step(state, batch)  # compiled at the first call
+    m = jax.device_get(metrics)
+    t2 = time.perf_counter()
+    run.profiler.after(step)
+    chrono.record(t1 - t0, t2 - t1)
+    if chrono.steps == 1:
+        logging.info(f"the first step took {t2 - t1:.1f} s, {chrono.compile_s:.1f} s of it compiling")
+    return state, m, t1 - t0, t2 - t1
+
+
+def _diverged(run: Run, step: int, loss: float) -> TrainingDiverged:
+    run.ckpt.wait()
+    last = run.world.bcast_object(run.ckpt.resolve("latest"))
+    kept, then = ((f"The last good checkpoint (step {last}) is kept in {run.ckpt.directory}", "to resume from it")
+                  if last is not None else
+                  (f"No checkpoint exists yet (the first would have been saved at step {_first_save(run)}), so "
+                   f"nothing is kept", "to start again from step 0"))
+    return TrainingDiverged(
+        f"the training loss became {loss} at step {step}: stopping. {kept}. Lower the learning rate "
+        f"(optim.base_lr, optim.warmup_init_lr), lengthen the warmup (optim.warmup_epochs) or clip the "
+        f"gradients (optim.grad_clip), then rerun the same command {then}.")
+
+
+def _first_save(run: Run) -> int:
+    return min(run.start_step + (run.config.train.checkpoint_every_steps or _eval_every(run)), run.total_steps)
+
+
+def _eval_every(run: Run) -> int:
+    return max(1, round(run.config.train.eval_every_epochs * run.steps_per_epoch))
+
+
+def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step_s: float):
+    """The step's metrics into metrics.jsonl / TensorBoard, and the progress line."""
+    loss, acc = float(m["loss_sum"] / max(m["count"], 1)), float(m["correct"] / max(m["count"], 1))
+    gb = run.config.train.global_batch
+    if itstime(step, run.config.train.log_every_steps, run.total_steps):
+        extra = {}
+        if run.world.size > 1:  # collective: every rank measures at the same steps
+            extra["allreduce_s"] = run.world.time_allreduce(run.buffer_size)
+        run.log.write("train", step, loss=loss, accuracy=acc, lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
+                      images_per_s=gb / max(wait_s + step_s, 1e-9), epoch=step / run.steps_per_epoch,
+                      data_wait_s=wait_s, step_s=step_s, wall=chrono.elapsed(),
+                      gflop_per_s=run.train_flops * gb / max(step_s, 1e-9) / 1e9, **extra)
+    run.progress.set(step, loss=loss, acc=acc, lr=float(m["lr"]), **{"img/s": chrono.images_per_s})
+
+
+def _evaluate(run: Run, state, step: int, chrono: Chrono, out: Outcome) -> float:
+    ev = out.last_eval = run.evaluator.run(state.params)
+    val_acc, wall = float(ev["accuracy"]), chrono.elapsed()
+    run.log.write("val", step, loss=ev["loss"], accuracy=val_acc, epoch=step / run.steps_per_epoch, wall=wall,
+                  per_class_accuracy=ev["per_class_accuracy"], confusion=ev["confusion"],
+                  class_names=run.store.class_names)
+    run.progress.log(f"step {step} (epoch {step / run.steps_per_epoch:.2f}): validation accuracy {val_acc:.4f}, "
+                     f"loss {ev['loss']:.4f} on {ev['count']} images")
+    out.best = val_acc if out.best is None else max(out.best, val_acc)
+    target = run.config.train.target_accuracy
+    if target and val_acc >= target and out.reached is None:
+        out.reached = dict(step=step, wall_s=wall, accuracy=val_acc)
+        run.progress.log(f"target accuracy {target} reached at step {step}: time to train {wall:.1f} s")
+    return val_acc
+
+
+def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
+    state, out = run.state, Outcome(step=run.start_step)
+    ckpt_every = run.config.train.checkpoint_every_steps or _eval_every(run)
+    while out.step < run.total_steps:
+        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1)
+        step = out.step = out.step + 1
+        loss = float(m["loss_sum"] / max(m["count"], 1))
+        if not math.isfinite(loss):
+            raise _diverged(run, step, loss)
+        _log_train(run, step, m, chrono, wait_s, step_s)
+        val_acc = _evaluate(run, state, step, chrono, out) if itstime(step, _eval_every(run), run.total_steps) else None
+        preempted = run.world.allreduce_max(stop.signum) > 0
+        if val_acc is not None or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
+            run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
+        if preempted:
+            run.progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command to "
+                             f"resume")
+            out.preempted_at = step
+        if preempted or out.reached:
+            break
+    return state, out
+
+
+def _summary(run: Run, out: Outcome, chrono: Chrono) -> dict:
+    summary = dict(start_step=run.start_step, total_steps=run.total_steps, ranks=run.world.size,
+                   global_batch=run.config.train.global_batch)
+    if out.preempted_at is not None:
+        summary["preempted_at_step"] = out.preempted_at
     summary.update(
-        final_step=step, wall_s=wall, steps_run=steps_run,
-        images_per_s=steps_run * global_batch / max(time_wait + time_step, 1e-9),
-        data_wait_fraction=time_wait / max(time_wait + time_step, 1e-9),
-        best_val_accuracy=best, target_accuracy=config.train.target_accuracy or None,
-        time_to_target_s=reached and reached["wall_s"], target_reached_at_step=reached and reached["step"],
-        final_val_accuracy=None if last_eval is None else float(last_eval["accuracy"]),
-        class_names=store.class_names)
+        final_step=out.step, wall_s=chrono.elapsed(), steps_run=out.step - run.start_step, **chrono.summary(),
+        best_val_accuracy=out.best, target_accuracy=run.config.train.target_accuracy or None,
+        time_to_target_s=out.reached and out.reached["wall_s"],
+        target_reached_at_step=out.reached and out.reached["step"],
+        final_val_accuracy=None if out.last_eval is None else float(out.last_eval["accuracy"]),
+        class_names=run.store.class_names)
+    return summary
+
+
+def train_and_evaluate(config, workdir, world: World | None = None) -> dict:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the summary (with the final params)."""
+    world = world or init_world()
+    workdir = Path(workdir).absolute()
+    if world.is_primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+    setup_logging(workdir, world.rank, world.size)
+    logging.info(f"rank {world.rank}/{world.size}: pid {os.getpid()} on {os.uname().nodename}")
+    with contextlib.ExitStack() as stack:
+        run = setup(config, workdir, world, stack)
+        stop = stack.enter_context(StopRequest())
+        chrono = Chrono(config.train.global_batch)
+        state, out = _loop(run, stop, chrono)
+        summary = _summary(run, out, chrono)
+    summary["wall_s"] = chrono.elapsed()
     if world.is_primary:
         tmp = workdir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, workdir / "summary.json")
-        progress.log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "class_names"}))
+        run.progress.log("summary: " + json.dumps({k: v for k, v in summary.items() if k != "class_names"}))
     summary["params"] = host_tree(state.params)
     return summary

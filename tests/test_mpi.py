@@ -121,3 +121,15 @@ def test_a_killed_rank_stops_the_whole_job(store, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_allreduce_time_gflops_and_per_rank_logs(store, tmp_path):
+    """Under 2 ranks: metrics.jsonl has the separately timed allreduce and GFLOP/s; each rank has its log."""
+    train(tmp_path, store, 2, "train.max_steps=2")
+    train_records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                     if '"train"' in x]
+    assert [r["step"] for r in train_records] == [1, 2]
+    assert all(0 < r["allreduce_s"] < r["step_s"] + 1.0 and r["gflop_per_s"] > 0 for r in train_records)
+    for rank in (0, 1):
+        log = (tmp_path / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}/2" in log and "global batch 8" in log

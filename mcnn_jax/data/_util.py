@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -85,42 +83,18 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
 
 
 
-class _LogCounter:
-    """tqdm's ``update`` / ``close`` as a plain log line at every tenth of the work (for logs and batch jobs)."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n = total, desc, 0
-        self.t0 = time.perf_counter()
-        self.marks = {max(1, round(total * k / 10)) for k in range(1, 11)} if total else set()
-
-    def update(self, k: int = 1):
-        for _ in range(k):
-            self.n += 1
-            if self.n in self.marks:
-                print(f"{self.desc}: {self.n}/{self.total} images ({time.perf_counter() - self.t0:.0f} s)",
-                      file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
 def progress_counter(total: int, desc: str):
-    """A tqdm bar on an interactive terminal, plain log lines otherwise; call ``update(n)`` and ``close()``."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="img", mininterval=1.0)
-    return _LogCounter(total, desc)
+    """A ``metrics_log.Progress`` over ``total`` images: call ``update(n)`` and ``close()``."""
+    from ..metrics_log import Progress
+    from ..runtime import ensure_terminal_logging
+    ensure_terminal_logging()
+    return Progress(total, desc=desc, unit="image")
 
 
 def progress(it, total: int, desc: str, enabled: bool = True):
     """Iterates ``it`` with progress shown as ``progress_counter`` does (nothing when not ``enabled``)."""
-    if not enabled:
-        yield from it
-        return
-    counter = progress_counter(total, desc)
-    try:
-        for item in it:
-            yield item
-            counter.update(1)
-    finally:
-        counter.close()
+    from ..metrics_log import track
+    from ..runtime import ensure_terminal_logging
+    if enabled:
+        ensure_terminal_logging()
+    yield from track(it, total, desc, enabled)
