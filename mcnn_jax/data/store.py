@@ -72,9 +72,14 @@ def is_complete(path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def float_scale(dtype) -> np.float32:
+    """The factor mapping a stored integer dtype's range to [0, 1]: 1 / its maximum (255 or 65535)."""
+    return np.float32(1.0 / np.iinfo(dtype).max)
+
+
 def to_float(images: np.ndarray) -> np.ndarray:
-    """Maps a stored integer image to float32 in [0, 1]: divides by the dtype's maximum (255 or 65535)."""
-    return images.astype(np.float32) * np.float32(1.0 / np.iinfo(images.dtype).max)
+    """Maps a stored integer image to float32 in [0, 1]: multiplies by ``float_scale`` of its dtype."""
+    return images.astype(np.float32) * float_scale(images.dtype)
 
 
 def _spec(path: Path, shape=None, dtype: str | None = None, codec: str | None = None) -> dict:
