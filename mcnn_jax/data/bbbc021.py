@@ -141,6 +141,57 @@ def load_image(images_dir: Path, row: Row, shape=None, dtype=None, csv_name: str
     return np.stack(planes, axis=-1)
 
 
+@dataclass
+class FolderCheck:
+    """What ``check_folder`` found: the plate folders the kept images need and the files that are absent."""
+
+    images_dir: Path
+    num_images: int  # images with a mechanism of action (the ones the import reads)
+    plates: dict[str, int]  # plate folder (Image_PathName_*) -> number of its files the import needs
+    missing_plates: list[str]  # plate folders that do not exist under images_dir
+    missing_files: list[tuple[int, str, str]]  # (CSV row, channel, relative path) in present plate folders
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_plates and not self.missing_files
+
+    def summary(self, limit: int = 10) -> str:
+        present = len(self.plates) - len(self.missing_plates)
+        lines = [f"{self.num_images} images with a mechanism of action, in {len(self.plates)} plate folders; "
+                 f"{present} of them present under {self.images_dir}"]
+        if self.missing_plates:
+            lines.append(f"missing plate folders ({len(self.missing_plates)}; unpack each "
+                         f"BBBC021_v1_images_<plate>.zip into {self.images_dir}/<week>/): "
+                         + ", ".join(self.missing_plates))
+        if self.missing_files:
+            lines.append(f"missing files in present plate folders: {len(self.missing_files)}")
+            lines += [f"  row {r} ({ch}): {self.images_dir / rel}" for r, ch, rel in self.missing_files[:limit]]
+            if len(self.missing_files) > limit:
+                lines.append(f"  ... and {len(self.missing_files) - limit} more")
+        lines.append("ready to import" if self.ok else "not ready: the import would stop at the first missing file")
+        return "\n".join(lines)
+
+
+def _folder(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] if "/" in rel else "."
+
+
+def check_folder(metadata_dir, images_dir) -> FolderCheck:
+    """Checks a downloaded BBBC021 folder against the CSVs (file existence only, no pixel is read)."""
+    images_dir = Path(images_dir)
+    rows = read_metadata(metadata_dir)
+    plates: dict[str, int] = {}
+    for r in rows:
+        for rel in r.files:
+            plates[_folder(rel)] = plates.get(_folder(rel), 0) + 1
+    missing_plates = sorted(p for p in plates if not (images_dir / p).is_dir())
+    absent = set(missing_plates)
+    missing_files = [(r.line, ch, rel) for r in rows for ch, rel in zip(CHANNELS, r.files)
+                     if _folder(rel) not in absent
+                     and not (images_dir / rel).is_file()]
+    return FolderCheck(images_dir, len(rows), dict(sorted(plates.items())), missing_plates, missing_files)
+
+
 def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", illumination: bool = False,
                    percentiles: tuple[float, float] = (0.1, 99.9), dtype: str | None = None,
                    codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,

@@ -1,6 +1,7 @@
 """``mcnn-data``: build and inspect image stores.
 
     mcnn-data bbbc021   --metadata DIR --images DIR --out STORE [--scaling plate|image|none] [--illumination]
+    mcnn-data bbbc021   --metadata DIR --images DIR --check      # which plate folders / files are missing
     mcnn-data folder    --images DIR --out STORE
     mcnn-data synthetic --out DIR [--images N] [--classes K] [--height H] [--width W] [--seed S] [--store STORE]
     mcnn-data info      STORE
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv")
     p.add_argument("--images", required=True, type=Path,
                    help="folder holding the plate folders (Image_PathName_* is relative to it)")
-    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    p.add_argument("--out", type=Path, help="the store directory to write (required unless --check)")
+    p.add_argument("--check", action="store_true",
+                   help="only check the downloaded folder against the CSVs (which plate folders are present, "
+                        "which files are missing; no pixel is read) and exit 1 if the import would fail")
     _bbbc021_options(p)
     _add_store_options(p)
 
@@ -115,7 +119,13 @@ def main(argv=None) -> int:
             print(describe(args.store))
             return 0
         if args.command == "bbbc021":
-            from .bbbc021 import import_bbbc021
+            from .bbbc021 import check_folder, import_bbbc021
+            if args.check:
+                report = check_folder(args.metadata, args.images)
+                print(report.summary())
+                return 0 if report.ok else 1
+            if args.out is None:
+                raise ValueError("bbbc021: --out STORE is required (or --check to only check the folder)")
             out = import_bbbc021(args.metadata, args.images, args.out, scaling=args.scaling,
                                  percentiles=tuple(args.percentiles), illumination=args.illumination,
                                  dtype=args.dtype, codec=args.codec, overwrite=args.overwrite,

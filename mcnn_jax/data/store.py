@@ -166,11 +166,17 @@ class Store:
 
 
 def open_store(path) -> Store:
-    """Opens a complete store; raises IncompleteStoreError for an unfinished import, StoreError otherwise."""
+    """Opens a complete store; raises IncompleteStoreError for an unfinished import (the store's files are there
+    but not its COMPLETE marker), StoreError otherwise (no store here at all, or a damaged one)."""
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"no image store at {path}: the directory does not exist (create one with mcnn-data)")
     if not is_complete(path):
+        if not any((path / name).exists() for name in (ARRAY_DIR, IMPORT, INFO, LABELS)):
+            raise StoreError(
+                f"{path} is not an image store: it holds none of a store's files ({ARRAY_DIR}, {IMPORT}, "
+                f"{INFO}); create one with mcnn-data (bbbc021 | folder | manifest | ome-zarr | synthetic ... "
+                f"--out {path}), or give the path of an existing store")
         raise IncompleteStoreError(
             f"the image store at {path} is incomplete (no {MARKER} marker): its import was interrupted or is "
             f"still running; rerun the import (mcnn-data ... --out {path}) to finish it")
