@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import numpy as np
 import tifffile
 
 from . import intensity
-from ._util import progress as progress_bar
-from ._util import progress_counter, read_csv
+from ._util import read_csv
+from .pipeline import write_images
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
@@ -213,72 +212,13 @@ def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", ill
     shape, src_dtype = first.shape[:2], first.dtype
     out_dtype = np.dtype(dtype or src_dtype)
     class_names = sorted({r.moa for r in rows})
-    plates = sorted({r.plate for r in rows})
     digest = hashlib.sha256("\n".join(f"{r.line}|{'|'.join(r.files)}|{r.moa}" for r in rows).encode()).hexdigest()
     fingerprint = dict(kind="bbbc021", rows=digest, scaling=scaling, illumination=bool(illumination),
                        percentiles=list(percentiles), images_dir=str(images_dir.resolve()))
     writer = StoreWriter(out, len(rows), (*shape, 3), out_dtype.name, codec, fingerprint, overwrite)
-
-    def load(r):
-        return load_image(images_dir, r, shape, src_dtype, csv_name)
-
-    # --- pass 1 (per plate): illumination fields and plate percentiles -----------------------------------
-    fields_small: dict[str, np.ndarray] = {}
-    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    stats_file = out / "illumination.npz"
-    if scaling == "plate" or illumination:
-        if writer.resumed and stats_file.is_file():
-            z = np.load(stats_file)
-            for i, p in enumerate(plates):
-                if illumination:
-                    fields_small[p] = z["fields"][i]
-                if scaling == "plate":
-                    ranges[p] = (z["lo"][i], z["hi"][i])
-        else:
-            by_plate: dict[str, list[Row]] = {p: [] for p in plates}
-            for r in rows:
-                by_plate[r.plate].append(r)
-            bar = progress_counter(len(rows), "import: plate statistics") if progress else None
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                for p in plates:
-                    total = np.zeros((*shape, 3), np.float64)
-                    samples = []
-                    for img in pool.map(load, by_plate[p]):
-                        total += img
-                        samples.append(img[::intensity.SUBSAMPLE, ::intensity.SUBSAMPLE])
-                        if bar is not None:
-                            bar.update(1)
-                    samples = np.stack(samples).astype(np.float32)
-                    if illumination:
-                        fields_small[p] = intensity.illumination_field_small(total / len(by_plate[p]))
-                        full = intensity.expand_field(fields_small[p], *shape)
-                        samples /= full[::intensity.SUBSAMPLE, ::intensity.SUBSAMPLE]
-                    if scaling == "plate":
-                        ranges[p] = intensity.robust_range(samples, *percentiles)
-            if bar is not None:
-                bar.close()
-            np.savez(stats_file, plates=np.array(plates),
-                     fields=np.stack([fields_small[p] for p in plates]) if illumination else np.zeros(0),
-                     lo=np.stack([ranges[p][0] for p in plates]) if scaling == "plate" else np.zeros(0),
-                     hi=np.stack([ranges[p][1] for p in plates]) if scaling == "plate" else np.zeros(0))
-
-    # --- pass 2: process and write -------------------------------------------------------------------------
-    full_fields: dict[str, np.ndarray] = {}
-
-    def work(i):
-        r = rows[i]
-        field = None
-        if illumination:
-            if r.plate not in full_fields:
-                full_fields[r.plate] = intensity.expand_field(fields_small[r.plate], *shape)
-            field = full_fields[r.plate]
-        lo, hi = ranges.get(r.plate, (None, None))
-        return i, intensity.process(load(r), field, scaling, lo, hi, out_dtype, percentiles)
-
-    todo = [i for i in range(len(rows)) if not writer.done(i)]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in progress_bar(pool.map(work, todo), len(todo), f"import: writing {out.name}", progress):
-            writer.write(i, img)
+    write_images(writer, [r.plate for r in rows],
+                 lambda i: load_image(images_dir, rows[i], shape, src_dtype, csv_name), scaling=scaling, illumination=illumination, percentiles=percentiles, workers=workers,
+                 progress=progress)
     labels = [class_names.index(r.moa) for r in rows]
     metadata = dict(
         **{"class": [r.moa for r in rows]}, compound=[r.compound for r in rows],

@@ -276,6 +276,15 @@ class StoreWriter:
         while self._pending:
             self._pending.pop(0).result()
 
+    def drain(self) -> None:
+        """Waits for the queued writes, ignoring their errors: call it when an import stops on an error, so no
+        write is still running when the store is reopened (or deleted) by a rerun."""
+        while self._pending:
+            try:
+                self._pending.pop(0).result()
+            except Exception:  # noqa: BLE001 - the import is failing already; its own error is the one to report
+                pass
+
     def finish(self, labels: Sequence[int], class_names: Sequence[str], metadata: dict[str, list],
                channels: Sequence[str], info: dict | None = None) -> Path:
         """Writes labels, metadata and store.json, checks that every image is on disk, then the marker."""
