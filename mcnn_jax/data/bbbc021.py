@@ -217,8 +217,8 @@ def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", ill
                        percentiles=list(percentiles), images_dir=str(images_dir.resolve()))
     writer = StoreWriter(out, len(rows), (*shape, 3), out_dtype.name, codec, fingerprint, overwrite)
     write_images(writer, [r.plate for r in rows],
-                 lambda i: load_image(images_dir, rows[i], shape, src_dtype, csv_name), scaling=scaling, illumination=illumination, percentiles=percentiles, workers=workers,
-                 progress=progress)
+                 lambda i: load_image(images_dir, rows[i], shape, src_dtype, csv_name), scaling=scaling,
+                 illumination=illumination, percentiles=percentiles, workers=workers, progress=progress)
     labels = [class_names.index(r.moa) for r in rows]
     metadata = dict(
         **{"class": [r.moa for r in rows]}, compound=[r.compound for r in rows],

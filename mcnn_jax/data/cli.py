@@ -58,27 +58,8 @@ def _label_options(p: argparse.ArgumentParser, table_help: str) -> None:
                    help="the plane of a Z stack or time series to import (e.g. --plane Z=3)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mcnn-data", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="A store is complete only once its COMPLETE marker is written; rerun an "
-                                        "interrupted import with the same arguments to finish it.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("bbbc021", help="import BBBC021 (Broad CSVs + plate folders of 16-bit TIFFs)",
-                       description="Import BBBC021 into a store: channels stacked DAPI, tubulin, actin; only "
-                                   "images whose (compound, concentration) has a mechanism of action are kept.")
-    p.add_argument("--metadata", required=True, type=Path,
-                   help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv")
-    p.add_argument("--images", required=True, type=Path,
-                   help="folder holding the plate folders (Image_PathName_* is relative to it)")
-    p.add_argument("--out", type=Path, help="the store directory to write (required unless --check)")
-    p.add_argument("--check", action="store_true",
-                   help="only check the downloaded folder against the CSVs (which plate folders are present, "
-                        "which files are missing; no pixel is read) and exit 1 if the import would fail")
-    _intensity_options(p)
-    _add_store_options(p)
-
+def _screen_parsers(sub) -> None:
+    """The parsers of the manifest and OME-Zarr importers."""
     p = sub.add_parser("manifest", help="import a screen described by a table (one row per field)",
                        description="Import the fields listed in a CSV (Metadata_Plate, Metadata_Well, "
                                    "Metadata_Site, other Metadata_* columns, one path column per channel, a label; "
@@ -108,13 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     _intensity_options(p)
     _add_store_options(p)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mcnn-data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="A store is complete only once its COMPLETE marker is written; rerun an "
+                                        "interrupted import with the same arguments to finish it.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("bbbc021", help="import BBBC021 (Broad CSVs + plate folders of 16-bit TIFFs)",
+                       description="Import BBBC021 into a store: channels stacked DAPI, tubulin, actin; only "
+                                   "images whose (compound, concentration) has a mechanism of action are kept.")
+    p.add_argument("--metadata", required=True, type=Path,
+                   help="folder with BBBC021_v1_image.csv and BBBC021_v1_moa.csv")
+    p.add_argument("--images", required=True, type=Path,
+                   help="folder holding the plate folders (Image_PathName_* is relative to it)")
+    p.add_argument("--out", type=Path, help="the store directory to write (required unless --check)")
+    p.add_argument("--check", action="store_true",
+                   help="only check the downloaded folder against the CSVs (which plate folders are present, "
+                        "which files are missing; no pixel is read) and exit 1 if the import would fail")
+    _intensity_options(p)
+    _add_store_options(p)
+
+    _screen_parsers(sub)
+
     p = sub.add_parser("folder", help="import one sub-folder per class of TIFF / PNG / JPEG images",
                        description="Import DIR/<class>/<image> into a store (pixel values kept).")
     p.add_argument("--images", required=True, type=Path, help="folder with one sub-folder per class")
     p.add_argument("--out", required=True, type=Path, help="the store directory to write")
     _add_store_options(p)
 
-    p = sub.add_parser("synthetic", help="generate a synthetic screen (BBBC021 layout or Cell Painting) and import it",
+    p = sub.add_parser("synthetic", help="generate a synthetic screen (BBBC021 layout or Cell Painting), import it",
                        description="Write a deterministic synthetic high-content screen to --out (TIFFs + BBBC021 "
                                    "CSVs, or with --channels 5 TIFFs + manifest.csv); with --store, also import it.")
     p.add_argument("--out", required=True, type=Path, help="folder for the screen (plate folders + CSVs)")
