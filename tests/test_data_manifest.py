@@ -191,3 +191,12 @@ def test_tiny_five_channel_training_run(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["split"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_center_crop(screen, tmp_path):
+    root, _, _, pixels = screen
+    s = open_store(manifest(root, tmp_path / "store", crop=(8, 12)))
+    assert s.image_shape == (8, 12, 5)
+    np.testing.assert_array_equal(s.read(range(8)), pixels[:, 4:12, 4:16])
+    with pytest.raises(ImportDataError, match=r"index.csv row 2 is 16x20, smaller than the crop 32x32"):
+        manifest(root, tmp_path / "s2", crop=(32, 32))

@@ -42,8 +42,9 @@ def test_plate_roundtrip_both_versions(tmp_path, version):
 
 def test_without_labels_and_bad_inputs(tmp_path):
     plate = write_plate(tmp_path / "p.zarr", WELLS, "0.5", CH)
-    s = open_store(import_ome_zarr(plate, tmp_path / "s", progress=False))
-    assert s.class_names == ["unlabelled"] and s.num_images == 3
+    s = open_store(import_ome_zarr(plate, tmp_path / "s", crop=(16, 16), scaling="none", progress=False))
+    assert s.class_names == ["unlabelled"] and s.num_images == 3 and s.image_shape == (16, 16, 5)
+    np.testing.assert_array_equal(s.read([2])[0], np.moveaxis(WELLS["C/10"][0], 0, -1)[4:20, 8:24])
     with pytest.raises(ImportDataError, match=r"level 1 does not exist \(the image has 1 levels\)"):
         read_plate(plate, level=1)
     with open(tmp_path / "labels.csv", "w", newline="") as f:

@@ -56,6 +56,9 @@ def _label_options(p: argparse.ArgumentParser, table_help: str) -> None:
                                                                   "an error naming them)")
     p.add_argument("--plane", type=_plane, action="append", default=[], metavar="AXIS=K",
                    help="the plane of a Z stack or time series to import (e.g. --plane Z=3)")
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="keep the central H x W of every field (the M-CNN takes sides that are multiples of 128: "
+                        "--crop 1024 1024 for 1080x1080 Cell Painting fields)")
 
 
 def _screen_parsers(sub) -> None:
@@ -191,15 +194,15 @@ def _manifest(args):
     from .manifest import import_manifest
     return import_manifest(args.index, args.out, channels=args.channels, label=args.label,
                            label_table=args.label_table, table_keys=args.table_keys, table_class=args.table_class,
-                           drop_unlabelled=args.drop_unlabelled, planes=dict(args.plane), **_intensity(args),
-                           **_store(args))
+                           drop_unlabelled=args.drop_unlabelled, planes=dict(args.plane), crop=args.crop,
+                           **_intensity(args), **_store(args))
 
 
 def _ome_zarr(args):
     from .omezarr import import_ome_zarr
     return import_ome_zarr(args.plate, args.out, level=args.level, labels=args.labels, label=args.label,
-                           drop_unlabelled=args.drop_unlabelled, planes=dict(args.plane), **_intensity(args),
-                           **_store(args))
+                           drop_unlabelled=args.drop_unlabelled, planes=dict(args.plane), crop=args.crop,
+                           **_intensity(args), **_store(args))
 
 
 def _folder(args):

@@ -55,6 +55,18 @@ def to_yxc(a: np.ndarray, axes: str, where: str, planes: Mapping[str, int] | Non
     return a if a.ndim == 3 else a[..., None]
 
 
+def center_crop(a: np.ndarray, size, where: str) -> np.ndarray:
+    """The central ``size`` = (h, w) of an [H, W, C] image (``a`` itself when ``size`` is None), e.g. 1024x1024
+    of a 1080x1080 Cell Painting field, as the M-CNN takes sides that are multiples of 128."""
+    if size is None:
+        return a
+    h, w = int(size[0]), int(size[1])
+    if a.shape[0] < h or a.shape[1] < w:
+        raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]}, smaller than the crop {h}x{w}")
+    y0, x0 = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
+    return a[y0:y0 + h, x0:x0 + w]
+
+
 def check_dtype(a: np.ndarray, where: str) -> np.ndarray:
     if a.dtype not in DTYPES:
         raise ImportDataError(f"{where}: dtype {a.dtype}; only uint8 and uint16 images are supported")

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ._util import read_csv
-from .images import read_image
+from .images import center_crop, read_image
 from .pipeline import write_images
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
@@ -148,8 +148,9 @@ def read_manifest(index, channels: Sequence[str] | None = None, label: str | Seq
     return [ch for ch, _, _ in cols], fields
 
 
-def load_field(f: Field, channels: Sequence[str], index: Path, planes=None, like=None) -> np.ndarray:
-    """Reads a field's channel files -> [H, W, C]; ``like`` = (shape, dtype, channels per file) of the first."""
+def load_field(f: Field, channels: Sequence[str], index: Path, planes=None, like=None, crop=None) -> np.ndarray:
+    """Reads a field's channel files -> [H, W, C]; ``like`` = (shape, dtype, channels per file) of the first;
+    ``crop`` = (h, w): the central part only."""
     parts = []
     for ch, path in zip(channels, f.files):
         where = f"{path} ({index} row {f.line}, {ch} channel)"
@@ -163,7 +164,7 @@ def load_field(f: Field, channels: Sequence[str], index: Path, planes=None, like
             raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]} {a.dtype}, its row's first channel "
                                   f"{parts[0].shape[0]}x{parts[0].shape[1]} {parts[0].dtype}")
         parts.append(a)
-    return np.concatenate(parts, axis=-1)
+    return center_crop(np.concatenate(parts, axis=-1), crop, f"{index} row {f.line}")
 
 
 def _store_metadata(fields: Sequence[Field], class_names, index: Path) -> dict:
@@ -185,11 +186,12 @@ def _store_metadata(fields: Sequence[Field], class_names, index: Path) -> dict:
 
 def import_manifest(index, out, *, channels: Sequence[str] | None = None, label=None, label_table=None,
                     table_keys: Sequence[str] | None = None, table_class: str = "class",
-                    drop_unlabelled: bool = False, planes: Mapping[str, int] | None = None, scaling: str = "plate",
-                    illumination: bool = False, percentiles=(0.1, 99.9), dtype: str | None = None,
-                    codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2, progress: bool = True,
-                    extra_info: dict | None = None) -> Path:
-    """Imports the screen the table ``index`` describes into the store ``out``; see the module docstring."""
+                    drop_unlabelled: bool = False, planes: Mapping[str, int] | None = None, crop=None,
+                    scaling: str = "plate", illumination: bool = False, percentiles=(0.1, 99.9),
+                    dtype: str | None = None, codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
+                    progress: bool = True, extra_info: dict | None = None) -> Path:
+    """Imports the screen the table ``index`` describes into the store ``out``; see the module docstring.
+    ``crop`` = (h, w) keeps the central h x w of every field."""
     index, out = Path(index), Path(out)
     names, fields = read_manifest(index, channels, label, label_table, table_keys, table_class, drop_unlabelled)
     for f in fields:  # fail fast on missing files, before any pixel is read
@@ -198,16 +200,17 @@ def import_manifest(index, out, *, channels: Sequence[str] | None = None, label=
                 raise ImportDataError(f"missing image {p} ({index} row {f.line}, {ch} channel)")
     parts = [read_image(p, planes, f"{p} ({index} row {fields[0].line})") for p in fields[0].files]
     like = (parts[0].shape[:2], parts[0].dtype, [a.shape[2] for a in parts])
-    first = load_field(fields[0], names, index, planes, like)
+    first = load_field(fields[0], names, index, planes, like, crop)
     channel_names = [n if k == 1 else f"{n}_{j}" for n, k in zip(names, like[2]) for j in range(k)]
     class_names = sorted({f.label for f in fields})
     digest = hashlib.sha256("\n".join(f"{f.line}|{'|'.join(map(str, f.files))}|{f.label}"
                                       for f in fields).encode()).hexdigest()
     fingerprint = dict(kind="manifest", rows=digest, scaling=scaling, illumination=bool(illumination),
-                       percentiles=list(percentiles), planes=dict(planes or {}), index=str(index.resolve()))
+                       percentiles=list(percentiles), planes=dict(planes or {}), index=str(index.resolve()),
+                       crop=list(crop) if crop else None)
     writer = StoreWriter(out, len(fields), first.shape, np.dtype(dtype or first.dtype).name, codec, fingerprint,
                          overwrite)
-    write_images(writer, [f.plate for f in fields], lambda i: load_field(fields[i], names, index, planes, like),
+    write_images(writer, [f.plate for f in fields], lambda i: load_field(fields[i], names, index, planes, like, crop),
                  scaling=scaling, illumination=illumination, percentiles=percentiles, workers=workers,
                  progress=progress)
     info = dict(extra_info or {}, source="manifest", index=str(index.resolve()), scaling=scaling,

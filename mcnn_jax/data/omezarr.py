@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 
 from ._util import atomic_write_json, read_csv
-from .images import check_dtype, to_yxc
+from .images import center_crop, check_dtype, to_yxc
 from .manifest import LABEL_COLUMNS
 from .pipeline import write_images
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
@@ -104,15 +104,17 @@ def _channels(plate: Path, f: FieldImage) -> list[str]:
     return [c.get("label", "") for c in attrs.get("omero", {}).get("channels", [])]
 
 
-def load_field(f: FieldImage, planes=None, like=None) -> np.ndarray:
-    """Reads a field's array with TensorStore -> [H, W, C]; ``like`` = (shape, dtype) of the first field."""
+def load_field(f: FieldImage, planes=None, like=None, crop=None) -> np.ndarray:
+    """Reads a field's array with TensorStore -> [H, W, C] (its central ``crop`` = (h, w) if given); ``like`` =
+    (shape, dtype) of the first field."""
     driver = "zarr3" if f.zarr_format == 3 else "zarr"
     try:
         a = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(f.array)}},
                     read=True).result().read().result()
     except Exception as e:  # noqa: BLE001 - TensorStore raises ValueError / OSError variants
         raise ImportDataError(f"cannot read the zarr array {f.array} (well {f.well}): {e}") from None
-    a = check_dtype(to_yxc(np.asarray(a), f.axes, f"{f.array} (well {f.well})", planes), str(f.array))
+    where = f"{f.array} (well {f.well})"
+    a = center_crop(check_dtype(to_yxc(np.asarray(a), f.axes, where, planes), where), crop, where)
     if like is not None and (a.shape != like[0] or a.dtype != like[1]):
         raise ImportDataError(f"{f.array} (well {f.well}, field {f.field}) is {a.shape} {a.dtype}; the first "
                               f"field is {like[0]} {np.dtype(like[1])}")
@@ -139,17 +141,18 @@ def _labels(fields: Sequence[FieldImage], labels, label: str | None, drop: bool)
 
 
 def import_ome_zarr(plate, out, *, level: int = 0, labels=None, label: str | None = None,
-                    drop_unlabelled: bool = False, planes: Mapping[str, int] | None = None, scaling: str = "plate",
-                    illumination: bool = False, percentiles=(0.1, 99.9), dtype: str | None = None,
-                    codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2, progress: bool = True,
-                    extra_info: dict | None = None) -> Path:
-    """Imports the OME-Zarr plate ``plate`` into the store ``out``; see the module docstring."""
+                    drop_unlabelled: bool = False, planes: Mapping[str, int] | None = None, crop=None,
+                    scaling: str = "plate", illumination: bool = False, percentiles=(0.1, 99.9),
+                    dtype: str | None = None, codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
+                    progress: bool = True, extra_info: dict | None = None) -> Path:
+    """Imports the OME-Zarr plate ``plate`` into the store ``out``; see the module docstring. ``crop`` = (h, w)
+    keeps the central h x w of every field."""
     plate, out = Path(plate), Path(out)
     attrs, fields = read_plate(plate, level)
     fields, classes = _labels(fields, labels, label, drop_unlabelled)
     if not fields:
         raise ImportDataError(f"{plate}: no field has a class in {labels}")
-    first = load_field(fields[0], planes)
+    first = load_field(fields[0], planes, crop=crop)
     like = (first.shape, first.dtype)
     names = _channels(plate, fields[0])
     if len(names) != first.shape[2] or not all(names):
@@ -158,10 +161,11 @@ def import_ome_zarr(plate, out, *, level: int = 0, labels=None, label: str | Non
     class_names = sorted(set(classes))
     digest = hashlib.sha256("\n".join(f"{f.array}|{c}" for f, c in zip(fields, classes)).encode()).hexdigest()
     fingerprint = dict(kind="ome-zarr", fields=digest, level=level, scaling=scaling, illumination=bool(illumination),
-                       percentiles=list(percentiles), planes=dict(planes or {}), plate=str(plate.resolve()))
+                       percentiles=list(percentiles), planes=dict(planes or {}), plate=str(plate.resolve()),
+                       crop=list(crop) if crop else None)
     writer = StoreWriter(out, len(fields), first.shape, np.dtype(dtype or first.dtype).name, codec, fingerprint,
                          overwrite)
-    write_images(writer, [plate_name] * len(fields), lambda i: load_field(fields[i], planes, like),
+    write_images(writer, [plate_name] * len(fields), lambda i: load_field(fields[i], planes, like, crop),
                  scaling=scaling, illumination=illumination, percentiles=percentiles, workers=workers,
                  progress=progress)
     n = len(fields)
