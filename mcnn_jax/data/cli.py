@@ -61,14 +61,21 @@ def _label_options(p: argparse.ArgumentParser, table_help: str) -> None:
                         "--crop 1024 1024 for 1080x1080 Cell Painting fields)")
 
 
+def _importer(sub, name: str, source: str, source_help: str, **kw) -> argparse.ArgumentParser:
+    """A sub-command reading ``source`` (a required path) into the store ``--out``."""
+    p = sub.add_parser(name, **kw)
+    p.add_argument(source, required=True, type=Path, help=source_help)
+    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    return p
+
+
 def _screen_parsers(sub) -> None:
     """The parsers of the manifest and OME-Zarr importers."""
-    p = sub.add_parser("manifest", help="import a screen described by a table (one row per field)",
-                       description="Import the fields listed in a CSV (Metadata_Plate, Metadata_Well, "
-                                   "Metadata_Site, other Metadata_* columns, one path column per channel, a label; "
-                                   "CellProfiler LoadData CSVs work as they are): see mcnn_jax.data.manifest.")
-    p.add_argument("--index", required=True, type=Path, help="the table (paths relative to its folder)")
-    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    p = _importer(sub, "manifest", "--index", "the table (paths relative to its folder)",
+                  help="import a screen described by a table (one row per field)",
+                  description="Import the fields listed in a CSV (Metadata_Plate, Metadata_Well, Metadata_Site, "
+                              "other Metadata_* columns, one path column per channel, a label; CellProfiler "
+                              "LoadData CSVs work as they are): see mcnn_jax.data.manifest.")
     p.add_argument("--channels", type=lambda t: [c for c in t.split(",") if c], default=None,
                    help="channel columns in store order, e.g. DNA,ER,RNA,AGP,Mito (a column X or FileName_X + "
                         "PathName_X; default: the FileName_* columns, else every non-Metadata column)")
@@ -81,10 +88,9 @@ def _screen_parsers(sub) -> None:
     _intensity_options(p)
     _add_store_options(p)
 
-    p = sub.add_parser("ome-zarr", help="import an OME-Zarr HCS plate (NGFF 0.4 / zarr v2, 0.5 / zarr v3)",
-                       description="Import every field of an OME-Zarr plate; well and field names are kept.")
-    p.add_argument("--plate", required=True, type=Path, help="the plate's zarr group (PLATE.zarr)")
-    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    p = _importer(sub, "ome-zarr", "--plate", "the plate's zarr group (PLATE.zarr)",
+                  help="import an OME-Zarr HCS plate (NGFF 0.4 / zarr v2, 0.5 / zarr v3)",
+                  description="Import every field of an OME-Zarr plate; well and field names are kept.")
     p.add_argument("--level", type=int, default=0, help="the resolution level (default 0: full resolution)")
     p.add_argument("--labels", type=Path, default=None,
                    help="a CSV with Metadata_Well and a class column (default: every field 'unlabelled')")
@@ -116,10 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _screen_parsers(sub)
 
-    p = sub.add_parser("folder", help="import one sub-folder per class of TIFF / PNG / JPEG images",
-                       description="Import DIR/<class>/<image> into a store (pixel values kept).")
-    p.add_argument("--images", required=True, type=Path, help="folder with one sub-folder per class")
-    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    p = _importer(sub, "folder", "--images", "folder with one sub-folder per class",
+                  help="import one sub-folder per class of TIFF / PNG / JPEG images",
+                  description="Import DIR/<class>/<image> into a store (pixel values kept).")
     _add_store_options(p)
 
     p = sub.add_parser("synthetic", help="generate a synthetic screen (BBBC021 layout or Cell Painting), import it",
