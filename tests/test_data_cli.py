@@ -71,3 +71,34 @@ def test_bbbc021_check_lists_missing_plates_and_files(tmp_path, capsys):
     assert "not ready" in out
     assert main(["bbbc021", "--metadata", str(raw), "--images", str(raw)]) == 1  # no --out, no --check
     assert "--out STORE is required" in capsys.readouterr().err
+
+
+def test_manifest_and_ome_zarr_commands(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import tensorstore as ts
+
+    from mcnn_jax.data import open_store
+    from mcnn_jax.data.omezarr import write_plate
+
+    raw = tmp_path / "cp"
+    assert main(["synthetic", "--channels", "5", "--out", str(raw), "--images", "8", "--classes", "2", "--height",
+                 "40", "--width", "48", "--quiet"]) == 0
+    assert main(["manifest", "--index", str(raw / "manifest.csv"), "--out", str(tmp_path / "m"), "--label",
+                 "Metadata_MoA", "--channels", "Mito,DNA", "--crop", "32", "32", "--scaling", "none", "--quiet"]) == 0
+    assert "8 of 32x32x2 uint16 (channels: Mito, DNA)" in capsys.readouterr().out
+    stack = np.arange(3 * 2 * 16 * 16, dtype=np.uint16).reshape(3, 2, 16, 16)  # ZCYX
+    plate = write_plate(tmp_path / "p.zarr", {"B/2": [np.zeros((2, 16, 16), np.uint16)]}, "0.5")
+    zj = plate / "B/2/0/zarr.json"  # make the field a Z stack: axes z, c, y, x
+    meta = json.loads(zj.read_text())
+    meta["attributes"]["ome"]["multiscales"][0]["axes"].insert(0, {"name": "z", "type": "space"})
+    zj.write_text(json.dumps(meta))
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(plate / "B/2/0/0")},
+             "metadata": {"shape": [3, 2, 16, 16], "data_type": "uint16"}}, create=True,
+            delete_existing=True).result().write(stack).result()
+    args = ["ome-zarr", "--plate", str(plate), "--out", str(tmp_path / "z"), "--scaling", "none", "--quiet"]
+    assert main(args) == 1 and "3 Z planes; choose one" in capsys.readouterr().err
+    assert main([*args, "--plane", "Z=2"]) == 0
+    x = open_store(tmp_path / "z").read([0])[0]
+    np.testing.assert_array_equal(x, np.moveaxis(stack[2], 0, -1))
