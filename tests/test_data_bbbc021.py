@@ -108,7 +108,8 @@ def _first_file(images, r, ch):
     return images / r[f"Image_PathName_{ch}"] / r[f"Image_FileName_{ch}"]
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "size", "dtype", "channel", "columns"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "size", "dtype", "channel", "columns",
+                                    "duplicate"])
 def test_bad_input_is_a_clear_error_and_no_store_is_complete(subset, tmp_path, damage):
     meta, images, picked, header = subset
     r = picked[3]
@@ -137,6 +138,14 @@ def test_bad_input_is_a_clear_error_and_no_store_is_complete(subset, tmp_path, d
             w.writeheader()
             w.writerows(rows)
         expect = [str(meta / IMAGE_CSV), "row 5", "Tubulin channel is missing"]
+    elif damage == "duplicate":
+        rows = [dict(x) for x in picked]
+        rows[3] = dict(rows[1])
+        with open(meta / IMAGE_CSV, "w", newline="") as f:
+            w = csv.DictWriter(f, header)
+            w.writeheader()
+            w.writerows(rows)
+        expect = [str(meta / IMAGE_CSV), "rows 3 and 5", "the same (plate, well, site)"]
     elif damage == "columns":
         bad = [h for h in header if h != "Image_Metadata_Compound"]
         with open(meta / IMAGE_CSV, "w", newline="") as f:

@@ -53,6 +53,12 @@ def test_without_labels_and_bad_inputs(tmp_path):
         import_ome_zarr(plate, tmp_path / "t", labels=tmp_path / "labels.csv", progress=False)
     assert open_store(import_ome_zarr(plate, tmp_path / "t", labels=tmp_path / "labels.csv", drop_unlabelled=True,
                                       progress=False)).num_images == 2
+    meta = json.loads((plate / "zarr.json").read_text())
+    meta["attributes"]["ome"]["plate"]["wells"].append(meta["attributes"]["ome"]["plate"]["wells"][0])
+    (tmp_path / "dup.zarr").mkdir()
+    (tmp_path / "dup.zarr" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(ImportDataError, match=r"dup.zarr: the plate lists well\(s\) \['B/3'\] more than once"):
+        read_plate(tmp_path / "dup.zarr")
     with pytest.raises(ImportDataError, match="not an HCS plate"):
         import_ome_zarr(plate / "B/3", tmp_path / "u", progress=False)
     (plate / "C/10/0/0/c/0/0/0").write_bytes(b"broken")  # a damaged chunk: the error names the array

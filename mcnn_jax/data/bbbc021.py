@@ -12,7 +12,8 @@ single-channel 16-bit TIFFs under the images directory (``images/<Image_PathName
 - Metadata per image: class, compound, concentration, plate, well, site (from the file name: ``_s<k>_w``),
   replicate, table_number, image_number and the DAPI file.
 
-Every input error (a missing or unreadable TIFF, a wrong size or dtype, a missing channel, CSVs without the
+Every input error (a missing or unreadable TIFF, a wrong size or dtype, a missing channel, a duplicate (plate,
+well, site), CSVs without the
 expected columns) raises ImportDataError naming the file and the CSV row, and no store is marked complete. An
 interrupted import, rerun with the same arguments, resumes (images already written are kept).
 """
@@ -105,7 +106,19 @@ def read_metadata(metadata_dir) -> list[Row]:
                         r["TableNumber"], r["ImageNumber"]))
     if not rows:
         raise ImportDataError(f"{image_csv}: no image has a (compound, concentration) listed in {moa_csv}")
+    _check_unique(rows, image_csv)
     return rows
+
+
+def _check_unique(rows: list[Row], image_csv: Path) -> None:
+    """No (plate, well, site) twice (the DAPI file stands in for a site when the file names have none)."""
+    seen: dict = {}
+    for r in rows:
+        key = (r.plate, r.well, r.site) if r.site else r.files[0]
+        if key in seen:
+            raise ImportDataError(f"{image_csv} rows {seen[key]} and {r.line}: the same "
+                                  + (f"(plate, well, site) {key}" if r.site else f"DAPI file {key}"))
+        seen[key] = r.line
 
 
 def load_image(images_dir: Path, row: Row, shape=None, dtype=None, csv_name: str = IMAGE_CSV) -> np.ndarray:

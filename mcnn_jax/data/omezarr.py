@@ -87,12 +87,18 @@ def read_plate(plate, level: int = 0) -> tuple[dict, list[FieldImage]]:
     attrs, _ = _attrs(plate)
     if "plate" not in attrs:
         raise ImportDataError(f"{plate} is a zarr group but not an HCS plate (no 'plate' metadata)")
+    paths = [w["path"] for w in attrs["plate"].get("wells", [])]
+    twice = sorted({w for w in paths if paths.count(w) > 1})
+    if twice:
+        raise ImportDataError(f"{plate}: the plate lists well(s) {twice} more than once")
     fields = []
     for w in attrs["plate"].get("wells", []):
         wattrs, _ = _attrs(plate / w["path"])
         images = wattrs.get("well", {}).get("images", [])
         if not images:
             raise ImportDataError(f"{plate / w['path']}: the well lists no fields (well.images)")
+        if len({im["path"] for im in images}) != len(images):
+            raise ImportDataError(f"{plate / w['path']}: the well lists a field more than once")
         fields += [_field(plate, w["path"], k, im["path"], level) for k, im in enumerate(images)]
     if not fields:
         raise ImportDataError(f"{plate}: the plate lists no wells")
