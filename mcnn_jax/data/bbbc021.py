@@ -13,9 +13,9 @@ single-channel 16-bit TIFFs under the images directory (``images/<Image_PathName
   replicate, table_number, image_number and the DAPI file.
 
 Every input error (a missing or unreadable TIFF, a wrong size or dtype, a missing channel, a duplicate (plate,
-well, site), CSVs without the
-expected columns) raises ImportDataError naming the file and the CSV row, and no store is marked complete. An
-interrupted import, rerun with the same arguments, resumes (images already written are kept).
+well, site), CSVs without the expected columns) raises ImportDataError naming the file and the CSV row, and no
+store is marked complete. An interrupted import, rerun with the same arguments, resumes (images already written
+are kept). ``check_folder`` (``mcnn-data bbbc021 --check``) lists missing plate folders and files first.
 """
 
 from __future__ import annotations
