@@ -115,7 +115,9 @@ def read_manifest(index, channels: Sequence[str] | None = None, label: str | Seq
         table = read_csv(index, KEYS)
     except ValueError as e:
         raise ImportDataError(str(e)) from None
-    header = list(table[0]) if table else []
+    if not table:
+        raise ImportDataError(f"{index}: the table has no rows")
+    header = list(table[0])
     if isinstance(label, str):
         label = [c for c in label.split(",") if c]
     label_cols = list(label or [next((c for c in LABEL_COLUMNS if c in header), "")])
@@ -167,7 +169,8 @@ def load_field(f: Field, channels: Sequence[str], index: Path, planes=None, like
     return center_crop(np.concatenate(parts, axis=-1), crop, f"{index} row {f.line}")
 
 
-def _store_metadata(fields: Sequence[Field], class_names, index: Path) -> dict:
+def _store_metadata(fields: Sequence[Field]) -> dict:
+    """The store's metadata columns: class, compound, concentration, plate, well, site, file, row + Metadata_*."""
     cols = sorted({c for f in fields for c in f.meta})
 
     def conc(f):
@@ -216,4 +219,4 @@ def import_manifest(index, out, *, channels: Sequence[str] | None = None, label=
     info = dict(extra_info or {}, source="manifest", index=str(index.resolve()), scaling=scaling,
                 percentiles=list(percentiles), illumination=bool(illumination), source_dtype=str(first.dtype))
     return writer.finish([class_names.index(f.label) for f in fields], class_names,
-                         _store_metadata(fields, class_names, index), channel_names, info)
+                         _store_metadata(fields), channel_names, info)
