@@ -4,7 +4,8 @@ Nesterov momentum 0.9; the learning rate warms up linearly from 0.001 to 0.008 (
 scaled linearly with the global batch) over 5 epochs, then decays linearly to 1e-4; label smoothing 0.1;
 weight decay 5e-5. Import the data once, then train (leave-one-compound-out: hold out one compound):
 
-    mcnn-data bbbc021 --metadata ../shared/bbbc021 --images /data/BBBC021 --out /data/bbbc021.store
+    mcnn-data bbbc021 --metadata /data/BBBC021 --images /data/BBBC021 --check   # README: getting BBBC021
+    mcnn-data bbbc021 --metadata /data/BBBC021 --images /data/BBBC021 --out /data/bbbc021.store
     mpiexec -n 8 mcnn-train --config configs/bbbc021.py --workdir runs/bbbc021 \\
         --config.data.store=/data/bbbc021.store --config.data.split=compound --config.data.holdout_compound=taxol
 """

@@ -108,7 +108,8 @@ def _first_file(images, r, ch):
     return images / r[f"Image_PathName_{ch}"] / r[f"Image_FileName_{ch}"]
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "size", "dtype", "channel", "columns"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "size", "dtype", "channel", "columns",
+                                    "duplicate"])
 def test_bad_input_is_a_clear_error_and_no_store_is_complete(subset, tmp_path, damage):
     meta, images, picked, header = subset
     r = picked[3]
@@ -137,6 +138,14 @@ def test_bad_input_is_a_clear_error_and_no_store_is_complete(subset, tmp_path, d
             w.writeheader()
             w.writerows(rows)
         expect = [str(meta / IMAGE_CSV), "row 5", "Tubulin channel is missing"]
+    elif damage == "duplicate":
+        rows = [dict(x) for x in picked]
+        rows[3] = dict(rows[1])
+        with open(meta / IMAGE_CSV, "w", newline="") as f:
+            w = csv.DictWriter(f, header)
+            w.writeheader()
+            w.writerows(rows)
+        expect = [str(meta / IMAGE_CSV), "rows 3 and 5", "the same (plate, well, site)"]
     elif damage == "columns":
         bad = [h for h in header if h != "Image_Metadata_Compound"]
         with open(meta / IMAGE_CSV, "w", newline="") as f:
@@ -149,3 +158,17 @@ def test_bad_input_is_a_clear_error_and_no_store_is_complete(subset, tmp_path, d
     for text in expect:
         assert text in str(e.value)
     assert not is_complete(tmp_path / "store")
+
+
+def test_check_folder_with_the_real_csvs(subset, tmp_path):
+    from mcnn_jax.data.bbbc021 import check_folder
+
+    empty = check_folder(BBBC021_CSVS, tmp_path / "nothing")  # nothing downloaded yet: all 55 plates missing
+    assert empty.num_images == 3848 and len(empty.plates) == 55 and len(empty.missing_plates) == 55
+    assert not empty.ok and "Week1/Week1_22123" in empty.summary() and not empty.missing_files
+    meta, images, picked, _ = subset
+    assert check_folder(meta, images).ok
+    _first_file(images, picked[1], "DAPI").unlink()
+    report = check_folder(meta, images)
+    assert not report.ok and report.missing_files == [(3, "DAPI", f"{picked[1]['Image_PathName_DAPI']}/"
+                                                                    f"{picked[1]['Image_FileName_DAPI']}")]

@@ -8,20 +8,26 @@
     for step, batch in reader.iterate(start_step=0):   # batch: image float32 [b,H,W,C] in [0,1], label, mask
         ...
 
-Importers: ``import_bbbc021``, ``import_folder``, ``generate_screen`` + ``prepare_synthetic_store``; the CLI is
-``mcnn-data`` (mcnn_jax.data.cli).
+Importers: ``import_bbbc021``, ``import_manifest`` (any screen from a table, any number of channels),
+``import_ome_zarr`` (NGFF HCS plates), ``import_folder``; synthetic screens: ``generate_screen`` (BBBC021
+layout) + ``prepare_synthetic_store``, ``generate_cellpainting_screen`` (five channels). The CLI is ``mcnn-data``
+(mcnn_jax.data.cli).
 """
 
 from .augment import Augment
 from .bbbc021 import CHANNELS as BBBC021_CHANNELS
 from .bbbc021 import import_bbbc021
+from .cellpainting import generate_cellpainting_screen
 from .folder import import_folder
+from .manifest import import_manifest
+from .omezarr import import_ome_zarr
 from .reader import Reader
 from .split import split_indices
-from .store import (CODECS, DEFAULT_CODEC, ImportDataError, IncompleteStoreError, Store, StoreError, open_store,
-                    to_float)
+from .store import (CODECS, DEFAULT_CODEC, ImportDataError, IncompleteStoreError, Store, StoreError, float_scale,
+                    open_store, to_float)
 from .synthetic import generate_screen, prepare_synthetic_store
 
 __all__ = ["Augment", "BBBC021_CHANNELS", "CODECS", "DEFAULT_CODEC", "ImportDataError", "IncompleteStoreError",
-           "Reader", "Store", "StoreError", "generate_screen", "import_bbbc021", "import_folder", "open_store",
+           "Reader", "Store", "StoreError", "float_scale", "generate_cellpainting_screen", "generate_screen",
+           "import_bbbc021", "import_folder", "import_manifest", "import_ome_zarr", "open_store",
            "prepare_synthetic_store", "split_indices", "to_float"]

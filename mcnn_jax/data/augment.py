@@ -13,13 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def _get(cfg, key, default):
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+from ._util import cfg_get as _get
+from .store import float_scale
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ def draw(aug: Augment, seed: int, epoch: int, index: int, channels: int, square:
 
 def apply_into(out: np.ndarray, image: np.ndarray, params: dict | None) -> None:
     """Writes the augmented float32 version of ``image`` ([H, W, C], integer) into ``out`` ([H, W, C])."""
-    scale = np.float32(1.0 / np.iinfo(image.dtype).max)
+    scale = float_scale(image.dtype)
     if params is None:
         np.multiply(image, scale, out=out, casting="unsafe")
         return

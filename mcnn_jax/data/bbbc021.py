@@ -12,16 +12,16 @@ single-channel 16-bit TIFFs under the images directory (``images/<Image_PathName
 - Metadata per image: class, compound, concentration, plate, well, site (from the file name: ``_s<k>_w``),
   replicate, table_number, image_number and the DAPI file.
 
-Every input error (a missing or unreadable TIFF, a wrong size or dtype, a missing channel, CSVs without the
-expected columns) raises ImportDataError naming the file and the CSV row, and no store is marked complete. An
-interrupted import, rerun with the same arguments, resumes (images already written are kept).
+Every input error (a missing or unreadable TIFF, a wrong size or dtype, a missing channel, a duplicate (plate,
+well, site), CSVs without the expected columns) raises ImportDataError naming the file and the CSV row, and no
+store is marked complete. An interrupted import, rerun with the same arguments, resumes (images already written
+are kept). ``check_folder`` (``mcnn-data bbbc021 --check``) lists missing plate folders and files first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +29,8 @@ import numpy as np
 import tifffile
 
 from . import intensity
-from ._util import progress as progress_bar
-from ._util import progress_counter, read_csv
+from ._util import read_csv
+from .pipeline import write_images
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
@@ -106,7 +106,19 @@ def read_metadata(metadata_dir) -> list[Row]:
                         r["TableNumber"], r["ImageNumber"]))
     if not rows:
         raise ImportDataError(f"{image_csv}: no image has a (compound, concentration) listed in {moa_csv}")
+    _check_unique(rows, image_csv)
     return rows
+
+
+def _check_unique(rows: list[Row], image_csv: Path) -> None:
+    """No (plate, well, site) twice (the DAPI file stands in for a site when the file names have none)."""
+    seen: dict = {}
+    for r in rows:
+        key = (r.plate, r.well, r.site) if r.site else r.files[0]
+        if key in seen:
+            raise ImportDataError(f"{image_csv} rows {seen[key]} and {r.line}: the same "
+                                  + (f"(plate, well, site) {key}" if r.site else f"DAPI file {key}"))
+        seen[key] = r.line
 
 
 def load_image(images_dir: Path, row: Row, shape=None, dtype=None, csv_name: str = IMAGE_CSV) -> np.ndarray:
@@ -141,6 +153,57 @@ def load_image(images_dir: Path, row: Row, shape=None, dtype=None, csv_name: str
     return np.stack(planes, axis=-1)
 
 
+@dataclass
+class FolderCheck:
+    """What ``check_folder`` found: the plate folders the kept images need and the files that are absent."""
+
+    images_dir: Path
+    num_images: int  # images with a mechanism of action (the ones the import reads)
+    plates: dict[str, int]  # plate folder (Image_PathName_*) -> number of its files the import needs
+    missing_plates: list[str]  # plate folders that do not exist under images_dir
+    missing_files: list[tuple[int, str, str]]  # (CSV row, channel, relative path) in present plate folders
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_plates and not self.missing_files
+
+    def summary(self, limit: int = 10) -> str:
+        present = len(self.plates) - len(self.missing_plates)
+        lines = [f"{self.num_images} images with a mechanism of action, in {len(self.plates)} plate folders; "
+                 f"{present} of them present under {self.images_dir}"]
+        if self.missing_plates:
+            lines.append(f"missing plate folders ({len(self.missing_plates)}; unpack each "
+                         f"BBBC021_v1_images_<plate>.zip into {self.images_dir}/<week>/): "
+                         + ", ".join(self.missing_plates))
+        if self.missing_files:
+            lines.append(f"missing files in present plate folders: {len(self.missing_files)}")
+            lines += [f"  row {r} ({ch}): {self.images_dir / rel}" for r, ch, rel in self.missing_files[:limit]]
+            if len(self.missing_files) > limit:
+                lines.append(f"  ... and {len(self.missing_files) - limit} more")
+        lines.append("ready to import" if self.ok else "not ready: the import would stop at the first missing file")
+        return "\n".join(lines)
+
+
+def _folder(rel: str) -> str:
+    return rel.rsplit("/", 1)[0] if "/" in rel else "."
+
+
+def check_folder(metadata_dir, images_dir) -> FolderCheck:
+    """Checks a downloaded BBBC021 folder against the CSVs (file existence only, no pixel is read)."""
+    images_dir = Path(images_dir)
+    rows = read_metadata(metadata_dir)
+    plates: dict[str, int] = {}
+    for r in rows:
+        for rel in r.files:
+            plates[_folder(rel)] = plates.get(_folder(rel), 0) + 1
+    missing_plates = sorted(p for p in plates if not (images_dir / p).is_dir())
+    absent = set(missing_plates)
+    missing_files = [(r.line, ch, rel) for r in rows for ch, rel in zip(CHANNELS, r.files)
+                     if _folder(rel) not in absent
+                     and not (images_dir / rel).is_file()]
+    return FolderCheck(images_dir, len(rows), dict(sorted(plates.items())), missing_plates, missing_files)
+
+
 def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", illumination: bool = False,
                    percentiles: tuple[float, float] = (0.1, 99.9), dtype: str | None = None,
                    codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
@@ -162,72 +225,13 @@ def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", ill
     shape, src_dtype = first.shape[:2], first.dtype
     out_dtype = np.dtype(dtype or src_dtype)
     class_names = sorted({r.moa for r in rows})
-    plates = sorted({r.plate for r in rows})
     digest = hashlib.sha256("\n".join(f"{r.line}|{'|'.join(r.files)}|{r.moa}" for r in rows).encode()).hexdigest()
     fingerprint = dict(kind="bbbc021", rows=digest, scaling=scaling, illumination=bool(illumination),
                        percentiles=list(percentiles), images_dir=str(images_dir.resolve()))
     writer = StoreWriter(out, len(rows), (*shape, 3), out_dtype.name, codec, fingerprint, overwrite)
-
-    def load(r):
-        return load_image(images_dir, r, shape, src_dtype, csv_name)
-
-    # --- pass 1 (per plate): illumination fields and plate percentiles -----------------------------------
-    fields_small: dict[str, np.ndarray] = {}
-    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    stats_file = out / "illumination.npz"
-    if scaling == "plate" or illumination:
-        if writer.resumed and stats_file.is_file():
-            z = np.load(stats_file)
-            for i, p in enumerate(plates):
-                if illumination:
-                    fields_small[p] = z["fields"][i]
-                if scaling == "plate":
-                    ranges[p] = (z["lo"][i], z["hi"][i])
-        else:
-            by_plate: dict[str, list[Row]] = {p: [] for p in plates}
-            for r in rows:
-                by_plate[r.plate].append(r)
-            bar = progress_counter(len(rows), "import: plate statistics") if progress else None
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                for p in plates:
-                    total = np.zeros((*shape, 3), np.float64)
-                    samples = []
-                    for img in pool.map(load, by_plate[p]):
-                        total += img
-                        samples.append(img[::intensity.SUBSAMPLE, ::intensity.SUBSAMPLE])
-                        if bar is not None:
-                            bar.update(1)
-                    samples = np.stack(samples).astype(np.float32)
-                    if illumination:
-                        fields_small[p] = intensity.illumination_field_small(total / len(by_plate[p]))
-                        full = intensity.expand_field(fields_small[p], *shape)
-                        samples /= full[::intensity.SUBSAMPLE, ::intensity.SUBSAMPLE]
-                    if scaling == "plate":
-                        ranges[p] = intensity.robust_range(samples, *percentiles)
-            if bar is not None:
-                bar.close()
-            np.savez(stats_file, plates=np.array(plates),
-                     fields=np.stack([fields_small[p] for p in plates]) if illumination else np.zeros(0),
-                     lo=np.stack([ranges[p][0] for p in plates]) if scaling == "plate" else np.zeros(0),
-                     hi=np.stack([ranges[p][1] for p in plates]) if scaling == "plate" else np.zeros(0))
-
-    # --- pass 2: process and write -------------------------------------------------------------------------
-    full_fields: dict[str, np.ndarray] = {}
-
-    def work(i):
-        r = rows[i]
-        field = None
-        if illumination:
-            if r.plate not in full_fields:
-                full_fields[r.plate] = intensity.expand_field(fields_small[r.plate], *shape)
-            field = full_fields[r.plate]
-        lo, hi = ranges.get(r.plate, (None, None))
-        return i, intensity.process(load(r), field, scaling, lo, hi, out_dtype, percentiles)
-
-    todo = [i for i in range(len(rows)) if not writer.done(i)]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in progress_bar(pool.map(work, todo), len(todo), f"import: writing {out.name}", progress):
-            writer.write(i, img)
+    write_images(writer, [r.plate for r in rows],
+                 lambda i: load_image(images_dir, rows[i], shape, src_dtype, csv_name), scaling=scaling,
+                 illumination=illumination, percentiles=percentiles, workers=workers, progress=progress)
     labels = [class_names.index(r.moa) for r in rows]
     metadata = dict(
         **{"class": [r.moa for r in rows]}, compound=[r.compound for r in rows],

@@ -1,7 +1,8 @@
 """Import a folder of class sub-folders (``DIR/<class>/<image>``, TIFF / PNG / JPEG) into an image store.
 
 Classes are the sub-folder names, sorted. Every image must have the same height, width, channel count and
-dtype (uint8 or uint16); a 2-D image is one channel. Pixel values are stored unchanged. The metadata has the
+dtype (uint8 or uint16); a 2-D image is one channel, a multi-channel TIFF is read by its axes
+(``mcnn_jax.data.images``: CYX, YXC, multi-page). Pixel values are stored unchanged. The metadata has the
 class, the file (relative to DIR) and an empty compound (so leave-one-compound-out does not apply). An empty
 class folder, an unreadable image or a mismatched one is an ImportDataError naming the path.
 """
@@ -15,30 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ._util import progress as progress_bar
+from .images import read_image
 from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Reads one image -> [H, W, C] (uint8 / uint16); raises ImportDataError naming the file."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-            a = tifffile.imread(path)
-        else:
-            from PIL import Image
-            with Image.open(path) as im:
-                a = np.asarray(im)
-    except Exception as e:  # noqa: BLE001
-        raise ImportDataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3:
-        raise ImportDataError(f"{path}: expected a 2-D or HxWxC image, got shape {a.shape}")
-    if a.dtype not in (np.uint8, np.uint16):
-        raise ImportDataError(f"{path}: dtype {a.dtype}; only uint8 and uint16 images are supported")
-    return a
 
 
 def list_images(images_dir) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -85,6 +66,7 @@ def import_folder(images_dir, out, *, codec: str = DEFAULT_CODEC, overwrite: boo
             writer.write(i, a)
     finally:
         it.shutdown(cancel_futures=True)
+        writer.drain()
     rel = [str(p.relative_to(images_dir)) for p, _ in files]
     metadata = {"class": [classes[k] for _, k in files], "compound": [""] * len(files),
                 "concentration": [0.0] * len(files), "plate": [""] * len(files), "well": [""] * len(files),

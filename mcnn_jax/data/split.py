@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _get(cfg, key, default=None):
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+from ._util import cfg_get as _get
 
 
 def split_indices(store, data_config) -> tuple[np.ndarray, np.ndarray]:

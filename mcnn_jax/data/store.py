@@ -72,9 +72,14 @@ def is_complete(path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def float_scale(dtype) -> np.float32:
+    """The factor mapping a stored integer dtype's range to [0, 1]: 1 / its maximum (255 or 65535)."""
+    return np.float32(1.0 / np.iinfo(dtype).max)
+
+
 def to_float(images: np.ndarray) -> np.ndarray:
-    """Maps a stored integer image to float32 in [0, 1]: divides by the dtype's maximum (255 or 65535)."""
-    return images.astype(np.float32) * np.float32(1.0 / np.iinfo(images.dtype).max)
+    """Maps a stored integer image to float32 in [0, 1]: multiplies by ``float_scale`` of its dtype."""
+    return images.astype(np.float32) * float_scale(images.dtype)
 
 
 def _spec(path: Path, shape=None, dtype: str | None = None, codec: str | None = None) -> dict:
@@ -161,11 +166,17 @@ class Store:
 
 
 def open_store(path) -> Store:
-    """Opens a complete store; raises IncompleteStoreError for an unfinished import, StoreError otherwise."""
+    """Opens a complete store; raises IncompleteStoreError for an unfinished import (the store's files are there
+    but not its COMPLETE marker), StoreError otherwise (no store here at all, or a damaged one)."""
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"no image store at {path}: the directory does not exist (create one with mcnn-data)")
     if not is_complete(path):
+        if not any((path / name).exists() for name in (ARRAY_DIR, IMPORT, INFO, LABELS)):
+            raise StoreError(
+                f"{path} is not an image store: it holds none of a store's files ({ARRAY_DIR}, {IMPORT}, "
+                f"{INFO}); create one with mcnn-data (bbbc021 | folder | manifest | ome-zarr | synthetic ... "
+                f"--out {path}), or give the path of an existing store")
         raise IncompleteStoreError(
             f"the image store at {path} is incomplete (no {MARKER} marker): its import was interrupted or is "
             f"still running; rerun the import (mcnn-data ... --out {path}) to finish it")
@@ -264,6 +275,15 @@ class StoreWriter:
     def flush(self) -> None:
         while self._pending:
             self._pending.pop(0).result()
+
+    def drain(self) -> None:
+        """Waits for the queued writes, ignoring their errors: call it when an import stops on an error, so no
+        write is still running when the store is reopened (or deleted) by a rerun."""
+        while self._pending:
+            try:
+                self._pending.pop(0).result()
+            except Exception:  # noqa: BLE001 - the import is failing already; its own error is the one to report
+                pass
 
     def finish(self, labels: Sequence[int], class_names: Sequence[str], metadata: dict[str, list],
                channels: Sequence[str], info: dict | None = None) -> Path:

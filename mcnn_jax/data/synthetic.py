@@ -36,9 +36,8 @@ import tifffile
 
 from ._util import atomic_write_bytes, atomic_write_json, write_csv
 from ._util import progress as progress_bar
+from .bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
 
-IMAGE_CSV = "BBBC021_v1_image.csv"
-MOA_CSV = "BBBC021_v1_moa.csv"
 MARKER = ".synthetic_complete.json"
 SITES_PER_WELL = 4
 GENERATOR_VERSION = 2  # bump when the rendering changes: finished screens / stores of another version are rebuilt
@@ -50,11 +49,6 @@ PHENOTYPES = (
     ("clustered", "coarse"), ("elongated", "middle"), ("multinucleated", "fine"),
     ("sparse", "coarse"), ("spread", "middle"), ("filaments", "fine"), ("condensed", "middle"),
 )
-
-IMAGE_COLUMNS = ("TableNumber", "ImageNumber", "Image_FileName_DAPI", "Image_PathName_DAPI",
-                 "Image_FileName_Tubulin", "Image_PathName_Tubulin", "Image_FileName_Actin",
-                 "Image_PathName_Actin", "Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI", "Replicate",
-                 "Image_Metadata_Compound", "Image_Metadata_Concentration")
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -441,7 +435,7 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     write_csv(out / IMAGE_CSV, IMAGE_COLUMNS, rows)
     names = class_names(num_classes)
     moa = sorted({(s.compound, s.concentration, names[s.class_index]) for s in sites})
-    write_csv(out / MOA_CSV, ("compound", "concentration", "moa"), [(c, f"{x:f}", m) for c, x, m in moa])
+    write_csv(out / MOA_CSV, MOA_COLUMNS, [(c, f"{x:f}", m) for c, x, m in moa])
     atomic_write_json(marker, dict(params=params, seconds=round(elapsed, 3), classes=names))
     return out
 
