@@ -69,9 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
     # --- training loop -----------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
+    # images per micro-batch on each rank (0 = the whole local batch): the local batch runs in micro-batches
+    # inside the one step (gradients accumulated), then one allreduce and one update; memory follows the micro-batch
+    c.train.microbatch = 0
     c.train.max_steps = 0  # stop after this many steps (0 = the epochs' worth)
     c.train.eval_every_epochs = 1.0
-    c.train.eval_batch = 0  # per rank; 0 = the per-rank training batch
+    c.train.eval_batch = 0  # per rank; 0 = train.microbatch if set, else the per-rank training batch
     c.train.log_every_steps = 10
     c.train.checkpoint_every_steps = 0  # 0 = at every evaluation
     c.train.keep_checkpoints = 3

@@ -1,8 +1,21 @@
 """The train state and the one jitted, pure train step ``(state, batch) -> (state, metrics)``.
 
-Data parallelism enters through ``allreduce``: a function that sums one flat float32 buffer over all ranks
-(``mcnn_jax.distributed.World.allreduce_sum``). The gradients and the step's metric sums are packed into ONE
-buffer, so MPI needs one allreduce per step (GradientFlow's fused "lazy" allreduce).
+A step has three parts, in this order:
+
+1. ``local_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
+   micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
+   that peak memory follows the micro-batch, not the local batch;
+2. ``allreduce_packed``: the gradients and the metric sums packed into ONE flat float32 buffer and summed over
+   the ranks with ONE allreduce (``allreduce``: ``mcnn_jax.distributed.World.allreduce_sum``; GradientFlow's
+   fused "lazy" allreduce), whatever the number of micro-batches;
+3. ONE optimizer update.
+
+Why not ``optax.MultiSteps``: it accumulates over successive calls of the train step, one micro-batch per call,
+so each call would run its own allreduce (k allreduces of the whole gradient per update instead of one), the
+accumulator would live in the optimizer state (a different checkpoint layout for each ``microbatch``), the
+state's step and the schedule would count micro-batches, and every micro-batch would pay a dispatch and a
+transfer of the metrics to the host. Accumulating inside the one jitted step keeps one allreduce, one update,
+one step per global batch and the same checkpoints.
 """
 
 from __future__ import annotations
@@ -30,38 +43,83 @@ def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainSt
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: float):
-    """Mean (masked) smoothed cross-entropy; metrics are sums, so they add up across batches and ranks."""
-    logits = model.apply({"params": params}, batch["image"])
-    labels = batch["label"]
+def _mask(batch):
     mask = batch.get("mask")
-    if mask is None:
-        mask = jnp.ones(labels.shape, jnp.float32)
+    return jnp.ones(batch["label"].shape, jnp.float32) if mask is None else mask
+
+
+def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: float, denominator=None):
+    """The (masked) smoothed cross-entropy summed over ``batch`` and divided by ``denominator`` (default: the
+    batch's unmasked count, i.e. the mean); metrics are sums, so they add up across batches and ranks."""
+    logits = model.apply({"params": params}, batch["image"])
+    labels, mask = batch["label"], _mask(batch)
     per_example = optax.softmax_cross_entropy(logits, smoothed_targets(labels, num_classes, label_smoothing))
     count = mask.sum()
-    loss = (per_example * mask).sum() / jnp.maximum(count, 1.0)
+    if denominator is None:
+        denominator = jnp.maximum(count, 1.0)
+    loss = (per_example * mask).sum() / denominator
     correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
     return loss, dict(loss_sum=(per_example * mask).sum(), correct=correct, count=count), logits
 
 
+def num_microbatches(local_batch: int, microbatch: int, where: str = "train.global_batch / MPI ranks") -> int:
+    """How many micro-batches of ``microbatch`` images make the local batch (``microbatch`` 0: one, the whole
+    batch). A micro-batch that does not divide the local batch is a ValueError naming the config keys."""
+    if microbatch == 0 or microbatch == local_batch:
+        return 1
+    if microbatch < 0 or local_batch % microbatch:
+        raise ValueError(f"train.microbatch={microbatch} does not divide the local batch of {local_batch} images "
+                         f"per rank ({where}); choose a divisor of {local_batch} (or 0 for the whole local batch)")
+    return local_batch // microbatch
+
+
+def local_gradients(model, params, batch, num_classes: int, label_smoothing: float = 0.0, microbatch: int = 0):
+    """(gradients, metric sums) of this rank's local batch: the gradient of its mean loss (the loss summed over
+    the batch / the batch's count), computed over micro-batches of ``microbatch`` images by a ``lax.scan`` that
+    adds up each micro-batch's gradient of (its loss sum / the whole batch's count) and its metric sums. With
+    one micro-batch it is the plain gradient of the batch's mean loss."""
+    k = num_microbatches(batch["label"].shape[0], microbatch)
+    denominator = jnp.maximum(_mask(batch).sum(), 1.0)
+
+    def grad_fn(mb):
+        def loss_fn(p):
+            loss, metrics, _ = loss_and_metrics(model, p, mb, num_classes, label_smoothing, denominator)
+            return loss, metrics
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    if k == 1:
+        return grad_fn(batch)
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+    def accumulate(total, mb):
+        return jax.tree_util.tree_map(jnp.add, total, grad_fn(mb)), None
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro)))
+    total, _ = jax.lax.scan(accumulate, zeros, micro)
+    return total
+
+
+def allreduce_packed(grads, metrics: dict, allreduce: Callable[[jax.Array], jax.Array], num_ranks: int):
+    """The ranks' mean gradient and summed metrics: both packed into ONE flat float32 buffer, ONE allreduce."""
+    names = sorted(metrics)
+    flat, unravel = ravel_pytree((grads, [metrics[k].astype(jnp.float32) for k in names]))
+    grads, sums = unravel(allreduce(flat))
+    grads = jax.tree_util.tree_map(lambda g: g / num_ranks, grads)
+    return grads, dict(zip(names, sums))
+
+
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
                     allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
-                    schedule: optax.Schedule | None = None):
+                    schedule: optax.Schedule | None = None, microbatch: int = 0):
     """Returns the jitted train step. ``allreduce`` sums a flat float32 buffer over the ``num_ranks`` ranks: the
-    gradients (then divided by ``num_ranks``) and the metric sums travel in one buffer."""
+    gradients (then divided by ``num_ranks``) and the metric sums travel in one buffer. ``microbatch`` > 0
+    processes each rank's local batch in micro-batches of that many images (one update per call all the same)."""
 
     def train_step(state: TrainState, batch):
-        def loss_fn(params):
-            loss, metrics, _ = loss_and_metrics(model, params, batch, num_classes, label_smoothing)
-            return loss, metrics
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        if allreduce is not None:  # gradients and metric sums: ONE buffer, ONE allreduce
-            names = sorted(metrics)
-            flat, unravel = ravel_pytree((grads, [metrics[k].astype(jnp.float32) for k in names]))
-            grads, sums = unravel(allreduce(flat))
-            grads = jax.tree_util.tree_map(lambda g: g / num_ranks, grads)
-            metrics = dict(zip(names, sums))
+        grads, metrics = local_gradients(model, state.params, batch, num_classes, label_smoothing, microbatch)
+        if allreduce is not None:
+            grads, metrics = allreduce_packed(grads, metrics, allreduce, num_ranks)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -80,4 +138,3 @@ def make_eval_step(model, num_classes: int):
         return metrics, jnp.argmax(logits, -1)
 
     return jax.jit(eval_step)
-

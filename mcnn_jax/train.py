@@ -30,7 +30,7 @@ from .flops import mcnn_flops
 from .metrics_log import MetricsLog, Progress
 from .models import from_config, init_params
 from .runtime import StopRequest, setup_logging
-from .step import create_state, make_train_step
+from .step import create_state, make_train_step, num_microbatches
 
 
 class TrainingDiverged(RuntimeError):
@@ -154,15 +154,17 @@ def _open_data(config, workdir, world):
     from .data import split_indices
     from .data.prepare import prepare_store
 
+    if config.train.global_batch % world.size:
+        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
+                         f"MPI ranks; choose a multiple of {world.size}")
+    num_microbatches(config.train.global_batch // world.size, config.train.microbatch,  # raises unless it divides
+                     f"train.global_batch={config.train.global_batch} / {world.size} MPI rank(s)")
     store = prepare_store(config, workdir, world)
     train_idx, val_idx = split_indices(store, config.data)
     h, w, c = store.image_shape
     if tuple(config.model.input_shape) != (h, w, c):
         raise ValueError(f"the store {store.path} holds {h}x{w}x{c} images but config.model.input_shape is "
                          f"{tuple(config.model.input_shape)}: set --config.model.input_shape='({h}, {w}, {c})'")
-    if config.train.global_batch % world.size:
-        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
-                         f"MPI ranks; choose a multiple of {world.size}")
     return store, train_idx, val_idx
 
 
@@ -182,11 +184,12 @@ def _readers(config, store, train_idx, val_idx, world, stack):
     from .data import Reader
 
     gb, local = config.train.global_batch, config.train.global_batch // world.size
+    eval_batch = config.train.eval_batch or config.train.microbatch or local
     reader = stack.enter_context(contextlib.closing(Reader(
         store, train_idx, gb, rank=world.rank, num_ranks=world.size, seed=config.seed,
         augment=config.data.augment, train=True, prefetch=config.data.prefetch)))
     eval_reader = stack.enter_context(contextlib.closing(Reader(
-        store, val_idx, (config.train.eval_batch or local) * world.size, rank=world.rank, num_ranks=world.size,
+        store, val_idx, eval_batch * world.size, rank=world.rank, num_ranks=world.size,
         seed=config.seed, augment=None, train=False, prefetch=config.data.prefetch)))
     return reader, eval_reader
 
@@ -204,7 +207,8 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints)))
     state = _initial_state(config, model, tx, image_shape, ckpt, world)
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
-                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule)
+                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
+                                 microbatch=config.train.microbatch)
     reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
     progress = stack.enter_context(contextlib.closing(Progress(
@@ -218,11 +222,13 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
               progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
               buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3)
     h, w, c = image_shape
+    mb = config.train.microbatch
+    micro = f" (micro-batches of {mb} images)" if 0 < mb < gb // world.size else ""
     if world.is_primary:
         (workdir / "config.json").write_text(config_to_json(config))
     logging.info(f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
                  f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {gb // world.size} images = "
-                 f"global batch {gb}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
+                 f"global batch {gb}{micro}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
     return run
 
 
