@@ -63,6 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.step_epochs = (30.0, 60.0)  # decay="step"
     c.optim.step_gamma = 0.1
     c.optim.epochs = 50.0
+    # the collapsed ensemble: after the main run's epochs, `cycles` cosine-restart cycles of `cycle_epochs` each,
+    # restarting at cycle_base_lr (at base_batch, scaled linearly) and decaying to end_lr; the checkpoints at the
+    # end of the main run and of each cycle are kept as snapshots (mcnn-eval --checkpoint snapshots averages them)
+    c.optim.cycles = 0
+    c.optim.cycle_epochs = 2.0
+    c.optim.cycle_base_lr = 0.004
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
     published_recipe(c)  # name, momentum, learning rates and schedule, label smoothing, weight decay
 

@@ -130,11 +130,24 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
     return jax.jit(train_step, donate_argnums=(0,))  # the old state's buffers are reused
 
 
-def make_eval_step(model, num_classes: int):
-    """Jitted ``(params, batch) -> (metrics, predictions)``; metrics are masked sums."""
+def ensemble_log_probs(model, members, images):
+    """The log of the mean over ``members`` (a list of parameter trees) of the model's class probabilities: the
+    ensemble's prediction (one member: its log-softmax)."""
+    logs = jnp.stack([jax.nn.log_softmax(model.apply({"params": p}, images)) for p in members])
+    return jax.nn.logsumexp(logs, axis=0) - jnp.log(len(members))
 
-    def eval_step(params, batch):
-        _, metrics, logits = loss_and_metrics(model, params, batch, num_classes, 0.0)
-        return metrics, jnp.argmax(logits, -1)
+
+def make_eval_step(model, num_classes: int):
+    """Jitted ``(members, batch) -> (metrics, predictions)`` of an ensemble (``members``: a list of parameter
+    trees, one for a single model) that averages its members' probabilities; metrics are masked sums."""
+
+    def eval_step(members, batch):
+        log_p = ensemble_log_probs(model, members, batch["image"])
+        labels, mask = batch["label"], _mask(batch)
+        per_example = -jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
+        predictions = jnp.argmax(log_p, -1)
+        metrics = dict(loss_sum=(per_example * mask).sum(), correct=((predictions == labels) * mask).sum(),
+                       count=mask.sum())
+        return metrics, predictions
 
     return jax.jit(eval_step)

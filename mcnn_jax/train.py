@@ -142,11 +142,14 @@ class Run:
     profiler: Profiler
     train_flops: float  # training FLOPs per image (forward + backward)
     buffer_size: int  # float32 elements of the step's one allreduce (gradients + metric sums)
+    snapshot_steps: tuple = ()  # the collapsed ensemble's snapshots: evaluated and kept
 
     def meta(self, state, chrono: Chrono) -> dict:
-        return dict(config=json.loads(config_to_json(self.config)), data_position=int(state.step),
-                    ranks=self.world.size, elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
-                    class_names=list(self.store.class_names), store=str(self.store.path))
+        step = int(state.step)
+        return dict(config=json.loads(config_to_json(self.config)), data_position=step, ranks=self.world.size,
+                    elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
+                    class_names=list(self.store.class_names), store=str(self.store.path),
+                    snapshot=step in self.snapshot_steps)
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
@@ -201,10 +204,12 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     model = from_config(config.model, num_classes=num_classes)
     gb = config.train.global_batch
     spe = optim.steps_per_epoch(len(train_idx), gb)
-    total_steps = config.train.max_steps or math.ceil(config.optim.epochs * spe)
+    total_steps = config.train.max_steps or optim.total_steps(config.optim, spe)
+    snapshots = optim.snapshot_steps(config.optim, spe)
     schedule = optim.make_schedule(config.optim, spe, gb)
     tx = optim.make_optimizer(config.optim, schedule)
-    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints)))
+    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints,
+                                                                      snapshots)))
     state = _initial_state(config, model, tx, image_shape, ckpt, world)
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
                                  allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
@@ -220,7 +225,8 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
               batches=reader.iterate(start_step=int(state.step)),
               evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
               progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
-              buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3)
+              buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3,
+              snapshot_steps=tuple(snapshots))
     h, w, c = image_shape
     mb = config.train.microbatch
     micro = f" (micro-batches of {mb} images)" if 0 < mb < gb // world.size else ""
@@ -322,9 +328,10 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
         if not math.isfinite(loss):
             raise _diverged(run, step, loss)
         _log_train(run, step, m, chrono, wait_s, step_s)
-        val_acc = _evaluate(run, state, step, chrono, out) if itstime(step, _eval_every(run), run.total_steps) else None
+        evaluate = itstime(step, _eval_every(run), run.total_steps) or step in run.snapshot_steps
+        val_acc = _evaluate(run, state, step, chrono, out) if evaluate else None
         preempted = run.world.allreduce_max(stop.signum) > 0
-        if val_acc is not None or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
+        if evaluate or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
             run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
         if preempted:
             run.progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command to "
