@@ -36,7 +36,7 @@ def parse_layouts(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv=None):
-    from bench_train import run_child
+    from bench_train import emit, run_child
     from profile_step import machine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,12 +61,7 @@ def main(argv=None):
             r["fits_24gib"] = r["peak_rss_gb"] < 24.0
         runs.append(r)
         print(json.dumps(r), flush=True)
-    result = dict(machine=machine(), height=a.height, width=a.width, variant=a.variant, runs=runs)
-    text = json.dumps(result, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit(dict(machine=machine(), height=a.height, width=a.width, variant=a.variant, runs=runs), a.out)
 
 
 if __name__ == "__main__":

@@ -185,9 +185,14 @@ def main(argv=None):
             print(json.dumps(r), flush=True)
     result = dict(machine=m if runs and m else machine(), matmul_peak_parent_gflops=round(matmul_peak(), 1),
                   height=a.height, width=a.width, xla_flags=a.xla_flags, runs=runs)
+    emit(result, a.out)
+
+
+def emit(result: dict, out: str = ""):
+    """Prints ``result`` as JSON and writes it to ``out`` (if given)."""
     text = json.dumps(result, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text)
     print(text)
 
