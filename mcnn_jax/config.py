@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.background = "noisy"
     c.data.synthetic.saturation = 0
     c.data.synthetic.bits = 16
+    c.data.synthetic.difficulty = 0.0  # 0..1: weaker, more variable phenotypes and more noise (a harder screen)
     c.data.split = "random"  # "random" (seeded, stratified) or "compound" (leave one compound out)
     c.data.val_fraction = 0.2
     c.data.holdout_compound = ""  # with split="compound": the compound whose images are the validation set
