@@ -17,9 +17,11 @@ of the first classes needs several scales to be told apart:
 
 Beyond the ten phenotypes, classes reuse them at a higher strength (``coarse-dense-2``, ...). Each mechanism has
 ``compounds_per_class`` compounds with slightly different potency and ``concentrations`` concentrations, so that
-leave-one-compound-out validation works. ``difficulty`` (0..1; ``data.synthetic.difficulty``) makes a harder screen:
-weaker phenotypes that vary from image to image, so that classes overlap, and more noise (``hard_params``). Cell sizes are in pixels (as a microscope would see them), so a small
+leave-one-compound-out validation works. Cell sizes are in pixels (as a microscope would see them), so a small
 field is a crop of a large one; at 256x256 a field has ~20 control cells.
+
+``difficulty`` (0..1; ``data.synthetic.difficulty``) makes a harder screen: weaker phenotypes that vary from
+image to image, so that classes overlap, and more noise (``hard_params``).
 """
 
 from __future__ import annotations
