@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -55,6 +56,19 @@ class Evaluator:
         per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
         return dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
                     per_class_accuracy=per_class, confusion=confusion, count=int(count))
+
+
+def predict_probabilities(model, members, reader) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities [N, classes], labels [N]) of the images of one pass of an evaluation ``reader``, in its
+    order (padding dropped): the mean of the ``members``' (a list of parameter trees) class probabilities."""
+    from .step import ensemble_log_probs
+    fn = jax.jit(lambda ms, images: jnp.exp(ensemble_log_probs(model, ms, images)))
+    probs, labels = [], []
+    for _, batch in reader.iterate():
+        keep = batch["mask"] > 0
+        probs.append(np.asarray(fn(list(members), batch["image"]))[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(probs), np.concatenate(labels)
 
 
 def load_model(workdir, checkpoint: str | int = "best"):

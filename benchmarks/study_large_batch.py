@@ -1,0 +1,234 @@
+"""The large-batch study (issue 13): does a 16x larger global batch reach the base batch's accuracy in the same
+number of epochs? One command, JSON + PNG out.
+
+On a harder synthetic screen (``data.synthetic.difficulty``; weaker, image-to-image varying phenotypes and more
+noise) at a reduced field size, with the published M-CNN branch structure (seven branches, pool factors 1..64)
+at thin widths, every recipe trains at global batches ``base x multiplier`` for the same number of epochs:
+
+- ``nesterov``: Nesterov momentum 0.9, the linear scaling rule (``lr = base_lr x batch / base``), a 5-epoch
+  linear warmup from ``warmup_init_lr``, linear decay (the published recipe, with this study's ``base_lr``);
+- ``lars``: LARS (masks as in ``mcnn_jax.optim``), the same warmup, polynomial decay (power 2);
+- ``adamw``: AdamW, the same warmup, cosine decay (optional).
+
+Then the collapsed ensemble (``optim.cycles``): at the batches of ``--ensemble-batches``, the ``--ensemble-recipe``
+trains ``epochs - cycles x cycle_epochs`` main epochs plus the cycles (the same total epochs as the single model)
+and its snapshots are evaluated as an ensemble (mean probabilities).
+
+Reported per run (``<out>/study.json``): final and best validation accuracy (per image; per treatment, i.e. the
+mean probabilities of each (compound, concentration)'s validation images, at the end), the epochs to the target
+accuracy, throughput, and the curves; ``<out>/study.png`` has the training and validation loss of all runs.
+Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the study is rerun).
+
+    python benchmarks/study_large_batch.py --out study                      # the study (~40 min on 2 cores)
+    python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
+        --base-batch 4 --recipes nesterov,lars --ensemble-batches 8 --cycles 1 --cycle-epochs 0.5   # tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RECIPES = {
+    "nesterov": dict(name="nesterov", momentum=0.9, decay="linear"),
+    "lars": dict(name="lars", momentum=0.9, nesterov=False, decay="polynomial", power=2.0),
+    "adamw": dict(name="adamw", decay="cosine"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for study.json, study.png, runs/ and data/")
+    p.add_argument("--store", default="", help="an existing store (default: generate the hard screen in --out)")
+    p.add_argument("--images", type=int, default=1536)
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--size", type=int, default=128, help="field height and width (a multiple of 128)")
+    p.add_argument("--difficulty", type=float, default=0.7)
+    p.add_argument("--widths", default="4,4,4,8,8,8,8", help="the seven branches' widths")
+    p.add_argument("--epochs", type=float, default=20.0)
+    p.add_argument("--base-batch", type=int, default=16)
+    p.add_argument("--multipliers", default="1,4,16")
+    p.add_argument("--recipes", default="nesterov,lars")
+    p.add_argument("--lr", default="nesterov=0.05,lars=2.0,adamw=0.002", help="base learning rate at the base "
+                   "batch per recipe (scaled linearly with the batch)")
+    p.add_argument("--warmup-epochs", type=float, default=5.0)
+    p.add_argument("--target", type=float, default=0.0, help="target validation accuracy (0: the base batch's "
+                   "best accuracy with the first recipe minus 0.01)")
+    p.add_argument("--ensemble-recipe", default="nesterov")
+    p.add_argument("--ensemble-batches", default="", help="global batches with a collapsed-ensemble run "
+                   "(default: the largest)")
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--cycle-epochs", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0):
+    """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs)."""
+    from mcnn_jax.config import base_config
+
+    c = base_config()
+    c.seed = a.seed
+    c.data.store = store
+    c.data.augment.rot90 = True
+    c.model.input_shape = (a.size, a.size, 3)
+    c.model.widths = tuple(int(w) for w in a.widths.split(","))
+    c.model.merge_width, c.model.head_width = 32, 32
+    lrs = dict(item.split("=") for item in a.lr.split(","))
+    c.optim.update(RECIPES[recipe])
+    c.optim.update(base_lr=float(lrs[recipe]), base_batch=a.base_batch, warmup_epochs=a.warmup_epochs,
+                   warmup_init_lr=float(lrs[recipe]) / 10, end_lr=float(lrs[recipe]) / 100,
+                   epochs=a.epochs - cycles * a.cycle_epochs, cycles=cycles, cycle_epochs=a.cycle_epochs,
+                   cycle_base_lr=float(lrs[recipe]) / 2)
+    c.train.update(global_batch=batch, max_steps=0, eval_every_epochs=1.0, log_every_steps=1, progress="log",
+                   keep_checkpoints=1, eval_batch=64)
+    return c
+
+
+def evaluate_run(workdir: Path, store, val_idx, which: str) -> dict:
+    """Image- and treatment-level accuracy of checkpoint(s) ``which`` on the validation images."""
+    from mcnn_jax.data import Reader
+    from mcnn_jax.evaluate import load_ensemble, predict_probabilities
+
+    model, members, _ = load_ensemble(workdir, which)
+    reader = Reader(store, val_idx, 64, augment=None, train=False)
+    try:
+        probs, labels = predict_probabilities(model, members, reader)
+    finally:
+        reader.close()
+    compound = np.asarray(store.metadata["compound"])[val_idx]
+    conc = np.asarray(store.metadata["concentration"], dtype=str)[val_idx]
+    treatments = sorted(set(zip(compound, conc)))
+    hits = [probs[(compound == t) & (conc == c)].mean(0).argmax() == labels[(compound == t) & (conc == c)][0]
+            for t, c in treatments]
+    return dict(members=len(members), image_accuracy=float((probs.argmax(1) == labels).mean()),
+                treatment_accuracy=float(np.mean(hits)), treatments=len(treatments),
+                loss=float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean()))
+
+
+def curves(workdir: Path) -> dict:
+    """Per-epoch mean training loss, validation loss and accuracy from metrics.jsonl."""
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    by_epoch: dict[int, list] = {}
+    for r in train:
+        by_epoch.setdefault(int(np.ceil(r["epoch"] - 1e-9)), []).append(r["loss"])
+    val = [r for r in records if r["split"] == "val"]
+    return dict(train_epoch=sorted(by_epoch), train_loss=[float(np.mean(by_epoch[e])) for e in sorted(by_epoch)],
+                val_epoch=[r["epoch"] for r in val], val_loss=[r["loss"] for r in val],
+                val_accuracy=[r["accuracy"] for r in val])
+
+
+def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0) -> dict:
+    from mcnn_jax.train import train_and_evaluate
+
+    name = f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "")
+    workdir = out / "runs" / name
+    config = make_config(a, str(store.path), recipe, batch, cycles)
+    if (workdir / "summary.json").is_file():
+        summary = json.loads((workdir / "summary.json").read_text())
+    else:
+        summary = train_and_evaluate(config, workdir)
+    row = dict(name=name, recipe=recipe, global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles,
+               epochs=a.epochs, peak_lr=config.optim.base_lr * batch / a.base_batch, steps=summary["final_step"],
+               wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
+    row["final"] = evaluate_run(workdir, store, val_idx, "latest")
+    row["best_val_accuracy"] = max(row["val_accuracy"])
+    if cycles:
+        row["ensemble"] = evaluate_run(workdir, store, val_idx, "snapshots")
+    return row
+
+
+def epochs_to(row: dict, target: float):
+    return next((e for e, acc in zip(row["val_epoch"], row["val_accuracy"]) if acc >= target), None)
+
+
+def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
+    """Per recipe: the base batch's best accuracy, and for each larger batch the gap to the base batch of the
+    first recipe and whether it is within 1 point."""
+    singles = [r for r in rows if not r["cycles"]]
+    reference = next(r for r in singles if r["global_batch"] == base_batch)
+    out = dict(reference=reference["name"], reference_best=reference["best_val_accuracy"], target=target)
+    for recipe in dict.fromkeys(r["recipe"] for r in singles):
+        mine = sorted((r for r in singles if r["recipe"] == recipe), key=lambda r: r["global_batch"])
+        gaps = {r["global_batch"]: round(reference["best_val_accuracy"] - r["best_val_accuracy"], 4) for r in mine}
+        within = [b for b, g in gaps.items() if g <= 0.01]
+        out[recipe] = dict(gap_to_reference=gaps, within_1_point=within,
+                           breaks_down_at=next((b for b, g in gaps.items() if g > 0.01), None))
+    return out
+
+
+def plot(rows: list[dict], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for r in rows:
+        label = f"{r['recipe']} x{r['multiplier']:g} ({r['global_batch']})" + (" ens" if r["cycles"] else "")
+        line, = axes[0].plot(r["train_epoch"], r["train_loss"], label=label)
+        axes[1].plot(r["val_epoch"], r["val_loss"], color=line.get_color(), label=label)
+        axes[2].plot(r["val_epoch"], r["val_accuracy"], color=line.get_color(), label=label)
+    for ax, title in zip(axes, ("training loss (epoch mean)", "validation loss", "validation accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    from mcnn_jax.data import open_store, prepare_synthetic_store, split_indices
+    from mcnn_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
+    out = Path(a.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    path = a.store or prepare_synthetic_store(out / "data", a.images, a.classes, a.size, a.size, seed=a.seed,
+                                              difficulty=a.difficulty, progress=False)
+    store = open_store(path)
+    _, val_idx = split_indices(store, make_config(a, str(path), "nesterov", a.base_batch).data)
+    batches = [a.base_batch * int(m) for m in a.multipliers.split(",")]
+    order = batches[:1] + batches[:0:-1]  # the base batch, then the largest first: the key comparison comes early
+    plan = [(recipe, b, 0) for recipe in a.recipes.split(",") for b in order]
+    plan += [(a.ensemble_recipe, b, a.cycles) for b in [int(x) for x in a.ensemble_batches.split(",") if x]
+             or [batches[-1]]]
+    rows = []
+    for recipe, b, cycles in plan:  # study.json is rewritten after every run: a partial study is readable
+        rows.append(run_one(a, out, store, val_idx, recipe, b, cycles))
+        result = report(a, out, rows, dict(store=str(path), val_images=len(val_idx), wall_s=time.perf_counter() - t0,
+                                           runs_planned=len(plan), complete=len(rows) == len(plan)))
+    print(json.dumps(dict(conclusions=result["conclusions"], runs=[
+        {k: r[k] for k in ("name", "best_val_accuracy", "epochs_to_target", "final", "images_per_s")
+         } | ({"ensemble": r["ensemble"]} if "ensemble" in r else {}) for r in rows]), indent=1, default=float))
+    return result
+
+
+def report(a, out: Path, rows: list[dict], extra: dict) -> dict:
+    """Epochs to the target, the conclusions, study.json (atomically) and study.png of the runs so far."""
+    target = a.target or round(rows[0]["best_val_accuracy"] - 0.01, 4)
+    for r in rows:
+        r["epochs_to_target"] = epochs_to(r, target)
+    result = dict(args=vars(a), **extra, conclusions=conclusions(rows, a.base_batch, target), runs=rows)
+    tmp = out / "study.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    os.replace(tmp, out / "study.json")
+    plot(rows, out / "study.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
