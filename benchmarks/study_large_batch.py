@@ -133,10 +133,13 @@ def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int =
     name = f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "")
     workdir = out / "runs" / name
     config = make_config(a, str(store.path), recipe, batch, cycles)
-    if (workdir / "summary.json").is_file():
-        summary = json.loads((workdir / "summary.json").read_text())
-    else:
+    done = workdir / "summary.json"
+    summary = json.loads(done.read_text()) if done.is_file() else {"preempted_at_step": None}
+    if "preempted_at_step" in summary:  # not started, or stopped by a signal: train (or resume)
         summary = train_and_evaluate(config, workdir)
+        if "preempted_at_step" in summary:
+            raise SystemExit(f"the run {name} was stopped at step {summary['preempted_at_step']}; rerun the same "
+                             f"command to resume the study")
     row = dict(name=name, recipe=recipe, global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles,
                epochs=a.epochs, peak_lr=config.optim.base_lr * batch / a.base_batch, steps=summary["final_step"],
                wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
