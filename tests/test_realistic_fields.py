@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcnn_jax import MCNN, fastconv
+from mcnn_jax import MCNN, pool, xla_conv
 
 from conftest import loss_fn, rel_err
 from fields import KINDS, field, fields
@@ -37,7 +37,7 @@ def _pool_input(kind, seed=0):
     """relu(conv(field) + bias): what the model's max-pools see (a 5x5 box filter, bias 0.05)."""
     x = jnp.asarray(fields(kind, 2, 128, 128, 3, seed))
     kern = jnp.full((5, 5, 3, 4), 0.04).at[..., 1].set(-0.04)  # channel 1 is mostly ReLU'd to exactly 0
-    return jax.nn.relu(fastconv.conv_xla(x, kern) + 0.05)
+    return jax.nn.relu(xla_conv.conv_xla(x, kern) + 0.05)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -46,7 +46,7 @@ def test_max_pool_matches_xla_value_and_gradient(kind):
     most_ties = 0
     for f in (2, 4, 8, 16, 32, 64):
         y0, vjp0 = jax.vjp(lambda a: nn.max_pool(a, (f, f), strides=(f, f)), z)
-        y1, vjp1 = jax.vjp(lambda a: fastconv.max_pool(a, f), z)
+        y1, vjp1 = jax.vjp(lambda a: pool.max_pool(a, f), z)
         np.testing.assert_array_equal(y1, y0)
         ct = jax.random.normal(jax.random.key(f), y0.shape)
         np.testing.assert_array_equal(vjp1(ct)[0], vjp0(ct)[0])  # the same input gets each window's gradient
@@ -59,7 +59,7 @@ def test_max_pool_matches_xla_value_and_gradient(kind):
 def test_max_pool_gradient_sums_to_the_output_gradient():
     z = jnp.zeros((1, 64, 64, 2)).at[0, 3, 5, 1].set(-1.0)  # every window all ties (but one entry)
     for f in (2, 8, 64):
-        y, vjp = jax.vjp(lambda a: fastconv.max_pool(a, f), z)
+        y, vjp = jax.vjp(lambda a: pool.max_pool(a, f), z)
         ct = jnp.ones_like(y)
         g = vjp(ct)[0]
         np.testing.assert_array_equal(g.reshape(1, 64 // f, f, 64 // f, f, 2).sum((2, 4)), ct)
@@ -68,7 +68,7 @@ def test_max_pool_gradient_sums_to_the_output_gradient():
 
 def test_max_pool_propagates_nan_like_max():
     z = jnp.arange(32.0).reshape(1, 4, 4, 2).at[0, 1, 1, 0].set(jnp.nan)
-    y = fastconv.max_pool(z, 2)
+    y = pool.max_pool(z, 2)
     ref = nn.max_pool(z, (2, 2), strides=(2, 2))
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
     np.testing.assert_array_equal(y[~np.isnan(y)], ref[~np.isnan(ref)])
