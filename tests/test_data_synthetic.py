@@ -85,3 +85,19 @@ def test_prepare_is_idempotent_and_resumes(tmp_path, monkeypatch):
     # other parameters rebuild the store
     s2 = open_store(prepare_synthetic_store(root, 20, 4, 64, 64, seed=1, progress=False))
     assert s2.num_images == 20
+
+
+def test_layout_has_weeks_as_bbbc021():
+    """Each compound in one week (batch), the compounds of a mechanism in different weeks, DMSO on every plate,
+    plate names Week<k>_<id> and one image per (plate, well, site)."""
+    sites = S.layout(640, 8, seed=0, wells_per_plate=20)
+    weeks = {}
+    for s in sites:
+        weeks.setdefault(s.compound, set()).add(s.week)
+    assert all(len(w) == 1 for c, w in weeks.items() if c != "DMSO") and weeks["DMSO"] == {1, 2, 3}
+    for c in range(1, 8):
+        assert len({next(iter(weeks[n])) for n in S.compound_names(c, 3)}) == 3
+    plates = {s.plate for s in sites}
+    assert len(plates) > 3 and all(any(s.compound == "DMSO" for s in sites if s.plate == p) for p in plates)
+    assert len({(s.plate, s.well, s.site) for s in sites}) == len(sites)
+    assert S._plate_dir(sites[0])[1] == f"Week{sites[0].week}_{20000 + sites[0].plate}"
