@@ -178,8 +178,11 @@ def nearest_neighbours(profiles: pd.DataFrame, features=None, mode: str = "nsc",
             row.update(neighbour_compound=None, neighbour_concentration=np.nan, neighbour_moa=None,
                        similarity=np.nan, correct=np.nan)
         rows.append(row)
-    return pd.DataFrame(rows, columns=[COMPOUND, CONCENTRATION, MOA, "neighbour_compound",
-                                       "neighbour_concentration", "neighbour_moa", "similarity", "correct"])
+    return pd.DataFrame(rows, columns=MATCH_COLUMNS)
+
+
+MATCH_COLUMNS = [COMPOUND, CONCENTRATION, MOA, "neighbour_compound", "neighbour_concentration", "neighbour_moa",
+                 "similarity", "correct"]
 
 
 def nn_accuracy(matches: pd.DataFrame) -> dict:
