@@ -83,7 +83,7 @@ def image_metadata(store, indices) -> pd.DataFrame:
     for key, col in METADATA_COLUMNS.items():
         if key in store.metadata:
             values = np.asarray(store.metadata[key], dtype=object)[idx]
-            cols[col] = values.astype(float) if key == "concentration" else values.astype(str)
+            cols[col] = values.astype({"concentration": float, "site": np.int64}.get(key, str))
     labels = np.asarray(store.labels)[idx]
     cols[P.MOA] = np.asarray(store.class_names, dtype=object)[labels].astype(str)
     cols["Metadata_Label"] = labels.astype(np.int64)

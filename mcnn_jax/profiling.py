@@ -239,6 +239,17 @@ def compound_summary(df: pd.DataFrame, source: str = "the table") -> pd.DataFram
     return out.reset_index()
 
 
+def treatment_accuracy(probs, labels, compounds, concentrations, control: str = CONTROL) -> dict:
+    """Treatment-level accuracy from arrays (for a training loop's evaluation): the class with the highest mean
+    probability over each (compound, concentration)'s images against its label; the control is left out."""
+    df = pd.DataFrame({COMPOUND: np.asarray(compounds, dtype=object), CONCENTRATION: np.asarray(concentrations),
+                       MOA: np.asarray(labels).astype(str)})
+    probs = np.asarray(probs)
+    df = pd.concat([df, pd.DataFrame(probs, columns=[f"{PROB_PREFIX}{k}" for k in range(probs.shape[1])])], axis=1)
+    tr = treatment_predictions(df[df[COMPOUND] != control])
+    return dict(treatment_accuracy=float(tr["correct"].mean()) if len(tr) else None, treatments=len(tr))
+
+
 def prediction_summary(df: pd.DataFrame, control: str = CONTROL, source: str = "the table") -> dict:
     """Image, treatment-level (control excluded) and per-compound accuracy of a predictions table."""
     require_columns(df, [MOA, PREDICTED], "accuracy", source)

@@ -98,6 +98,13 @@ def test_treatment_level_accuracy_averages_probabilities():
     assert comp.loc["X", "image_accuracy"] == pytest.approx(1 / 3) and comp.loc["X", "treatment_accuracy"] == 1.0
 
 
+def test_treatment_accuracy_from_arrays():
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8]])
+    res = P.treatment_accuracy(probs, [1, 1, 1, 1, 0], ["X", "X", "X", "X", "DMSO"], [1.0, 1.0, 1.0, 2.0, 0.0])
+    # (X, 1): mean (0.4, 0.6) -> class 1, right; (X, 2): class 0, wrong; DMSO left out
+    assert res == dict(treatment_accuracy=0.5, treatments=2)
+
+
 def test_bad_tables_name_what_is_missing(table, tmp_path):
     with pytest.raises(P.TableError, match="Metadata_MoA"):
         P.treatment_profiles(table.drop(columns=["Metadata_MoA"]), source="emb.csv")
