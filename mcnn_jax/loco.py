@@ -103,7 +103,8 @@ def train_fold(config_file, fold_path: Path, store_path, compound: str, override
     return time.perf_counter() - t0
 
 
-def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL) -> dict:
+def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,
+                  normalize: bool = False) -> dict:
     """The fold's latest model on its held-out compound (predictions) and on every image (embeddings, NSC/NSCB)."""
     from .embed import open_run, write_image_table
 
@@ -114,7 +115,7 @@ def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", ba
     pred = write_image_table(model, params, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
     emb = write_image_table(model, params, st, np.arange(st.num_images), fold_path / "embeddings.parquet",
                             "embeddings", layer, batch)
-    nn = P.nsc_nscb(P.read_table(fold_path / "embeddings.parquet"), control=control, query_compounds=[compound])
+    nn = P.nsc_nscb(P.read_table(fold_path / "embeddings.parquet"), normalize, control, query_compounds=[compound])
     summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
     conf = pred["confusion"]
     return dict(compound=compound, step=meta["step"], images=int(conf.sum()),
@@ -141,8 +142,9 @@ def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
         + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
     train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
     t0 = time.perf_counter()
-    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control)
-    res.update(train_wall_s=train_s, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides))
+    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control, args.normalize)
+    res.update(train_wall_s=train_s, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides),
+               layer=args.layer, normalize=args.normalize)
     _atomic_json(path / MARKER, res)
     log(f"fold {path.name}: accuracy {res['accuracy']:.4f} on {res['images']} images of {compound!r}")
     return res
@@ -233,6 +235,8 @@ def parse_args(argv):
     p.add_argument("--no-report", action="store_true", help="run the fold(s) only (SLURM array tasks)")
     p.add_argument("--launcher", default="", help="prefix of each fold's training command, e.g. 'mpiexec -n 2'")
     p.add_argument("--layer", default="hidden", choices=("hidden", "merge"), help="embedding layer for NSC/NSCB")
+    p.add_argument("--normalize", action="store_true",
+                   help="NSC/NSCB: standardise features per plate against its DMSO images first")
     p.add_argument("--batch", type=int, default=8, help="evaluation batch")
     p.add_argument("--control", default=P.CONTROL, help="the control compound (not a fold; default DMSO)")
     args, rest = p.parse_known_args(argv)

@@ -19,8 +19,9 @@ Beyond the ten phenotypes, classes reuse them at a higher strength (``coarse-den
 ``compounds_per_class`` compounds with slightly different potency and ``concentrations`` concentrations, so that
 leave-one-compound-out validation works. As in BBBC021, each compound is imaged in one of three weeks (batches;
 plates ``Week<k>_<id>``, several per week when the screen is large), the compounds of one mechanism in different
-weeks, and every plate has DMSO wells, so that NSC / NSCB matching and per-plate normalisation apply. Cell sizes are in pixels (as a microscope would see them), so a small
-field is a crop of a large one; at 256x256 a field has ~20 control cells.
+weeks, and every plate has DMSO wells, so that NSC / NSCB matching and per-plate normalisation apply. Cell sizes
+are in pixels (as a microscope would see them), so a small field is a crop of a large one; at 256x256 a field has
+~20 control cells.
 """
 
 from __future__ import annotations
