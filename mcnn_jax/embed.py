@@ -220,7 +220,8 @@ def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = 
                       out="predictions.csv") -> dict:
     """``mcnn-eval --predictions``: writes the predictions table of a checkpoint and returns what
     ``evaluate.evaluate_checkpoint`` returns (loss, accuracy, per-class accuracy, confusion) plus
-    ``treatment_summary`` (``profiling.prediction_summary``; None when the store records no compounds)."""
+    ``treatment_summary`` (``profiling.prediction_summary``; None when the store records no compounds) and its
+    ``treatment_accuracy`` and number of ``treatments``."""
     model, params, meta, st, idx = open_run(workdir, checkpoint, store, split)
     res = write_image_table(model, params, st, idx, out, "predictions", batch=batch)
     conf = res["confusion"]
@@ -229,7 +230,9 @@ def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = 
     return dict(loss=res["loss"], accuracy=conf.trace() / max(conf.sum(), 1), confusion=conf,
                 per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1), count=int(conf.sum()),
                 step=meta["step"], store=str(st.path), class_names=list(st.class_names),
-                treatment_summary=summary, predictions=str(out))
+                treatment_summary=summary, predictions=str(out),
+                treatment_accuracy=summary and summary["treatment_accuracy"],
+                treatments=summary and summary["treatments"])
 
 
 def format_treatment_summary(summary) -> str:

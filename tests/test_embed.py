@@ -2,11 +2,11 @@
 mcnn-embed and mcnn-eval --predictions tables (columns, rows, values), atomic writes, a store without
 compounds."""
 
+import json
 from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -122,5 +122,8 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
                   "--predictions", str(tmp_path / "p.csv")])
     out = capsys.readouterr().out
     assert "the store records no compounds (Metadata_Compound is missing" in out
+    evaluate.run(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "p.csv"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["count"] == 48 and 0 <= doc["treatment_accuracy"] <= 1 and doc["treatments"] > 0
     df = pd.read_csv(tmp_path / "p.csv")
     assert len(df) == 6 and "Metadata_Compound" not in df.columns and "Metadata_Predicted_MoA" in df.columns
