@@ -122,7 +122,7 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
                   "--predictions", str(tmp_path / "p.csv")])
     out = capsys.readouterr().out
     assert "the store records no compounds (Metadata_Compound is missing" in out
-    evaluate.run(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "p.csv"), "--json"])
+    evaluate.run(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "all.csv"), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["count"] == 48 and 0 <= doc["treatment_accuracy"] <= 1 and doc["treatments"] > 0
     df = pd.read_csv(tmp_path / "p.csv")
