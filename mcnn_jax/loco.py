@@ -100,7 +100,22 @@ def train_fold(config_file, fold_path: Path, store_path, compound: str, override
         raise LocoError(f"the training of fold {fold_path.name} (held-out compound {compound!r}) failed with exit "
                         f"code {proc.returncode}; rerun the same command to resume it (command: "
                         f"{shlex.join(cmd)})")
+    check_trained(fold_path, compound)
     return time.perf_counter() - t0
+
+
+def check_trained(fold_path: Path, compound: str) -> None:
+    """A training stopped by a signal (SIGTERM from a scheduler, Ctrl-C) exits cleanly with a checkpoint; its
+    summary says so, and the fold must then be resumed, not evaluated."""
+    try:
+        summary = json.loads((fold_path / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LocoError(f"fold {fold_path.name} (held-out compound {compound!r}): no readable summary.json after "
+                        f"its training ({e}); rerun the same command to resume it") from None
+    if summary.get("preempted_at_step") is not None:
+        raise LocoError(f"the training of fold {fold_path.name} (held-out compound {compound!r}) was stopped by a "
+                        f"signal at step {summary['preempted_at_step']} of {summary.get('total_steps')}; its "
+                        f"checkpoint is kept: rerun the same command to resume it")
 
 
 def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,

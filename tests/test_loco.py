@@ -85,3 +85,16 @@ def test_single_compound_classes():
     st = SimpleNamespace(metadata={"class": ["DMSO", "a", "a", "b", "b", "c"],
                                    "compound": ["DMSO", "x", "y", "z", "z", "w"]})
     assert loco.single_compound_classes(st) == {"b": "z", "c": "w"}
+
+
+def test_a_fold_stopped_by_a_signal_is_not_evaluated(tmp_path):
+    """SIGTERM makes the trainer checkpoint and exit 0; its summary records it and the fold is not taken as trained."""
+    fold = tmp_path / "00-x"
+    fold.mkdir()
+    with pytest.raises(loco.LocoError, match="no readable summary.json"):
+        loco.check_trained(fold, "x")
+    (fold / "summary.json").write_text(json.dumps(dict(final_step=3, total_steps=10, preempted_at_step=3)))
+    with pytest.raises(loco.LocoError, match="stopped by a signal at step 3 of 10"):
+        loco.check_trained(fold, "x")
+    (fold / "summary.json").write_text(json.dumps(dict(final_step=10, total_steps=10)))
+    loco.check_trained(fold, "x")
