@@ -2,6 +2,7 @@
 store and prints accuracy and the confusion matrix.
 
     mcnn-eval --workdir runs/default [--checkpoint best|latest|STEP] [--store PATH] [--split val|train|all]
+              [--predictions FILE.csv|FILE.parquet]
 
 In a notebook, ``load_model(workdir)`` gives the model, its parameters and the checkpoint's metadata:
 
@@ -88,14 +89,23 @@ def run(argv=None):
     parser.add_argument("--split", default="val", choices=("val", "train", "all"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--predictions", default="", help="write one row per image (Metadata_*, true and "
+                        "predicted class, P_<class> probabilities) to this CSV or .parquet file, and print "
+                        "treatment-level and per-compound accuracy (mcnn_jax.embed)")
     args = parser.parse_args(argv)
     from .runtime import enable_compilation_cache
     enable_compilation_cache()
     try:
-        result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
+        if args.predictions:
+            from .embed import evaluate_to_table
+            result = evaluate_to_table(args.workdir, args.checkpoint, args.store, args.split, args.batch,
+                                       args.predictions)
+        else:
+            result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
     except (FileNotFoundError, ValueError) as e:
         print(f"mcnn-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
+    treatments = result.pop("treatment_summary", False)
     if args.json:
         print(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
         return
@@ -105,6 +115,10 @@ def run(argv=None):
     for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
         print(f"  {name:<28s} {acc:.4f}")
     print(format_confusion(np.asarray(result["confusion"]), result["class_names"]))
+    if treatments is not False:
+        from .embed import format_treatment_summary
+        print(f"predictions written to {result['predictions']}")
+        print(format_treatment_summary(treatments))
 
 
 def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
