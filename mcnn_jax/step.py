@@ -73,11 +73,11 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
 
 
 def make_eval_step(model, num_classes: int):
-    """Jitted ``(params, batch) -> (metrics, predictions)``; metrics are masked sums."""
+    """Jitted ``(params, batch) -> (metrics, class probabilities)``; metrics are masked sums."""
 
     def eval_step(params, batch):
         _, metrics, logits = loss_and_metrics(model, params, batch, num_classes, 0.0)
-        return metrics, jnp.argmax(logits, -1)
+        return metrics, jax.nn.softmax(logits, -1)
 
     return jax.jit(eval_step)
 

@@ -293,9 +293,10 @@ def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step
 def _evaluate(run: Run, state, step: int, chrono: Chrono, out: Outcome) -> float:
     ev = out.last_eval = run.evaluator.run(state.params)
     val_acc, wall = float(ev["accuracy"]), chrono.elapsed()
+    treatment = {k: ev[k] for k in ("treatment_accuracy", "treatments") if ev.get(k) is not None}
     run.log.write("val", step, loss=ev["loss"], accuracy=val_acc, epoch=step / run.steps_per_epoch, wall=wall,
                   per_class_accuracy=ev["per_class_accuracy"], confusion=ev["confusion"],
-                  class_names=run.store.class_names)
+                  class_names=run.store.class_names, **treatment)
     run.progress.log(f"step {step} (epoch {step / run.steps_per_epoch:.2f}): validation accuracy {val_acc:.4f}, "
                      f"loss {ev['loss']:.4f} on {ev['count']} images")
     out.best = val_acc if out.best is None else max(out.best, val_acc)
