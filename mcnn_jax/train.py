@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
-from . import optim
+from . import comm, optim
 from .checkpoint import config_to_json, host_tree, rank_checkpointer
 from .distributed import World, init_world
 from .evaluate import Evaluator
@@ -141,7 +142,7 @@ class Run:
     progress: Progress
     profiler: Profiler
     train_flops: float  # training FLOPs per image (forward + backward)
-    buffer_size: int  # float32 elements of the step's one allreduce (gradients + metric sums)
+    plan: comm.Plan  # how the step exchanges its gradients (train.comm)
 
     def meta(self, state, chrono: Chrono) -> dict:
         return dict(config=json.loads(config_to_json(self.config)), data_position=int(state.step),
@@ -167,15 +168,19 @@ def _open_data(config, workdir, world):
 
 
 def _initial_state(config, model, tx, image_shape, ckpt, world):
-    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks."""
-    state = create_state(init_params(model, jax.random.key(config.seed), image_shape), tx, config.seed)
+    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks.
+    Returns it with the exchange's plan (``train.comm``)."""
+    params = init_params(model, jax.random.key(config.seed), image_shape)
+    plan = comm.make_plan(config.train.comm, params, config.train.global_batch // world.size, world.size,
+                          config.train.powersgd_rank)
+    state = create_state(params, tx, config.seed, plan)
     start = world.bcast_object(ckpt.resolve("latest"))
     if start is not None:
         state, _ = ckpt.restore(start, state)  # rank 0 reads; the others get its state from the broadcast
         logging.info(f"resuming from the checkpoint of step {start} in {ckpt.directory}")
     state = world.bcast_tree(state)  # every rank starts from rank 0's parameters ...
     world.check_same(state.params)  # ... which is checked
-    return state
+    return state, plan
 
 
 def _readers(config, store, train_idx, val_idx, world, stack):
@@ -202,9 +207,11 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     schedule = optim.make_schedule(config.optim, spe, gb)
     tx = optim.make_optimizer(config.optim, schedule)
     ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints)))
-    state = _initial_state(config, model, tx, image_shape, ckpt, world)
+    state, plan = _initial_state(config, model, tx, image_shape, ckpt, world)
+    logging.info(plan.describe())
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
-                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule)
+                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
+                                 plan=plan, allgather=world.allgather if world.size > 1 else None)
     reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
     progress = stack.enter_context(contextlib.closing(Progress(
@@ -216,7 +223,7 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
               batches=reader.iterate(start_step=int(state.step)),
               evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
               progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
-              buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3)
+              plan=plan)
     h, w, c = image_shape
     if world.is_primary:
         (workdir / "config.json").write_text(config_to_json(config))
@@ -238,13 +245,14 @@ class Outcome:
     preempted_at: int | None = None
 
 
-def _run_step(run: Run, state, chrono: Chrono, step: int):
-    """Fetches the next global batch and runs the train step on it; returns the state, metrics and times."""
+def _run_step(run: Run, state, chrono: Chrono, step: int, signum: int):
+    """Fetches the next global batch and runs the train step on it (with this rank's stop signal, summed over
+    the ranks in the step's allreduce); returns the state, metrics and times."""
     t0 = time.perf_counter()
     _, batch = next(run.batches)
     t1 = time.perf_counter()
     run.profiler.before(step)
-    state, metrics = run.train_step(state, batch)  # compiled at the first call
+    state, metrics = run.train_step(state, batch, np.float32(signum))  # compiled at the first call
     m = jax.device_get(metrics)
     t2 = time.perf_counter()
     run.profiler.after(step)
@@ -282,7 +290,7 @@ def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step
     if itstime(step, run.config.train.log_every_steps, run.total_steps):
         extra = {}
         if run.world.size > 1:  # collective: every rank measures at the same steps
-            extra["allreduce_s"] = run.world.time_allreduce(run.buffer_size)
+            extra["allreduce_s"] = run.world.time_comm(**run.plan.sizes())  # all of the step's collectives
         run.log.write("train", step, loss=loss, accuracy=acc, lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
                       images_per_s=gb / max(wait_s + step_s, 1e-9), epoch=step / run.steps_per_epoch,
                       data_wait_s=wait_s, step_s=step_s, wall=chrono.elapsed(),
@@ -310,14 +318,14 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
     state, out = run.state, Outcome(step=run.start_step)
     ckpt_every = run.config.train.checkpoint_every_steps or _eval_every(run)
     while out.step < run.total_steps:
-        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1)
+        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1, stop.signum)
         step = out.step = out.step + 1
         loss = float(m["loss_sum"] / max(m["count"], 1))
         if not math.isfinite(loss):
             raise _diverged(run, step, loss)
         _log_train(run, step, m, chrono, wait_s, step_s)
         val_acc = _evaluate(run, state, step, chrono, out) if itstime(step, _eval_every(run), run.total_steps) else None
-        preempted = run.world.allreduce_max(stop.signum) > 0
+        preempted = m["stop"] > 0  # some rank caught a signal before this step: summed in the step's allreduce
         if val_acc is not None or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
             run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
         if preempted:
