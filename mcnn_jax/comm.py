@@ -1,6 +1,6 @@
 """How a train step exchanges its gradients between MPI ranks (``train.comm``), as pure functions over pytrees.
 
-98.5% of the M-CNN's parameters are in the first dense layer (40960 x 512 at 1024x1280). Four schemes:
+98.5% of the M-CNN's parameters are in the first dense layer (81920 x 512 at 1024x1280). Four schemes:
 
 - ``"allreduce"``: every gradient is summed by one packed allreduce (GradientFlow's fused "lazy" allreduce).
 - ``"factored"``: a dense layer's weight gradient over a batch is exactly ``dW = X^T D`` (X: the layer's inputs
@@ -12,7 +12,7 @@
 - ``"powersgd"`` (lossy, opt-in): the dense kernels' gradients are compressed to rank r (PowerSGD, Vogels et
   al. 2019): ``P = M Q`` is summed, orthonormalised, then ``Q = M^T P`` is summed (float32), with error
   feedback (``M`` = gradient + the error the compression left last step) and ``Q`` warm-started from the
-  last step. Traffic ``r x (n_in + n_out)`` per layer, independent of the number of ranks and of the batch.
+  last step (its orthonormal basis). At rank min(n_in, n_out) it is the plain sum, up to rounding. Traffic ``r x (n_in + n_out)`` per layer, independent of the number of ranks and of the batch.
 
 How the factored layers' local weight gradients are never computed (``local_gradients``): the loss is
 differentiated with respect to every parameter EXCEPT the factored layers' kernels, which enter as constants,
@@ -264,7 +264,9 @@ def exchange_powersgd(plan: Plan, grads: dict, sums: dict, state: dict, allreduc
         q = q_sum[k] / plan.ranks
         approx = p_hat[k] @ q.T
         out[_kernel(la)] = approx
-        new_state[k] = dict(q=q, error=m[k] - approx)
+        # warm start from Q's orthonormal basis: the same span when Q has full rank (so the same next P-hat),
+        # and a full basis when it does not (a gradient of rank < r), which keeps rank min(n_in, n_out) exact
+        new_state[k] = dict(q=_orthonormal(q), error=m[k] - approx)
     return out, sums, new_state
 
 
