@@ -31,7 +31,7 @@ from .flops import mcnn_flops
 from .metrics_log import MetricsLog, Progress
 from .models import from_config, init_params
 from .runtime import StopRequest, setup_logging
-from .step import create_state, make_train_step
+from .step import create_state, make_train_step, num_microbatches
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,11 +143,14 @@ class Run:
     profiler: Profiler
     train_flops: float  # training FLOPs per image (forward + backward)
     plan: comm.Plan  # how the step exchanges its gradients (train.comm)
+    snapshot_steps: tuple = ()  # the collapsed ensemble's snapshots: evaluated and kept
 
     def meta(self, state, chrono: Chrono) -> dict:
-        return dict(config=json.loads(config_to_json(self.config)), data_position=int(state.step),
-                    ranks=self.world.size, elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
-                    class_names=list(self.store.class_names), store=str(self.store.path))
+        step = int(state.step)
+        return dict(config=json.loads(config_to_json(self.config)), data_position=step, ranks=self.world.size,
+                    elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
+                    class_names=list(self.store.class_names), store=str(self.store.path),
+                    snapshot=step in self.snapshot_steps)
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
@@ -155,15 +158,17 @@ def _open_data(config, workdir, world):
     from .data import split_indices
     from .data.prepare import prepare_store
 
+    if config.train.global_batch % world.size:
+        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
+                         f"MPI ranks; choose a multiple of {world.size}")
+    num_microbatches(config.train.global_batch // world.size, config.train.microbatch,  # raises unless it divides
+                     f"train.global_batch={config.train.global_batch} / {world.size} MPI rank(s)")
     store = prepare_store(config, workdir, world)
     train_idx, val_idx = split_indices(store, config.data)
     h, w, c = store.image_shape
     if tuple(config.model.input_shape) != (h, w, c):
         raise ValueError(f"the store {store.path} holds {h}x{w}x{c} images but config.model.input_shape is "
                          f"{tuple(config.model.input_shape)}: set --config.model.input_shape='({h}, {w}, {c})'")
-    if config.train.global_batch % world.size:
-        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
-                         f"MPI ranks; choose a multiple of {world.size}")
     return store, train_idx, val_idx
 
 
@@ -187,11 +192,12 @@ def _readers(config, store, train_idx, val_idx, world, stack):
     from .data import Reader
 
     gb, local = config.train.global_batch, config.train.global_batch // world.size
+    eval_batch = config.train.eval_batch or config.train.microbatch or local
     reader = stack.enter_context(contextlib.closing(Reader(
         store, train_idx, gb, rank=world.rank, num_ranks=world.size, seed=config.seed,
         augment=config.data.augment, train=True, prefetch=config.data.prefetch)))
     eval_reader = stack.enter_context(contextlib.closing(Reader(
-        store, val_idx, (config.train.eval_batch or local) * world.size, rank=world.rank, num_ranks=world.size,
+        store, val_idx, eval_batch * world.size, rank=world.rank, num_ranks=world.size,
         seed=config.seed, augment=None, train=False, prefetch=config.data.prefetch)))
     return reader, eval_reader
 
@@ -203,15 +209,18 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     model = from_config(config.model, num_classes=num_classes)
     gb = config.train.global_batch
     spe = optim.steps_per_epoch(len(train_idx), gb)
-    total_steps = config.train.max_steps or math.ceil(config.optim.epochs * spe)
+    total_steps = config.train.max_steps or optim.total_steps(config.optim, spe)
+    snapshots = optim.snapshot_steps(config.optim, spe)
     schedule = optim.make_schedule(config.optim, spe, gb)
     tx = optim.make_optimizer(config.optim, schedule)
-    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints)))
+    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints,
+                                                                      snapshots)))
     state, plan = _initial_state(config, model, tx, image_shape, ckpt, world)
     logging.info(plan.describe())
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
                                  allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
-                                 plan=plan, allgather=world.allgather if world.size > 1 else None)
+                                 microbatch=config.train.microbatch, plan=plan,
+                                 allgather=world.allgather if world.size > 1 else None)
     reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
     progress = stack.enter_context(contextlib.closing(Progress(
@@ -223,13 +232,15 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
               batches=reader.iterate(start_step=int(state.step)),
               evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
               progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
-              plan=plan)
+              plan=plan, snapshot_steps=tuple(snapshots))
     h, w, c = image_shape
+    mb = config.train.microbatch
+    micro = f" (micro-batches of {mb} images)" if 0 < mb < gb // world.size else ""
     if world.is_primary:
         (workdir / "config.json").write_text(config_to_json(config))
     logging.info(f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
                  f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {gb // world.size} images = "
-                 f"global batch {gb}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
+                 f"global batch {gb}{micro}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
     return run
 
 
@@ -324,9 +335,10 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
         if not math.isfinite(loss):
             raise _diverged(run, step, loss)
         _log_train(run, step, m, chrono, wait_s, step_s)
-        val_acc = _evaluate(run, state, step, chrono, out) if itstime(step, _eval_every(run), run.total_steps) else None
+        evaluate = itstime(step, _eval_every(run), run.total_steps) or step in run.snapshot_steps
+        val_acc = _evaluate(run, state, step, chrono, out) if evaluate else None
         preempted = m["stop"] > 0  # some rank caught a signal before this step: summed in the step's allreduce
-        if val_acc is not None or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
+        if evaluate or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
             run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
         if preempted:
             run.progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command to "

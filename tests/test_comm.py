@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict
 
 from mcnn_jax import comm
 from mcnn_jax.models import MCNN, init_params
-from mcnn_jax.step import create_state, loss_and_metrics, make_train_step
+from mcnn_jax.step import create_state, local_gradients, loss_and_metrics, make_train_step
 
 from conftest import rel_err
 
@@ -161,3 +161,21 @@ def test_two_ranks_factored_and_auto_equal_the_plain_allreduce(tmp_path):
         assert res[f"{opt}/auto/4"]["factored"] == ["hidden"]  # logits 16 x 4: summing is cheaper at 2 x 4 images
         assert res[f"{opt}/factored/4"]["rel"] < 1e-5 and res[f"{opt}/auto/4"]["rel"] < 1e-5, res
         assert res[f"{opt}/powersgd/1"]["rel"] > 1e-4 and res[f"{opt}/factored/4"]["moved"] > 1e-2, res
+
+
+def test_factored_with_micro_batches_equals_the_plain_step(setup):
+    """The factors of the micro-batches are stacked (one gather per step): same update as one plain batch."""
+    params, batch, _ = setup
+    batch6 = dict(image=np.concatenate([batch["image"], batch["image"][:1]]), label=np.array([0, 1, 2, 0, 1, 2]))
+    tx = optax.sgd(0.5)
+    plain = make_train_step(MODEL, tx, 3, 0.1)
+    factored_plan = comm.make_plan("factored", params, 6, 1)
+    micro = make_train_step(MODEL, tx, 3, 0.1, microbatch=2, plan=factored_plan)
+    _, _, factors = local_gradients(MODEL, params, batch6, 3, 0.1, microbatch=2, plan=factored_plan)
+    assert factors[("hidden",)][0].shape == (6, 40) and factors[("logits",)][1].shape == (6, 3)
+    s0, m0 = plain(create_state(jax.tree_util.tree_map(jnp.array, params), tx, 0), batch6)
+    s1, m1 = micro(create_state(jax.tree_util.tree_map(jnp.array, params), tx, 0), batch6)
+    assert float(m1["count"]) == 6 and abs(float(m1["loss_sum"]) - float(m0["loss_sum"])) < 1e-4
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params), jax.tree_util.tree_leaves(s0.params)):
+        assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
+    assert rel_err(s0.params["hidden"]["kernel"], params["hidden"]["kernel"]) > 1e-3

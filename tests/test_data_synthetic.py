@@ -109,3 +109,21 @@ def test_realistic_camera_flat_saturated_8bit(tmp_path):
     assert zeros > 0.4, zeros  # the flat background maps to exactly 0 after per-plate scaling
     assert (images == np.iinfo(images.dtype).max).mean() > 0.001  # saturated objects stay flat at the top
     assert store.info["synthetic"]["camera"] == dict(background="flat", saturation=1500, bits=8)
+
+
+def test_difficulty_weakens_the_phenotypes_and_adds_noise():
+    """difficulty 0 is the nominal screen; at 1 the dense class's cell density is closer to DMSO's, varies from
+    image to image, and the pixels are noisier; outside [0, 1] is an error."""
+    rng = lambda i: np.random.default_rng([5, i])  # noqa: E731
+    dense = S.class_names(2).index("coarse-dense")
+    assert S.hard_params(dense, 1.0, 0.0, rng(0)) == S.phenotype_params(dense, 1.0)
+    control, nominal = S.BASE["density"], S.phenotype_params(dense, 1.0)["density"]
+    hard = [S.hard_params(dense, 1.0, 1.0, rng(i)) for i in range(20)]
+    densities = np.array([p["density"] for p in hard])
+    assert (densities < nominal).all() and densities.min() < 1.15 * control < nominal and densities.std() > 0
+    assert all(p["noise"] == 250.0 for p in hard)
+    quiet = S.render_field(rng(1), 128, 128, S.phenotype_params(0))
+    noisy = S.render_field(rng(1), 128, 128, dict(S.phenotype_params(0), noise=250.0))
+    assert np.diff(noisy[0].astype(np.float32), axis=1).std() > 2 * np.diff(quiet[0].astype(np.float32), axis=1).std()
+    with pytest.raises(ValueError, match="difficulty must be in"):
+        S.hard_params(dense, 1.0, 1.5, rng(0))
