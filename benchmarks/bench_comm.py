@@ -240,10 +240,8 @@ def main(argv=None):
     result["projection"] = project(args, full, node_gflops)
     if not args.skip_measure:
         print_report(result)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    from bench_train import emit
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

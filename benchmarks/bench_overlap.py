@@ -25,7 +25,6 @@ pass, 0 if the runtime ran it alone. JSON on stdout (and ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -59,7 +58,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    times, sleep = measure(args)
+    import jax
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    result = dict(benchmark="bench_overlap", command=" ".join([sys.executable, *sys.argv]),
+                  image_shape=[args.height, args.width, 3], batch=args.batch, sleep_s=sleep, steps=args.steps,
+                  jax=jax.__version__, loadavg=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  step_s=times, median_s=med,
+                  extra_s=dict(gather=med["gather"] - med["base"], reduce=med["reduce"] - med["base"]),
+                  hidden_fraction=dict(gather=1 - (med["gather"] - med["base"]) / sleep,
+                                       reduce=1 - (med["reduce"] - med["base"]) / sleep))
+    from bench_train import emit
+    emit(result, args.out)
 
+
+def measure(args):
+    """Per variant (base, gather, reduce) the seconds of ``args.steps`` alternated steps, and the sleep."""
     import jax
     import numpy as np
     import optax
@@ -81,15 +95,13 @@ def main(argv=None):
         reduce = slow(sleep_reduce, False) if sleep_reduce else None
         return make_train_step(model, tx, 13, plan=plan, allgather=gather, allreduce=reduce)
 
-    state = create_state(params, tx, 0, plan)
-
     def timed(step, state):
         t0 = time.perf_counter()
         state, m = step(state, batch)
         jax.block_until_ready((state, m))
         return state, time.perf_counter() - t0
 
-    base = build(0.0, 0.0)
+    state, base = create_state(params, tx, 0, plan), build(0.0, 0.0)
     for _ in range(2):  # compile, warm
         state, t = timed(base, state)
     sleep = args.sleep or round(t / 2, 3)
@@ -101,19 +113,7 @@ def main(argv=None):
         for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
             state, t = timed(variants[name], state)
             times[name].append(t)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    result = dict(benchmark="bench_overlap", command=" ".join([sys.executable, *sys.argv]),
-                  image_shape=[args.height, args.width, 3], batch=args.batch, sleep_s=sleep, steps=args.steps,
-                  jax=jax.__version__, loadavg=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  step_s=times, median_s=med,
-                  extra_s=dict(gather=med["gather"] - med["base"], reduce=med["reduce"] - med["base"]),
-                  hidden_fraction=dict(gather=1 - (med["gather"] - med["base"]) / sleep,
-                                       reduce=1 - (med["reduce"] - med["base"]) / sleep))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    return times, sleep
 
 
 if __name__ == "__main__":
