@@ -179,3 +179,27 @@ def test_factored_with_micro_batches_equals_the_plain_step(setup):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params), jax.tree_util.tree_leaves(s0.params)):
         assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
     assert rel_err(s0.params["hidden"]["kernel"], params["hidden"]["kernel"]) > 1e-3
+
+
+@pytest.mark.parametrize("scheme,allreduces,allgathers", [("allreduce", 1, 0), ("factored", 1, 1), ("auto", 1, 1),
+                                                           ("powersgd", 2, 0)])
+def test_one_packed_allreduce_and_at_most_one_allgather_per_step(setup, scheme, allreduces, allgathers):
+    """Counted while tracing the micro-batched step (3 micro-batches of 2 images, 2 ranks' plan)."""
+    params, batch, _ = setup
+    batch6 = dict(image=np.concatenate([batch["image"], batch["image"][:1]]), label=np.arange(6) % 3)
+    calls = dict(allreduce=0, allgather=0)
+
+    def allreduce(x):
+        calls["allreduce"] += 1
+        return 2 * x
+
+    def allgather(x):
+        calls["allgather"] += 1
+        return jnp.stack([x, x])
+
+    plan = comm.make_plan(scheme, params, 6, 2)  # auto: factors the hidden layer, sums the output layer
+    tx = optax.sgd(0.1)
+    step = make_train_step(MODEL, tx, 3, microbatch=2, plan=plan, allreduce=allreduce, allgather=allgather,
+                           num_ranks=2)
+    step.lower(create_state(params, tx, 0, plan), batch6)  # traces, does not run
+    assert calls == dict(allreduce=allreduces, allgather=allgathers)
