@@ -70,7 +70,7 @@ def worker(a) -> dict:
     params = init_params(model, jax.random.key(0), (a.height, a.width, 3))
     state = create_state(params, tx, 0)
     del params
-    step = make_train_step(model, tx, 13)
+    step = make_train_step(model, tx, 13, microbatch=a.microbatch)
     batch = dict(image=jax.random.uniform(jax.random.key(1), (a.batch_size, a.height, a.width, 3)),
                  label=jnp.arange(a.batch_size, dtype=jnp.int32) % 13)
     t = time.perf_counter()
@@ -89,7 +89,8 @@ def worker(a) -> dict:
     flops = mcnn_flops(model, a.height, a.width)["train"] * a.batch_size
     best, med = min(times), sorted(times)[len(times) // 2]
     return dict(variant=a.variant, model_overrides={k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
-                batch=a.batch_size, steps=a.steps, first_step_s=round(first, 2),
+                batch=a.batch_size, microbatch=a.microbatch or a.batch_size, steps=a.steps,
+                first_step_s=round(first, 2),
                 step_s_best=round(best, 3), step_s_median=round(med, 3),
                 images_per_s=round(a.batch_size / best, 3), images_per_s_median=round(a.batch_size / med, 3),
                 gflops=round(flops / best / 1e9, 1), matmul_peak_gflops=round(peak, 1),
@@ -101,21 +102,23 @@ def worker(a) -> dict:
                 loss_finite=bool(jnp.isfinite(m["loss_sum"])), machine=machine())
 
 
-def run_child(variant, b, a) -> dict:
+def run_child(variant, b, a, microbatch: int = 0) -> dict:
+    """Runs one (variant, batch[, micro-batch]) in a fresh subprocess; its result, or why it was skipped/failed."""
     import psutil
 
-    need = a.est_gb_per_image * b + 0.5
+    need = a.est_gb_per_image * (microbatch or b) + 0.5 + 4 * b * a.height * a.width * 3 / 2 ** 30
     avail = psutil.virtual_memory().available / 2 ** 30
     if need > min(avail - 1.0, a.max_rss_gb):
-        return dict(variant=variant, batch=b, skipped=f"needs ~{need:.1f} GB, {avail:.1f} GB available, "
-                                                        f"limit {a.max_rss_gb} GB")
+        return dict(variant=variant, batch=b, microbatch=microbatch or b,
+                    skipped=f"needs ~{need:.1f} GB, {avail:.1f} GB available, limit {a.max_rss_gb} GB")
     env = dict(os.environ)
     if a.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + a.xla_flags).strip()
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--batch-size", str(b),
-           "--steps", str(a.steps), "--height", str(a.height), "--width", str(a.width), "--worker-out", out]
+           "--steps", str(a.steps), "--height", str(a.height), "--width", str(a.width), "--worker-out", out,
+           "--microbatch", str(microbatch)]
     proc = subprocess.Popen(cmd, env=env)
     ps = psutil.Process(proc.pid)
     maxrss, killed = 0.0, None
@@ -136,7 +139,8 @@ def run_child(variant, b, a) -> dict:
             break
         time.sleep(0.2)
     if killed or proc.returncode != 0:
-        return dict(variant=variant, batch=b, failed=killed or f"exit code {proc.returncode}",
+        return dict(variant=variant, batch=b, microbatch=microbatch or b,
+                    failed=killed or f"exit code {proc.returncode}",
                     max_rss_seen_gb=round(maxrss, 2))
     with open(out) as f:
         r = json.load(f)
@@ -161,6 +165,7 @@ def main(argv=None):
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--microbatch", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         r = worker(a)
@@ -180,9 +185,14 @@ def main(argv=None):
             print(json.dumps(r), flush=True)
     result = dict(machine=m if runs and m else machine(), matmul_peak_parent_gflops=round(matmul_peak(), 1),
                   height=a.height, width=a.width, xla_flags=a.xla_flags, runs=runs)
+    emit(result, a.out)
+
+
+def emit(result: dict, out: str = ""):
+    """Prints ``result`` as JSON and writes it to ``out`` (if given)."""
     text = json.dumps(result, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text)
     print(text)
 

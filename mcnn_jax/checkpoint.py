@@ -1,4 +1,5 @@
-"""Orbax checkpoints in ``<workdir>/checkpoints``: the last N kept plus the best by validation accuracy.
+"""Orbax checkpoints in ``<workdir>/checkpoints``: the last N kept plus the best by validation accuracy (and the
+collapsed ensemble's snapshots, whose metadata says ``snapshot: true``).
 
 Each checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON item with the data
 order's position (the global step: the reader's order depends only on it and the seed), the validation
@@ -21,11 +22,21 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 
-def _manager(directory: Path, keep: int = 3, read_only: bool = False):
-    policy = cm.AnyPreservationPolicy([
+def _checkpointed(state) -> dict:
+    """The fields of a ``TrainState`` a checkpoint holds (``step.CHECKPOINTED``): not the exchange's per-rank
+    state (PowerSGD's error feedback differs between ranks; a resume starts it afresh)."""
+    from .step import CHECKPOINTED
+    return {k: getattr(state, k) for k in CHECKPOINTED}
+
+
+def _manager(directory: Path, keep: int = 3, read_only: bool = False, keep_steps=()):
+    policies = [
         cm.LatestN(n=max(1, keep)),
         cm.BestN(get_metric_fn=lambda m: m["val_accuracy"], n=1, keep_checkpoints_without_metrics=False),
-    ])
+    ]
+    if keep_steps:  # the collapsed ensemble's snapshots
+        policies.append(cm.CustomSteps(steps=list(keep_steps)))
+    policy = cm.AnyPreservationPolicy(policies)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
         enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
@@ -33,15 +44,16 @@ def _manager(directory: Path, keep: int = 3, read_only: bool = False):
 
 
 class Checkpointer:
-    """Writes and finds the checkpoints of one work directory (``write=False``: only reads)."""
+    """Writes and finds the checkpoints of one work directory (``write=False``: only reads). ``keep_steps``
+    (the collapsed ensemble's snapshot steps) are kept besides the latest ``keep`` and the best."""
 
-    def __init__(self, workdir, keep: int = 3, write: bool = True):
+    def __init__(self, workdir, keep: int = 3, write: bool = True, keep_steps=()):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.write = write
         if not write and not self.directory.is_dir():
             self._mngr = None
         else:
-            self._mngr = _manager(self.directory, keep, read_only=not write)
+            self._mngr = _manager(self.directory, keep, read_only=not write, keep_steps=keep_steps)
 
     # --- writing --------------------------------------------------------------------------------------------
     def save(self, state, meta: dict, val_accuracy: float | None = None, wait: bool = False):
@@ -53,7 +65,7 @@ class Checkpointer:
             return
         metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
         meta = dict(meta, step=step, val_accuracy=val_accuracy)
-        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_checkpointed(state)),
                                                       meta=ocp.args.JsonSave(meta)), metrics=metrics)
         if wait:
             self._mngr.wait_until_finished()
@@ -95,12 +107,26 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; kept steps: {steps}")
         return step
 
+    def resolve_members(self, which: str) -> list[int]:
+        """The steps of an ensemble: ``snapshots`` (the collapsed ensemble's snapshots, in step order) or a
+        comma-separated list of ``best``, ``latest`` and step numbers."""
+        if which == "snapshots":
+            steps = [s for s in self.steps() if self.meta(s).get("snapshot")]
+            if not steps:
+                raise FileNotFoundError(f"no snapshot checkpoint in {self.directory} (train with optim.cycles > 0); "
+                                        f"kept steps: {self.steps()}")
+            return steps
+        steps = [self.resolve(w.strip()) for w in str(which).split(",") if w.strip()]
+        if not steps or None in steps:
+            raise FileNotFoundError(f"no checkpoint {which!r} in {self.directory}")
+        return steps
+
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, with the structure, shapes and dtypes of ``abstract_state``."""
-        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _checkpointed(abstract_state))
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        return abstract_state.replace(**out["state"]), out["meta"]
 
 
 class NullCheckpointer:
@@ -129,9 +155,9 @@ class NullCheckpointer:
         return abstract_state, {}
 
 
-def rank_checkpointer(workdir, world, keep: int = 3) -> Checkpointer | NullCheckpointer:
+def rank_checkpointer(workdir, world, keep: int = 3, keep_steps=()) -> Checkpointer | NullCheckpointer:
     """Rank 0 owns the checkpoints: a ``Checkpointer`` there, a ``NullCheckpointer`` on every other rank."""
-    return Checkpointer(workdir, keep=keep) if world.is_primary else NullCheckpointer(workdir)
+    return Checkpointer(workdir, keep=keep, keep_steps=keep_steps) if world.is_primary else NullCheckpointer(workdir)
 
 
 def config_to_json(config) -> str:

@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.background = "noisy"
     c.data.synthetic.saturation = 0
     c.data.synthetic.bits = 16
+    c.data.synthetic.difficulty = 0.0  # 0..1: weaker, more variable phenotypes and more noise (a harder screen)
     c.data.split = "random"  # "random" (seeded, stratified) or "compound" (leave one compound out)
     c.data.val_fraction = 0.2
     c.data.holdout_compound = ""  # with split="compound": the compound whose images are the validation set
@@ -63,21 +64,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.step_epochs = (30.0, 60.0)  # decay="step"
     c.optim.step_gamma = 0.1
     c.optim.epochs = 50.0
+    # the collapsed ensemble: after the main run's epochs, `cycles` cosine-restart cycles of `cycle_epochs` each,
+    # restarting at cycle_base_lr (at base_batch, scaled linearly) and decaying to end_lr; the checkpoints at the
+    # end of the main run and of each cycle are kept as snapshots (mcnn-eval --checkpoint snapshots averages them)
+    c.optim.cycles = 0
+    c.optim.cycle_epochs = 2.0
+    c.optim.cycle_base_lr = 0.004
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
     published_recipe(c)  # name, momentum, learning rates and schedule, label smoothing, weight decay
 
     # --- training loop -----------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
+    # images per micro-batch on each rank (0 = the whole local batch): the local batch runs in micro-batches
+    # inside the one step (gradients accumulated), then one allreduce and one update; memory follows the micro-batch
+    c.train.microbatch = 0
     c.train.max_steps = 0  # stop after this many steps (0 = the epochs' worth)
     c.train.eval_every_epochs = 1.0
-    c.train.eval_batch = 0  # per rank; 0 = the per-rank training batch
+    c.train.eval_batch = 0  # per rank; 0 = train.microbatch if set, else the per-rank training batch
     c.train.log_every_steps = 10
     c.train.checkpoint_every_steps = 0  # 0 = at every evaluation
     c.train.keep_checkpoints = 3
     c.train.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.train.progress = "auto"  # auto (a bar on a terminal) | bar | log
     c.train.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
+    # how ranks exchange gradients (mcnn_jax.comm): "auto" (per dense layer the exact scheme sending fewer bytes),
+    # "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one allgather) or
+    # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
+    c.train.comm = "auto"
+    c.train.powersgd_rank = 4
     return c
 
 

@@ -4,6 +4,11 @@ store and prints accuracy and the confusion matrix.
     mcnn-eval --workdir runs/default [--checkpoint best|latest|STEP] [--store PATH] [--split val|train|all]
               [--predictions FILE.csv|FILE.parquet]
 
+    mcnn-eval --workdir runs/default --checkpoint snapshots     # the collapsed ensemble (optim.cycles > 0)
+    mcnn-eval --workdir runs/default --checkpoint 120,160,200   # any ensemble of checkpoints
+
+An ensemble (several checkpoints) predicts with the mean of its members' class probabilities.
+
 In a notebook, ``load_model(workdir)`` gives the model, its parameters and the checkpoint's metadata:
 
     from mcnn_jax.evaluate import load_model
@@ -28,10 +33,11 @@ from .models import from_config, init_params
 
 
 class Evaluator:
-    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class) of ``params`` over one
-    pass of ``reader``, summed over the MPI ranks (each rank evaluates its share of every batch); and, when the
-    evaluated images hold every image of each of their treatments (compound x concentration, e.g. a held-out
-    compound), the treatment-level accuracy: each treatment's mean class probabilities against its class."""
+    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class) of ``params`` (or of an
+    ensemble: a list of parameter trees, whose probabilities are averaged) over one pass of ``reader``, summed
+    over the MPI ranks (each rank evaluates its share of every batch); and, when the evaluated images hold every
+    image of each of their treatments (compound x concentration, e.g. a held-out compound), the treatment-level
+    accuracy: each treatment's mean class probabilities against its class."""
 
     def __init__(self, model, reader, num_classes: int, world: World | None = None):
         from .step import make_eval_step
@@ -40,11 +46,12 @@ class Evaluator:
         self.treatments = whole_treatments(reader.store, reader.indices)
 
     def run(self, params) -> dict:
+        members = list(params) if isinstance(params, (list, tuple)) else [params]
         confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
         probs = np.zeros((len(self.reader.indices), self.num_classes), np.float64)
         loss_sum = 0.0
         for step, batch in self.reader.iterate():
-            metrics, p = self.eval_step(params, batch)
+            metrics, p = self.eval_step(members, batch)
             p, mask = np.asarray(p), batch["mask"] > 0
             np.add.at(confusion, (batch["label"][mask], p.argmax(-1)[mask]), 1)
             probs[self.reader.batch_positions(step)[mask]] = p[mask]
@@ -87,22 +94,32 @@ def _is_number(text: str) -> bool:
 
 def load_model(workdir, checkpoint: str | int = "best"):
     """(model, params, meta) of a checkpoint in ``workdir``: ``best``, ``latest`` or a step number."""
+    model, members, metas = load_ensemble(workdir, checkpoint)
+    if len(members) != 1:
+        raise ValueError(f"{checkpoint!r} names {len(members)} checkpoints; load_ensemble loads an ensemble")
+    return model, members[0], metas[0]
+
+
+def load_ensemble(workdir, checkpoints: str | int = "snapshots"):
+    """(model, [params], [meta]) of the checkpoints in ``workdir`` that ``checkpoints`` names: ``snapshots`` (the
+    collapsed ensemble), or a comma-separated list of ``best``, ``latest`` and step numbers."""
     ckpt = Checkpointer(workdir, write=False)
-    if not ckpt.steps():
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    step = ckpt.resolve(checkpoint)
-    saved = ckpt.meta(step)
-    config = ml_collections.ConfigDict(saved["config"])
-    model = from_config(config.model, num_classes=saved["num_classes"])
-    from .optim import make_optimizer, make_schedule
-    from .step import create_state
-    tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
-    # the state's structure, shapes and dtypes only: nothing is initialised or compiled
-    abstract = jax.eval_shape(lambda: create_state(
-        init_params(model, jax.random.key(0), tuple(config.model.input_shape)), tx, config.seed))
-    state, meta = ckpt.restore(step, abstract)
-    ckpt.close()
-    return model, state.params, meta
+    try:
+        if not ckpt.steps():
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+        steps = ckpt.resolve_members(str(checkpoints))
+        config = ml_collections.ConfigDict(ckpt.meta(steps[0])["config"])
+        model = from_config(config.model, num_classes=ckpt.meta(steps[0])["num_classes"])
+        from .optim import make_optimizer, make_schedule
+        from .step import create_state
+        tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
+        # the state's structure, shapes and dtypes only: nothing is initialised or compiled
+        abstract = jax.eval_shape(lambda: create_state(
+            init_params(model, jax.random.key(0), tuple(config.model.input_shape)), tx, config.seed))
+        restored = [ckpt.restore(step, abstract) for step in steps]
+    finally:
+        ckpt.close()
+    return model, [state.params for state, _ in restored], [meta for _, meta in restored]
 
 
 def format_confusion(confusion: np.ndarray, class_names) -> str:
@@ -117,7 +134,8 @@ def run(argv=None):
     parser = argparse.ArgumentParser(prog="mcnn-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default="best", help="best (default), latest or a step number")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, a step number, or an "
+                        "ensemble: snapshots (the collapsed ensemble's) or a comma-separated list of the former")
     parser.add_argument("--store", default="", help="another store to evaluate on (default: the run's)")
     parser.add_argument("--split", default="val", choices=("val", "train", "all"))
     parser.add_argument("--batch", type=int, default=8)
@@ -142,8 +160,9 @@ def run(argv=None):
     if args.json:
         print(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
         return
-    print(f"checkpoint step {result['step']} of {args.workdir}; {result['count']} images of {result['store']} "
-          f"({args.split})")
+    what = (f"checkpoint step {result['step']}" if len(result["members"]) == 1 else
+            f"ensemble of {len(result['members'])} checkpoints (steps {', '.join(map(str, result['members']))})")
+    print(f"{what} of {args.workdir}; {result['count']} images of {result['store']} ({args.split})")
     print(f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}")
     for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
         print(f"  {name:<28s} {acc:.4f}")
@@ -158,7 +177,8 @@ def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch
     from .data import Reader, open_store, split_indices
     from .data.prepare import store_path
 
-    model, params, meta = load_model(workdir, checkpoint)
+    model, members, metas = load_ensemble(workdir, checkpoint)
+    meta = metas[-1]
     config = ml_collections.ConfigDict(meta["config"])
     path = Path(store) if store else store_path(config, workdir)
     st = open_store(path)
@@ -172,10 +192,11 @@ def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch
         idx = val_idx if split == "val" else train_idx
     reader = Reader(st, idx, batch, augment=None, train=False)
     try:
-        ev = Evaluator(model, reader, len(st.class_names)).run(params)
+        ev = Evaluator(model, reader, len(st.class_names)).run(members)
     finally:
         reader.close()
-    return dict(ev, step=meta["step"], store=str(path), class_names=list(st.class_names))
+    return dict(ev, step=meta["step"], members=[m["step"] for m in metas], store=str(path),
+                class_names=list(st.class_names))
 
 
 if __name__ == "__main__":

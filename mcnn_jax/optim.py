@@ -14,6 +14,8 @@ learning rate follows the linear scaling rule ``lr = base_lr * global_batch / ba
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 from absl import logging
@@ -42,31 +44,76 @@ def steps_per_epoch(num_train: int, global_batch: int) -> int:
 
 
 def make_schedule(cfg, steps_per_epoch: int, global_batch: int) -> optax.Schedule:
-    """Linear warmup from ``warmup_init_lr`` to the scaled peak, then ``decay`` down to ``end_lr``.
+    """Linear warmup from ``warmup_init_lr`` to the scaled peak, then ``decay`` down to ``end_lr`` over ``epochs``;
+    then, with ``cycles`` > 0, the collapsed ensemble's cycles (``cyclic_schedule``).
 
     ``cfg`` holds: base_lr, base_batch, warmup_epochs, warmup_init_lr, decay ('linear' | 'cosine' |
-    'polynomial' | 'step' | 'constant'), end_lr, power, step_epochs, step_gamma, and the total ``epochs``.
+    'polynomial' | 'step' | 'constant'), end_lr, power, step_epochs, step_gamma, the total ``epochs``, and
+    cycles, cycle_epochs, cycle_base_lr.
     """
     peak = scaled_lr(cfg.base_lr, global_batch, cfg.base_batch)
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total = main_steps(cfg, steps_per_epoch)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    rest = max(1, total - warmup)
+    decay = _decay(cfg, peak, max(1, total - warmup), warmup, steps_per_epoch)
+    main = decay if warmup == 0 else optax.join_schedules(
+        [optax.linear_schedule(cfg.warmup_init_lr, peak, warmup), decay], [warmup])
+    return cyclic_schedule(cfg, main, steps_per_epoch, global_batch)
+
+
+def _decay(cfg, peak: float, rest: int, warmup: int, steps_per_epoch: int) -> optax.Schedule:
     if cfg.decay == "linear":
-        decay = optax.linear_schedule(peak, cfg.end_lr, rest)
-    elif cfg.decay == "cosine":
-        decay = optax.cosine_decay_schedule(peak, rest, alpha=cfg.end_lr / peak if peak else 0.0)
-    elif cfg.decay == "polynomial":
-        decay = optax.polynomial_schedule(peak, cfg.end_lr, cfg.power, rest)
-    elif cfg.decay == "step":
+        return optax.linear_schedule(peak, cfg.end_lr, rest)
+    if cfg.decay == "cosine":
+        return optax.cosine_decay_schedule(peak, rest, alpha=cfg.end_lr / peak if peak else 0.0)
+    if cfg.decay == "polynomial":
+        return optax.polynomial_schedule(peak, cfg.end_lr, cfg.power, rest)
+    if cfg.decay == "step":
         bounds = {max(0, int(round(e * steps_per_epoch)) - warmup): cfg.step_gamma for e in cfg.step_epochs}
-        decay = optax.piecewise_constant_schedule(peak, bounds)
-    elif cfg.decay == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"optim.decay must be linear, cosine, polynomial, step or constant; got {cfg.decay!r}")
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(cfg.warmup_init_lr, peak, warmup), decay], [warmup])
+        return optax.piecewise_constant_schedule(peak, bounds)
+    if cfg.decay == "constant":
+        return optax.constant_schedule(peak)
+    raise ValueError(f"optim.decay must be linear, cosine, polynomial, step or constant; got {cfg.decay!r}")
+
+
+# --- the collapsed ensemble (Codreanu et al., "Scale out for large minibatch SGD") -----------------------------
+def main_steps(cfg, steps_per_epoch: int) -> int:
+    """The steps of the main run (warmup + decay over ``epochs``), before any cycle."""
+    return max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+
+def cycle_steps(cfg, steps_per_epoch: int) -> int:
+    return max(1, int(round(cfg.get("cycle_epochs", 0.0) * steps_per_epoch)))
+
+
+def snapshot_steps(cfg, steps_per_epoch: int) -> list[int]:
+    """The steps whose checkpoints are the collapsed ensemble's members (kept whatever ``keep_checkpoints``):
+    the end of the main run and the end of each of the ``cycles`` cycles; none without cycles."""
+    cycles = cfg.get("cycles", 0)
+    if cycles <= 0:
+        return []
+    main, cycle = main_steps(cfg, steps_per_epoch), cycle_steps(cfg, steps_per_epoch)
+    return [main + i * cycle for i in range(cycles + 1)]
+
+
+def total_steps(cfg, steps_per_epoch: int) -> int:
+    """All training steps: the main run's ``epochs`` (rounded up) and the cycles after it."""
+    snapshots = snapshot_steps(cfg, steps_per_epoch)
+    return snapshots[-1] if snapshots else math.ceil(cfg.epochs * steps_per_epoch)
+
+
+def cyclic_schedule(cfg, main: optax.Schedule, steps_per_epoch: int, global_batch: int) -> optax.Schedule:
+    """``main`` for the main run, then ``cycles`` cosine-restart cycles of ``cycle_epochs`` each: every cycle
+    restarts at ``cycle_base_lr`` (at ``base_batch``, scaled linearly like ``base_lr``) and decays along a cosine
+    to ``end_lr``; its last step is a snapshot (``snapshot_steps``). ``main`` alone without cycles."""
+    cycles = cfg.get("cycles", 0)
+    if cycles <= 0:
+        return main
+    peak = scaled_lr(cfg.cycle_base_lr, global_batch, cfg.base_batch)
+    if peak <= 0:
+        raise ValueError(f"optim.cycle_base_lr must be positive with optim.cycles={cycles}; got {cfg.cycle_base_lr}")
+    # a cycle's first step is taken at the restart peak and its last one, which ends at the snapshot, at end_lr
+    cycle = optax.cosine_decay_schedule(peak, max(1, cycle_steps(cfg, steps_per_epoch) - 1), alpha=cfg.end_lr / peak)
+    return optax.join_schedules([main] + [cycle] * cycles, snapshot_steps(cfg, steps_per_epoch)[:-1])
 
 
 def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:

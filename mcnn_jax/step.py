@@ -1,8 +1,25 @@
-"""The train state and the one jitted, pure train step ``(state, batch) -> (state, metrics)``.
+"""The train state and the one jitted, pure train step ``(state, batch, stop=0) -> (state, metrics)``.
 
-Data parallelism enters through ``allreduce``: a function that sums one flat float32 buffer over all ranks
-(``mcnn_jax.distributed.World.allreduce_sum``). The gradients and the step's metric sums are packed into ONE
-buffer, so MPI needs one allreduce per step (GradientFlow's fused "lazy" allreduce).
+A step has three parts, in this order:
+
+1. ``local_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
+   micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
+   that peak memory follows the micro-batch, not the local batch. The dense layers that the exchange plan
+   (``mcnn_jax.comm.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of a
+   weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
+2. ``comm.exchange``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
+   buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
+   fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
+   whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
+   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught);
+3. ONE optimizer update.
+
+Why not ``optax.MultiSteps``: it accumulates over successive calls of the train step, one micro-batch per call,
+so each call would run its own allreduce (k allreduces of the whole gradient per update instead of one), the
+accumulator would live in the optimizer state (a different checkpoint layout for each ``microbatch``), the
+state's step and the schedule would count micro-batches, and every micro-batch would pay a dispatch and a
+transfer of the metrics to the host. Accumulating inside the one jitted step keeps one allreduce, one update,
+one step per global batch and the same checkpoints.
 """
 
 from __future__ import annotations
@@ -13,8 +30,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
+from flax.traverse_util import unflatten_dict
 
+from . import comm
 from .optim import smoothed_targets
 
 
@@ -23,61 +41,130 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
+    comm: Any = None  # the exchange's own state (PowerSGD's Q and error feedback); not checkpointed
 
 
-def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+CHECKPOINTED = ("step", "params", "opt_state", "rng")  # the fields a checkpoint holds
+
+
+def create_state(params, tx: optax.GradientTransformation, seed: int, plan: comm.Plan | None = None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      comm=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None)
 
 
-def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: float):
-    """Mean (masked) smoothed cross-entropy; metrics are sums, so they add up across batches and ranks."""
-    logits = model.apply({"params": params}, batch["image"])
-    labels = batch["label"]
+def _mask(batch):
     mask = batch.get("mask")
-    if mask is None:
-        mask = jnp.ones(labels.shape, jnp.float32)
+    return jnp.ones(batch["label"].shape, jnp.float32) if mask is None else mask
+
+
+def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: float, denominator=None):
+    """The (masked) smoothed cross-entropy summed over ``batch`` and divided by ``denominator`` (default: the
+    batch's unmasked count, i.e. the mean); metrics are sums, so they add up across batches and ranks."""
+    logits = model.apply({"params": params}, batch["image"])
+    labels, mask = batch["label"], _mask(batch)
     per_example = optax.softmax_cross_entropy(logits, smoothed_targets(labels, num_classes, label_smoothing))
     count = mask.sum()
-    loss = (per_example * mask).sum() / jnp.maximum(count, 1.0)
+    if denominator is None:
+        denominator = jnp.maximum(count, 1.0)
+    loss = (per_example * mask).sum() / denominator
     correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
     return loss, dict(loss_sum=(per_example * mask).sum(), correct=correct, count=count), logits
 
 
+def num_microbatches(local_batch: int, microbatch: int, where: str = "train.global_batch / MPI ranks") -> int:
+    """How many micro-batches of ``microbatch`` images make the local batch (``microbatch`` 0: one, the whole
+    batch). A micro-batch that does not divide the local batch is a ValueError naming the config keys."""
+    if microbatch == 0 or microbatch == local_batch:
+        return 1
+    if microbatch < 0 or local_batch % microbatch:
+        raise ValueError(f"train.microbatch={microbatch} does not divide the local batch of {local_batch} images "
+                         f"per rank ({where}); choose a divisor of {local_batch} (or 0 for the whole local batch)")
+    return local_batch // microbatch
+
+
+def local_gradients(model, params, batch, num_classes: int, label_smoothing: float = 0.0, microbatch: int = 0,
+                    plan: comm.Plan | None = None):
+    """(gradients, metric sums, factors) of this rank's local batch: the gradient of its mean loss (the loss summed
+    over the batch / the batch's count) as a flat dict keyed by parameter paths, without the kernels of the
+    layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.local_gradients``). Computed over
+    micro-batches of ``microbatch`` images by a ``lax.scan`` that adds up each micro-batch's gradient of (its
+    loss sum / the whole batch's count) and its metric sums, and stacks its factors (rows of the local batch).
+    With one micro-batch it is the plain gradient of the batch's mean loss."""
+    plan = plan or comm.Plan("allreduce", 1, 0, 0)
+    k = num_microbatches(batch["label"].shape[0], microbatch)
+    denominator = jnp.maximum(_mask(batch).sum(), 1.0)
+
+    def grad_fn(mb):
+        def loss_fn(p):
+            loss, metrics, _ = loss_and_metrics(model, p, mb, num_classes, label_smoothing, denominator)
+            return loss, metrics
+        metrics, grads, factors = comm.local_gradients(plan, loss_fn, params)
+        return (grads, metrics), factors
+
+    if k == 1:
+        (grads, metrics), factors = grad_fn(batch)
+        return grads, metrics, factors
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+    def accumulate(total, mb):
+        summed, factors = grad_fn(mb)
+        return jax.tree_util.tree_map(jnp.add, total, summed), factors
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro))[0])
+    (grads, metrics), factors = jax.lax.scan(accumulate, zeros, micro)
+    factors = jax.tree_util.tree_map(lambda f: f.reshape(-1, f.shape[-1]), factors)  # [k, mb, n] -> [k mb, n]
+    return grads, metrics, factors
+
+
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
                     allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
-                    schedule: optax.Schedule | None = None):
-    """Returns the jitted train step. ``allreduce`` sums a flat float32 buffer over the ``num_ranks`` ranks: the
-    gradients (then divided by ``num_ranks``) and the metric sums travel in one buffer."""
+                    schedule: optax.Schedule | None = None, microbatch: int = 0, plan: comm.Plan | None = None,
+                    allgather: Callable[[jax.Array], jax.Array] | None = None):
+    """Returns the jitted train step ``(state, batch, stop=0) -> (state, metrics)``. ``allreduce`` sums a flat
+    float32 buffer over the ``num_ranks`` ranks, ``allgather`` stacks one per rank; ``plan``
+    (``comm.make_plan``) says which dense layers are exchanged as factors or compressed (None: every gradient is
+    summed). ``microbatch`` > 0 processes each rank's local batch in micro-batches of that many images (one
+    exchange and one update per call all the same)."""
+    plan = plan or comm.Plan("allreduce", num_ranks, 0, 0)
+    if plan.ranks != num_ranks:
+        raise ValueError(f"the exchange plan is for {plan.ranks} ranks, the step for {num_ranks}")
 
-    def train_step(state: TrainState, batch):
-        def loss_fn(params):
-            loss, metrics, _ = loss_and_metrics(model, params, batch, num_classes, label_smoothing)
-            return loss, metrics
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        if allreduce is not None:  # gradients and metric sums: ONE buffer, ONE allreduce
-            names = sorted(metrics)
-            flat, unravel = ravel_pytree((grads, [metrics[k].astype(jnp.float32) for k in names]))
-            grads, sums = unravel(allreduce(flat))
-            grads = jax.tree_util.tree_map(lambda g: g / num_ranks, grads)
-            metrics = dict(zip(names, sums))
+    def train_step(state: TrainState, batch, stop=0.0):
+        grads, metrics, factors = local_gradients(model, state.params, batch, num_classes, label_smoothing,
+                                                  microbatch, plan)
+        sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, stop=jnp.asarray(stop, jnp.float32))
+        grads, sums, comm_state = comm.exchange(plan, grads, factors, sums, state.comm, allreduce, allgather)
+        grads = unflatten_dict(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        metrics = dict(sums, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, comm=comm_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0,))  # the old state's buffers are reused
 
 
-def make_eval_step(model, num_classes: int):
-    """Jitted ``(params, batch) -> (metrics, class probabilities)``; metrics are masked sums."""
+def ensemble_log_probs(model, members, images):
+    """The log of the mean over ``members`` (a list of parameter trees) of the model's class probabilities: the
+    ensemble's prediction (one member: its log-softmax)."""
+    logs = jnp.stack([jax.nn.log_softmax(model.apply({"params": p}, images)) for p in members])
+    return jax.nn.logsumexp(logs, axis=0) - jnp.log(len(members))
 
-    def eval_step(params, batch):
-        _, metrics, logits = loss_and_metrics(model, params, batch, num_classes, 0.0)
-        return metrics, jax.nn.softmax(logits, -1)
+
+def make_eval_step(model, num_classes: int):
+    """Jitted ``(members, batch) -> (metrics, class probabilities)`` of an ensemble (``members``: a list of
+    parameter trees, one for a single model) that averages its members' probabilities; metrics are masked sums."""
+
+    def eval_step(members, batch):
+        log_p = ensemble_log_probs(model, members, batch["image"])
+        labels, mask = batch["label"], _mask(batch)
+        per_example = -jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
+        predictions = jnp.argmax(log_p, -1)
+        metrics = dict(loss_sum=(per_example * mask).sum(), correct=((predictions == labels) * mask).sum(),
+                       count=mask.sum())
+        return metrics, jnp.exp(log_p)
 
     return jax.jit(eval_step)
-

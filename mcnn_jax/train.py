@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
-from . import optim
+from . import comm, optim
 from .checkpoint import config_to_json, host_tree, rank_checkpointer
 from .distributed import World, init_world
 from .evaluate import Evaluator
@@ -30,7 +31,7 @@ from .flops import mcnn_flops
 from .metrics_log import MetricsLog, Progress
 from .models import from_config, init_params
 from .runtime import StopRequest, setup_logging
-from .step import create_state, make_train_step
+from .step import create_state, make_train_step, num_microbatches
 
 
 class TrainingDiverged(RuntimeError):
@@ -141,12 +142,15 @@ class Run:
     progress: Progress
     profiler: Profiler
     train_flops: float  # training FLOPs per image (forward + backward)
-    buffer_size: int  # float32 elements of the step's one allreduce (gradients + metric sums)
+    plan: comm.Plan  # how the step exchanges its gradients (train.comm)
+    snapshot_steps: tuple = ()  # the collapsed ensemble's snapshots: evaluated and kept
 
     def meta(self, state, chrono: Chrono) -> dict:
-        return dict(config=json.loads(config_to_json(self.config)), data_position=int(state.step),
-                    ranks=self.world.size, elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
-                    class_names=list(self.store.class_names), store=str(self.store.path))
+        step = int(state.step)
+        return dict(config=json.loads(config_to_json(self.config)), data_position=step, ranks=self.world.size,
+                    elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
+                    class_names=list(self.store.class_names), store=str(self.store.path),
+                    snapshot=step in self.snapshot_steps)
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
@@ -154,39 +158,46 @@ def _open_data(config, workdir, world):
     from .data import split_indices
     from .data.prepare import prepare_store
 
+    if config.train.global_batch % world.size:
+        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
+                         f"MPI ranks; choose a multiple of {world.size}")
+    num_microbatches(config.train.global_batch // world.size, config.train.microbatch,  # raises unless it divides
+                     f"train.global_batch={config.train.global_batch} / {world.size} MPI rank(s)")
     store = prepare_store(config, workdir, world)
     train_idx, val_idx = split_indices(store, config.data)
     h, w, c = store.image_shape
     if tuple(config.model.input_shape) != (h, w, c):
         raise ValueError(f"the store {store.path} holds {h}x{w}x{c} images but config.model.input_shape is "
                          f"{tuple(config.model.input_shape)}: set --config.model.input_shape='({h}, {w}, {c})'")
-    if config.train.global_batch % world.size:
-        raise ValueError(f"train.global_batch={config.train.global_batch} is not divisible by the {world.size} "
-                         f"MPI ranks; choose a multiple of {world.size}")
     return store, train_idx, val_idx
 
 
 def _initial_state(config, model, tx, image_shape, ckpt, world):
-    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks."""
-    state = create_state(init_params(model, jax.random.key(config.seed), image_shape), tx, config.seed)
+    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks.
+    Returns it with the exchange's plan (``train.comm``)."""
+    params = init_params(model, jax.random.key(config.seed), image_shape)
+    plan = comm.make_plan(config.train.comm, params, config.train.global_batch // world.size, world.size,
+                          config.train.powersgd_rank)
+    state = create_state(params, tx, config.seed, plan)
     start = world.bcast_object(ckpt.resolve("latest"))
     if start is not None:
         state, _ = ckpt.restore(start, state)  # rank 0 reads; the others get its state from the broadcast
         logging.info(f"resuming from the checkpoint of step {start} in {ckpt.directory}")
     state = world.bcast_tree(state)  # every rank starts from rank 0's parameters ...
     world.check_same(state.params)  # ... which is checked
-    return state
+    return state, plan
 
 
 def _readers(config, store, train_idx, val_idx, world, stack):
     from .data import Reader
 
     gb, local = config.train.global_batch, config.train.global_batch // world.size
+    eval_batch = config.train.eval_batch or config.train.microbatch or local
     reader = stack.enter_context(contextlib.closing(Reader(
         store, train_idx, gb, rank=world.rank, num_ranks=world.size, seed=config.seed,
         augment=config.data.augment, train=True, prefetch=config.data.prefetch)))
     eval_reader = stack.enter_context(contextlib.closing(Reader(
-        store, val_idx, (config.train.eval_batch or local) * world.size, rank=world.rank, num_ranks=world.size,
+        store, val_idx, eval_batch * world.size, rank=world.rank, num_ranks=world.size,
         seed=config.seed, augment=None, train=False, prefetch=config.data.prefetch)))
     return reader, eval_reader
 
@@ -198,13 +209,18 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     model = from_config(config.model, num_classes=num_classes)
     gb = config.train.global_batch
     spe = optim.steps_per_epoch(len(train_idx), gb)
-    total_steps = config.train.max_steps or math.ceil(config.optim.epochs * spe)
+    total_steps = config.train.max_steps or optim.total_steps(config.optim, spe)
+    snapshots = optim.snapshot_steps(config.optim, spe)
     schedule = optim.make_schedule(config.optim, spe, gb)
     tx = optim.make_optimizer(config.optim, schedule)
-    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints)))
-    state = _initial_state(config, model, tx, image_shape, ckpt, world)
+    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints,
+                                                                      snapshots)))
+    state, plan = _initial_state(config, model, tx, image_shape, ckpt, world)
+    logging.info(plan.describe())
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
-                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule)
+                                 allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
+                                 microbatch=config.train.microbatch, plan=plan,
+                                 allgather=world.allgather if world.size > 1 else None)
     reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
     progress = stack.enter_context(contextlib.closing(Progress(
@@ -216,13 +232,15 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
               batches=reader.iterate(start_step=int(state.step)),
               evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
               progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
-              buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3)
+              plan=plan, snapshot_steps=tuple(snapshots))
     h, w, c = image_shape
+    mb = config.train.microbatch
+    micro = f" (micro-batches of {mb} images)" if 0 < mb < gb // world.size else ""
     if world.is_primary:
         (workdir / "config.json").write_text(config_to_json(config))
     logging.info(f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
                  f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {gb // world.size} images = "
-                 f"global batch {gb}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
+                 f"global batch {gb}{micro}; {spe} steps/epoch; training steps {run.start_step}..{total_steps}")
     return run
 
 
@@ -238,13 +256,14 @@ class Outcome:
     preempted_at: int | None = None
 
 
-def _run_step(run: Run, state, chrono: Chrono, step: int):
-    """Fetches the next global batch and runs the train step on it; returns the state, metrics and times."""
+def _run_step(run: Run, state, chrono: Chrono, step: int, signum: int):
+    """Fetches the next global batch and runs the train step on it (with this rank's stop signal, summed over
+    the ranks in the step's allreduce); returns the state, metrics and times."""
     t0 = time.perf_counter()
     _, batch = next(run.batches)
     t1 = time.perf_counter()
     run.profiler.before(step)
-    state, metrics = run.train_step(state, batch)  # compiled at the first call
+    state, metrics = run.train_step(state, batch, np.float32(signum))  # compiled at the first call
     m = jax.device_get(metrics)
     t2 = time.perf_counter()
     run.profiler.after(step)
@@ -282,7 +301,7 @@ def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step
     if itstime(step, run.config.train.log_every_steps, run.total_steps):
         extra = {}
         if run.world.size > 1:  # collective: every rank measures at the same steps
-            extra["allreduce_s"] = run.world.time_allreduce(run.buffer_size)
+            extra["allreduce_s"] = run.world.time_comm(**run.plan.sizes())  # all of the step's collectives
         run.log.write("train", step, loss=loss, accuracy=acc, lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
                       images_per_s=gb / max(wait_s + step_s, 1e-9), epoch=step / run.steps_per_epoch,
                       data_wait_s=wait_s, step_s=step_s, wall=chrono.elapsed(),
@@ -311,15 +330,16 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
     state, out = run.state, Outcome(step=run.start_step)
     ckpt_every = run.config.train.checkpoint_every_steps or _eval_every(run)
     while out.step < run.total_steps:
-        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1)
+        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1, stop.signum)
         step = out.step = out.step + 1
         loss = float(m["loss_sum"] / max(m["count"], 1))
         if not math.isfinite(loss):
             raise _diverged(run, step, loss)
         _log_train(run, step, m, chrono, wait_s, step_s)
-        val_acc = _evaluate(run, state, step, chrono, out) if itstime(step, _eval_every(run), run.total_steps) else None
-        preempted = run.world.allreduce_max(stop.signum) > 0
-        if val_acc is not None or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
+        evaluate = itstime(step, _eval_every(run), run.total_steps) or step in run.snapshot_steps
+        val_acc = _evaluate(run, state, step, chrono, out) if evaluate else None
+        preempted = m["stop"] > 0  # some rank caught a signal before this step: summed in the step's allreduce
+        if evaluate or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
             run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
         if preempted:
             run.progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command to "

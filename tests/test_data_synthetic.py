@@ -125,3 +125,21 @@ def test_layout_has_weeks_as_bbbc021():
     assert len(plates) > 3 and all(any(s.compound == "DMSO" for s in sites if s.plate == p) for p in plates)
     assert len({(s.plate, s.well, s.site) for s in sites}) == len(sites)
     assert S._plate_dir(sites[0])[1] == f"Week{sites[0].week}_{20000 + sites[0].plate}"
+
+
+def test_difficulty_weakens_the_phenotypes_and_adds_noise():
+    """difficulty 0 is the nominal screen; at 1 the dense class's cell density is closer to DMSO's, varies from
+    image to image, and the pixels are noisier; outside [0, 1] is an error."""
+    rng = lambda i: np.random.default_rng([5, i])  # noqa: E731
+    dense = S.class_names(2).index("coarse-dense")
+    assert S.hard_params(dense, 1.0, 0.0, rng(0)) == S.phenotype_params(dense, 1.0)
+    control, nominal = S.BASE["density"], S.phenotype_params(dense, 1.0)["density"]
+    hard = [S.hard_params(dense, 1.0, 1.0, rng(i)) for i in range(20)]
+    densities = np.array([p["density"] for p in hard])
+    assert (densities < nominal).all() and densities.min() < 1.15 * control < nominal and densities.std() > 0
+    assert all(p["noise"] == 250.0 for p in hard)
+    quiet = S.render_field(rng(1), 128, 128, S.phenotype_params(0))
+    noisy = S.render_field(rng(1), 128, 128, dict(S.phenotype_params(0), noise=250.0))
+    assert np.diff(noisy[0].astype(np.float32), axis=1).std() > 2 * np.diff(quiet[0].astype(np.float32), axis=1).std()
+    with pytest.raises(ValueError, match="difficulty must be in"):
+        S.hard_params(dense, 1.0, 1.5, rng(0))

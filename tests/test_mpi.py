@@ -64,6 +64,13 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(store, one_rank, tmp_path
     assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4, 5]
 
 
+def test_two_ranks_in_microbatches_equal_one_rank_with_the_whole_batch(store, one_rank, tmp_path):
+    """2 ranks x (2 micro-batches of 2 images) = 1 rank x 8 images: micro-batching changes nothing but memory."""
+    proc = train(tmp_path, store, 2, "train.max_steps=5", "train.checkpoint_every_steps=1", "train.microbatch=2")
+    assert "2 rank(s) x 4 images = global batch 8" in proc.stdout
+    assert max_rel_diff(load_model(tmp_path, "latest")[1], load_model(one_rank, "latest")[1]) < 1e-5
+
+
 def test_checkpoint_of_two_ranks_resumes_on_one(store, one_rank, tmp_path):
     train(tmp_path, store, 2, "train.max_steps=3", "train.checkpoint_every_steps=1")
     proc = train(tmp_path, store, 1, "train.max_steps=5", "train.checkpoint_every_steps=1")

@@ -124,3 +124,23 @@ def test_label_smoothing_cross_entropy():
     target = np.array([1 - smooth + smooth / 3, smooth / 3, smooth / 3])
     expected = -(target * np.log(p)).sum()
     assert float(optim.cross_entropy(logits, jnp.array([0]), 3, smooth)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_cyclic_schedule_values_at_chosen_steps():
+    """3 main epochs (1 of warmup, linear decay), then 2 cosine-restart cycles of 1 epoch; 4 steps per epoch,
+    global batch 64 = twice the base batch, so the peaks (0.008 main, 0.004 cycle) are doubled."""
+    cfg = _cfg(epochs=3.0, warmup_epochs=1.0, decay="linear", warmup_init_lr=0.001, base_lr=0.008, base_batch=32,
+               end_lr=1e-4, cycles=2, cycle_epochs=1.0, cycle_base_lr=0.004)
+    schedule = optim.make_schedule(cfg, steps_per_epoch=4, global_batch=64)
+    assert optim.snapshot_steps(cfg, 4) == [12, 16, 20] and optim.total_steps(cfg, 4) == 20
+    cosine = lambda i, n: 1e-4 + (0.008 - 1e-4) * 0.5 * (1 + np.cos(np.pi * i / n))  # noqa: E731
+    expected = {0: 0.001, 4: 0.016, 11: 0.016 + (1e-4 - 0.016) * 7 / 8,  # main run: warmup, linear decay
+                12: 0.008, 13: cosine(1, 3), 14: cosine(2, 3), 15: 1e-4,  # cycle 1: restart, cosine to end_lr
+                16: 0.008, 18: cosine(2, 3), 19: 1e-4, 25: 1e-4}  # cycle 2; after the last: end_lr
+    for step, lr in expected.items():
+        assert float(schedule(step)) == pytest.approx(lr, rel=1e-5), step
+    no_cycles = _cfg(epochs=3.0, warmup_epochs=1.0, cycles=0)
+    assert optim.snapshot_steps(no_cycles, 4) == [] and optim.total_steps(no_cycles, 4) == 12
+    assert float(optim.make_schedule(no_cycles, 4, 64)(13)) == pytest.approx(1e-4)  # stays at end_lr
+    with pytest.raises(ValueError, match="optim.cycle_base_lr must be positive"):
+        optim.make_schedule(_cfg(cycles=1, cycle_base_lr=0.0), 4, 64)

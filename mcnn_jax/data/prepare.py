@@ -29,7 +29,8 @@ def prepare_store(config, workdir, world):
                          f"{syn.height}x{syn.width}) in {Path(workdir) / 'data'}")
             prepare_synthetic_store(Path(workdir) / "data", num_images=syn.num_images,
                                     num_classes=syn.num_classes, height=syn.height, width=syn.width,
-                                    seed=syn.seed, camera=Camera(syn.background, syn.saturation, syn.bits))
+                                    seed=syn.seed, camera=Camera(syn.background, syn.saturation, syn.bits),
+                                    difficulty=syn.get("difficulty", 0.0))
         world.barrier()
     path = store_path(config, workdir)
     if not path.exists():

@@ -22,6 +22,9 @@ plates ``Week<k>_<id>``, several per week when the screen is large), the compoun
 weeks, and every plate has DMSO wells, so that NSC / NSCB matching and per-plate normalisation apply. Cell sizes
 are in pixels (as a microscope would see them), so a small field is a crop of a large one; at 256x256 a field has
 ~20 control cells.
+
+``difficulty`` (0..1; ``data.synthetic.difficulty``) makes a harder screen: weaker phenotypes that vary from
+image to image, so that classes overlap, and more noise (``hard_params``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,18 @@ def phenotype_params(class_index: int, strength: float = 1.0) -> dict:
         p["tex_freq"] = 0.25
         p["tex_contrast"] = min(1.3, 1.0 * s)
     return p
+
+
+def hard_params(class_index: int, strength: float, difficulty: float, rng: np.random.Generator) -> dict:
+    """``phenotype_params`` of a harder screen: at ``difficulty`` d in [0, 1] the phenotypes are weaker (strength
+    x (1 - 0.7 d)) and vary more from image to image (x U(1 - 0.6 d, 1 + 0.6 d), so classes overlap), and every
+    pixel gets Gaussian noise of 250 d counts (``noise``). d = 0 is the nominal screen."""
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"the synthetic screen's difficulty must be in [0, 1], got {difficulty}")
+    if difficulty == 0:
+        return phenotype_params(class_index, strength)
+    strength *= (1.0 - 0.7 * difficulty) * rng.uniform(1.0 - 0.6 * difficulty, 1.0 + 0.6 * difficulty)
+    return dict(phenotype_params(class_index, strength), noise=250.0 * difficulty)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,6 +307,8 @@ def render_field(rng: np.random.Generator, h: int, w: int, params: dict, illumin
     img *= rng.uniform(0.9, 1.1, (3, 1, 1)).astype(np.float32)
     if illumination is not None:
         img *= illumination[None]
+    if p.get("noise"):  # a harder screen (hard_params)
+        img = np.maximum(img + p["noise"] * rng.standard_normal(img.shape, dtype=np.float32), 0.0)
     return camera.record(rng, img)
 
 
@@ -396,8 +413,9 @@ def _tiff_bytes(img: np.ndarray) -> bytes:
 
 def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: int = 1024, width: int = 1280,
                     seed: int = 0, compounds_per_class: int = 3, concentrations: int = 2,
-                    progress: bool = True, camera: Camera = Camera()) -> Path:
-    """Writes a synthetic screen in the BBBC021 layout under ``out`` and returns ``out``.
+                    progress: bool = True, camera: Camera = Camera(), difficulty: float = 0.0) -> Path:
+    """Writes a synthetic screen in the BBBC021 layout under ``out`` and returns ``out``; ``difficulty`` in [0, 1]
+    makes its classes harder to tell apart (``hard_params``).
 
     Idempotent: if ``out`` holds a finished screen with the same parameters it returns at once; an interrupted
     run, rerun, renders the remaining images (TIFFs are written atomically) and then the CSVs. The CSVs and a
@@ -411,6 +429,8 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
                   concentrations=int(concentrations), version=GENERATOR_VERSION)
     if camera.realistic:  # (the default camera is left out, so screens made before the option stay valid)
         params["camera"] = dataclasses.asdict(camera)
+    if difficulty:  # (likewise)
+        params["difficulty"] = float(difficulty)
     marker = out / MARKER
     if marker.exists():
         try:
@@ -443,7 +463,9 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
         if site.plate not in fields:
             fields[site.plate] = illumination_field(height, width, [seed, 1_000_003, site.plate])
         img = render_field(np.random.default_rng([seed, site.image_number]), height, width,
-                           phenotype_params(site.class_index, site.strength), fields[site.plate], camera)
+                           hard_params(site.class_index, site.strength, difficulty,
+                                       np.random.default_rng([seed, site.image_number, 29])),
+                           fields[site.plate], camera)
         for ch, name in enumerate(names):
             _write_tiff(folder / name, img[ch])
     elapsed = time.perf_counter() - t0
@@ -456,7 +478,8 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
 
 
 def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int = 1024, width: int = 1280,
-                            seed: int = 0, progress: bool = True, camera: Camera = Camera()) -> Path:
+                            seed: int = 0, progress: bool = True, camera: Camera = Camera(),
+                            difficulty: float = 0.0) -> Path:
     """Generates a synthetic screen under ``root/raw`` and imports it into ``root/store``; returns the store path.
 
     Idempotent: returns at once if ``root/store`` is a complete store made with the same parameters (a complete
@@ -474,6 +497,8 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
                   width=int(width), seed=int(seed))
     if camera.realistic:
         params["camera"] = dataclasses.asdict(camera)
+    if difficulty:
+        params["difficulty"] = float(difficulty)
     rebuild = False
     recorded = dict(params, version=GENERATOR_VERSION)
     if is_complete(store_path):
@@ -483,8 +508,8 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
         except StoreError:
             pass
         rebuild = True
-    raw = generate_screen(root / "raw", progress=progress, camera=camera,
-                          **{k: v for k, v in params.items() if k != "camera"})
+    raw = generate_screen(root / "raw", progress=progress, camera=camera, difficulty=difficulty,
+                          **{k: v for k, v in params.items() if k not in ("camera", "difficulty")})
     import_bbbc021(raw, raw, store_path, scaling="plate", illumination=not camera.realistic, dtype="uint16",
                    overwrite=rebuild, progress=progress, extra_info=dict(synthetic=recorded))
     return store_path

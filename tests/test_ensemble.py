@@ -1,0 +1,71 @@
+"""The collapsed ensemble (issue 13): cosine-restart cycles after the main run keep a snapshot at the end of
+each cycle; evaluating the snapshots averages their probabilities."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mcnn_jax.checkpoint import Checkpointer
+from mcnn_jax.config import load_config
+from mcnn_jax.data import Reader, open_store, split_indices
+from mcnn_jax.evaluate import evaluate_checkpoint, load_ensemble, run as eval_cli
+from mcnn_jax.optim import snapshot_steps, steps_per_epoch
+from mcnn_jax.runtime import enable_compilation_cache
+from mcnn_jax.train import train_and_evaluate
+
+enable_compilation_cache()
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def cycled(store, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cycled")
+    config = load_config(TINY, [f"data.store={store}", "train.max_steps=0", "optim.epochs=1.0",
+                                "optim.warmup_epochs=0.5", "optim.cycles=2", "optim.cycle_epochs=0.5",
+                                "train.keep_checkpoints=1", "train.eval_every_epochs=100.0"])
+    summary = train_and_evaluate(config, workdir)
+    return workdir, config, summary
+
+
+def test_cycles_keep_a_snapshot_at_the_end_of_each(store, cycled):
+    workdir, config, summary = cycled
+    train_idx, _ = split_indices(open_store(store), config.data)
+    spe = steps_per_epoch(len(train_idx), config.train.global_batch)
+    snapshots = snapshot_steps(config.optim, spe)
+    assert len(snapshots) == 3 and summary["final_step"] == snapshots[-1]
+    ckpt = Checkpointer(workdir, write=False)
+    assert ckpt.resolve_members("snapshots") == snapshots  # kept although train.keep_checkpoints=1
+    assert all(ckpt.meta(s)["val_accuracy"] is not None for s in snapshots)  # each snapshot was evaluated
+    ckpt.close()
+
+
+def test_ensemble_evaluation_is_the_mean_of_the_members_probabilities(store, cycled, capsys):
+    workdir, config, _ = cycled
+    result = evaluate_checkpoint(workdir, "snapshots", batch=4)
+    model, members, metas = load_ensemble(workdir, "snapshots")
+    assert result["members"] == [m["step"] for m in metas] and len(members) == 3
+    st = open_store(store)
+    _, val_idx = split_indices(st, config.data)
+    reader = Reader(st, val_idx, 5, augment=None, train=False)
+    probs, labels = [], []
+    for _, batch in reader.iterate():
+        keep = batch["mask"] > 0
+        member_probs = [np.asarray(jax.nn.softmax(model.apply({"params": p}, batch["image"])), np.float64)
+                        for p in members]
+        probs.append(np.mean(member_probs, axis=0)[keep])
+        labels.append(batch["label"][keep])
+    reader.close()
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    assert result["count"] == len(labels) == len(val_idx)
+    assert result["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
+    assert result["loss"] == pytest.approx(-np.log(probs[np.arange(len(labels)), labels]).mean(), rel=1e-5)
+    confusion = np.zeros_like(np.asarray(result["confusion"]))
+    np.add.at(confusion, (labels, probs.argmax(1)), 1)
+    np.testing.assert_array_equal(result["confusion"], confusion)
+    # members differ, so the ensemble is not one of them
+    single = [evaluate_checkpoint(workdir, str(m["step"]), batch=4)["loss"] for m in metas]
+    assert all(abs(s - result["loss"]) > 1e-6 for s in single)
+    eval_cli(["--workdir", str(workdir), "--checkpoint", ",".join(str(m["step"]) for m in metas)])
+    assert "ensemble of 3 checkpoints" in capsys.readouterr().out
