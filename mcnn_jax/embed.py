@@ -229,7 +229,7 @@ def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = 
     summary = P.prediction_summary(table, source=str(out)) if P.COMPOUND in table.columns else None
     return dict(loss=res["loss"], accuracy=conf.trace() / max(conf.sum(), 1), confusion=conf,
                 per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1), count=int(conf.sum()),
-                step=meta["step"], store=str(st.path), class_names=list(st.class_names),
+                step=meta["step"], members=[meta["step"]], store=str(st.path), class_names=list(st.class_names),
                 treatment_summary=summary, predictions=str(out),
                 treatment_accuracy=summary and summary["treatment_accuracy"],
                 treatments=summary and summary["treatments"])
