@@ -2,8 +2,8 @@
 max-pool (``flax.linen.max_pool``), and a cheaper gradient.
 
 XLA's max-pool gradient is a select-and-scatter over the input. Here the forward pass finds each window's
-maximum AND the position of its first occurrence in one reduction, and the backward pass is one elementwise
-pass that reads only those positions and the output gradient (never the input).
+maximum and then the position of its first occurrence, and the backward pass is one elementwise pass that reads
+only those positions and the output gradient (never the input).
 
 Ties are the rule on microscopy fields, not the exception: a flat background, a saturated object or an
 all-zero border makes a convolution's output constant over whole regions, so one window can hold thousands
@@ -25,34 +25,29 @@ def _window_index(shape, f: int):
     return lax.broadcasted_iota(jnp.int32, shape, 2) * f + lax.broadcasted_iota(jnp.int32, shape, 4)
 
 
-def _max_and_first(a, b):
-    """Reduction of (value, window index) pairs: the larger value; among equal values the lower index (the
-    first in row-major order, as XLA's max-pool gradient chooses); NaN wins, so NaN propagates as in max."""
-    (av, ai), (bv, bi) = a, b
-    pick_a = (av > bv) | ((av == bv) & (ai < bi)) | ((av != av) & ((bv == bv) | (ai < bi)))
-    return jnp.where(pick_a, av, bv), jnp.where(pick_a, ai, bi)
-
-
-def _pool_argmax(x, f: int):
-    """(max, the row-major index within the window of its FIRST occurrence) of each f x f window, in one pass."""
+def _windows(x, f: int):
     n, h, w, c = x.shape
-    xs = x.reshape(n, h // f, f, w // f, f, c)
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(f * f, jnp.int32))
-    return lax.reduce((xs, _window_index(xs.shape, f)), init, _max_and_first, (2, 4))
+    return x.reshape(n, h // f, f, w // f, f, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x, f: int):
     """Max-pool NHWC by f (kernel = stride = f, no padding; H and W multiples of f). The gradient goes to the
-    first maximum (row-major) of each window, whose index the forward pass records (see the module doc)."""
-    return x if f == 1 else _pool_argmax(x, f)[0]
+    first maximum (row-major) of each window, whose index the forward pass records (see the module doc); an
+    input that is not differentiated (the image) costs one plain max-reduction."""
+    return x if f == 1 else _windows(x, f).max(axis=(2, 4))
 
 
 def _max_pool_fwd(x, f):
     if f == 1:
         return x, None
-    y, arg = _pool_argmax(x, f)
-    return y, arg.astype(jnp.uint16 if f * f <= 2 ** 16 else jnp.int32)  # the index, small
+    xs = _windows(x, f)
+    y = xs.max(axis=(2, 4))
+    # the first position of each window's maximum: a second single-operand reduction, which XLA:CPU
+    # vectorises (a variadic (value, index) reduction measured slower: benchmarks/README.md); a window whose
+    # maximum is NaN has no such position (f * f) and passes no gradient
+    first = jnp.where(xs == y[:, :, None, :, None, :], _window_index(xs.shape, f), f * f).min(axis=(2, 4))
+    return y, first.astype(jnp.uint16 if f * f < 2 ** 16 else jnp.int32)  # the index, small
 
 
 def _max_pool_bwd(f, arg, ct):
