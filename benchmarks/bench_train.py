@@ -11,7 +11,7 @@ and kills it above ``--max-rss-gb``; a batch is skipped when the machine has not
 Variants (comma-separated, ``--variants``):
     xla        the plain model: XLA convolutions and pools (MCNN(impl="xla")); aborts (std::bad_alloc in
                XLA:CPU's convolution) at batch > 4 at full resolution
-    fast       XLA convolutions with mcnn_jax.fastconv's kernel gradients and pools (MCNN(impl="fast"))
+    fast       XLA convolutions with mcnn_jax.xla_conv's kernel gradients and mcnn_jax.pool's pools (MCNN(impl="fast"))
     base       the default model: MCNN() (impl="native": the C++ kernels of mcnn_jax.native)
     remat      base + rematerialisation of every branch (remat=True)
     remat0     base + rematerialisation of the full-resolution branch only (remat=(True,)+(False,)*6)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcnn_jax import MCNN, fastconv, mcnn_flops
+from mcnn_jax import MCNN, layers, mcnn_flops, xla_conv
 
 
 def timeit(fn, *args, reps: int = 3, warmup: int = 1) -> float:
@@ -81,13 +81,12 @@ def machine() -> dict:
 
 
 def conv_fn(impl):
-    return lambda x, kernel: fastconv.conv(x, kernel, impl)
+    """The convolution alone (no bias, no ReLU), for timing its input and kernel gradients separately."""
+    return lambda x, kernel: layers.conv_bias(x, kernel, 0.0, impl)
 
 
 def pool_fn(impl, f):
-    if impl in ("native", "fast"):
-        return lambda x: fastconv.max_pool(x, f)
-    return lambda x: x if f == 1 else nn.max_pool(x, (f, f), strides=(f, f))
+    return lambda x: layers.max_pool(x, f, impl)
 
 
 def row(name, pass_, seconds, flops, peak):
@@ -116,7 +115,7 @@ def profile(model: MCNN, impl: str, batch: int, h: int, w: int, reps: int, out: 
             bias = jnp.zeros((width,), jnp.float32)
             ct = jax.random.normal(key, (batch, hb, wb, width), jnp.float32)
             # the layer as the model runs it (for "native": conv + bias + ReLU fused in the kernels)
-            layer = lambda x, kern, bias: fastconv.conv_bias_relu(x, kern, bias, impl)  # noqa: E731
+            layer = lambda x, kern, bias: layers.conv_bias(x, kern, bias, impl, relu=True)  # noqa: E731
             fl = 2 * k * k * cin * width * hb * wb * batch
             name = f"branch{b}/conv{j}"
             emit(row(name, "forward", timeit(jax.jit(layer), x, kern, bias, reps=reps), fl, matmul_peak()))
@@ -147,7 +146,7 @@ def profile(model: MCNN, impl: str, batch: int, h: int, w: int, reps: int, out: 
     kern = jax.random.normal(key, (1, 1, cm, model.merge_width)) * 0.05
     ct = jnp.ones((batch, hm, wm, model.merge_width))
     fl = 2 * cm * model.merge_width * hm * wm * batch
-    merge = lambda x, kern: nn.relu(fastconv.conv_xla(x, kern))  # noqa: E731
+    merge = lambda x, kern: nn.relu(xla_conv.conv_xla(x, kern))  # noqa: E731
     emit(row("merge", "forward", timeit(jax.jit(merge), x, kern, reps=reps), fl, matmul_peak()))
     emit(row("merge", "vjp", timeit(jax.jit(lambda x, kern, ct: jax.vjp(merge, x, kern)[1](ct)), x, kern, ct,
                                     reps=reps), 2 * fl, matmul_peak()))

@@ -18,6 +18,10 @@ def get_config():
     c.data.synthetic.height = 256
     c.data.synthetic.width = 256
     c.data.synthetic.seed = 0
+    # a realistic camera: a flat offset with sparse noise, saturated objects, 12 bits (data.synthetic docs)
+    c.data.synthetic.background = "offset"
+    c.data.synthetic.saturation = 3000
+    c.data.synthetic.bits = 12
     c.data.split = "random"
     c.data.val_fraction = 0.2
     c.data.augment.rot90 = True  # square fields

@@ -22,6 +22,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 
+def _checkpointed(state) -> dict:
+    """The fields of a ``TrainState`` a checkpoint holds (``step.CHECKPOINTED``): not the exchange's per-rank
+    state (PowerSGD's error feedback differs between ranks; a resume starts it afresh)."""
+    from .step import CHECKPOINTED
+    return {k: getattr(state, k) for k in CHECKPOINTED}
+
+
 def _manager(directory: Path, keep: int = 3, read_only: bool = False, keep_steps=()):
     policies = [
         cm.LatestN(n=max(1, keep)),
@@ -58,7 +65,7 @@ class Checkpointer:
             return
         metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
         meta = dict(meta, step=step, val_accuracy=val_accuracy)
-        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_checkpointed(state)),
                                                       meta=ocp.args.JsonSave(meta)), metrics=metrics)
         if wait:
             self._mngr.wait_until_finished()
@@ -116,10 +123,10 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, with the structure, shapes and dtypes of ``abstract_state``."""
-        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _checkpointed(abstract_state))
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        return abstract_state.replace(**out["state"]), out["meta"]
 
 
 class NullCheckpointer:

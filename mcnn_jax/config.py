@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.train.progress = "auto"  # auto (a bar on a terminal) | bar | log
     c.train.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
+    # how ranks exchange gradients (mcnn_jax.comm): "auto" (per dense layer the exact scheme sending fewer bytes),
+    # "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one allgather) or
+    # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
+    c.train.comm = "auto"
+    c.train.powersgd_rank = 4
     return c
 
 

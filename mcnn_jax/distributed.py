@@ -90,24 +90,38 @@ class World:
         from mpi4py import MPI
         return mpi4jax.allreduce(buf, op=MPI.SUM, comm=self.jax_comm)
 
-    def time_allreduce(self, size: int) -> float:
-        """Seconds one ``allreduce_sum`` of a float32 buffer of ``size`` elements takes, measured apart from the
-        train step: the ranks first meet at a barrier (so waiting for a slower rank's compute is not counted),
-        then one jitted mpi4jax allreduce of a buffer the size of the step's packed gradients + metrics runs and
-        is waited for. It is the cost of the step's communication alone, as the step would pay it with no
-        overlap. Collective: every rank must call it at the same steps. 0.0 on one rank (nothing to send)."""
+    def allgather(self, buf: jax.Array) -> jax.Array:
+        """Every rank's flat float32 buffer, stacked [ranks, n], with one mpi4jax allgather (inside jit)."""
+        if self.size == 1:
+            return buf[None]
+        import mpi4jax
+        return mpi4jax.allgather(buf, comm=self.jax_comm)
+
+    def time_comm(self, allreduce: int, allgather: int = 0, allreduce_p: int = 0) -> float:
+        """Seconds the step's collectives take, measured apart from the train step: packed allreduces of
+        ``allreduce_p`` (PowerSGD's P's, if any) and ``allreduce`` float32 elements and an allgather of an
+        ``allgather``-element block per rank (if any), as ``comm.Plan.sizes`` gives them. The ranks first meet at
+        a barrier (so waiting for a slower rank's compute is not counted), then one jitted function doing them
+        runs and is waited for: the cost of the step's communication alone, with no overlap. Collective: every
+        rank must call it at the same steps. 0.0 on one rank (nothing to send)."""
         if self.size == 1:
             return 0.0
-        fn = self._timed_allreduce.get(size)
+        ops = [(n, op) for n, op in ((allreduce_p, self.allreduce_sum), (allreduce, self.allreduce_sum),
+                                     (allgather, self.allgather)) if n > 0]
+        key = (allreduce_p, allreduce, allgather)
+        bufs = [jnp.zeros((n,), jnp.float32) for n, _ in ops]
+        fn = self._timed_allreduce.get(key)
         if fn is None:
-            fn = self._timed_allreduce[size] = jax.jit(self.allreduce_sum)
-            buf = jnp.zeros((size,), jnp.float32)
-            fn(buf).block_until_ready()  # compile (and warm) outside the timing
-        buf = jnp.zeros((size,), jnp.float32)
+            fn = self._timed_allreduce[key] = jax.jit(lambda bs: [op(b) for (_, op), b in zip(ops, bs)])
+            jax.block_until_ready(fn(bufs))  # compile (and warm) outside the timing
         self.barrier()
         t0 = time.perf_counter()
-        fn(buf).block_until_ready()
+        jax.block_until_ready(fn(bufs))
         return time.perf_counter() - t0
+
+    def time_allreduce(self, size: int) -> float:
+        """Seconds one ``allreduce_sum`` of ``size`` float32 elements takes (see ``time_comm``)."""
+        return self.time_comm(size)
 
     def abort(self, code: int = 1):
         """Ends every rank of the job now (after this rank's error has been printed)."""

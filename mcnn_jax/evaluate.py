@@ -2,6 +2,8 @@
 store and prints accuracy and the confusion matrix.
 
     mcnn-eval --workdir runs/default [--checkpoint best|latest|STEP] [--store PATH] [--split val|train|all]
+              [--predictions FILE.csv|FILE.parquet]
+
     mcnn-eval --workdir runs/default --checkpoint snapshots     # the collapsed ensemble (optim.cycles > 0)
     mcnn-eval --workdir runs/default --checkpoint 120,160,200   # any ensemble of checkpoints
 
@@ -34,28 +36,61 @@ from .models import from_config, init_params
 class Evaluator:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class) of ``params`` (or of an
     ensemble: a list of parameter trees, whose probabilities are averaged) over one pass of ``reader``, summed
-    over the MPI ranks (each rank evaluates its share of every batch)."""
+    over the MPI ranks (each rank evaluates its share of every batch); and, when the evaluated images hold every
+    image of each of their treatments (compound x concentration, e.g. a held-out compound), the treatment-level
+    accuracy: each treatment's mean class probabilities against its class."""
 
     def __init__(self, model, reader, num_classes: int, world: World | None = None):
         from .step import make_eval_step
         self.reader, self.num_classes, self.world = reader, num_classes, world or World()
         self.eval_step = make_eval_step(model, num_classes)
+        self.treatments = whole_treatments(reader.store, reader.indices)
 
     def run(self, params) -> dict:
         members = list(params) if isinstance(params, (list, tuple)) else [params]
         confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
+        probs = np.zeros((len(self.reader.indices), self.num_classes), np.float64)
         loss_sum = 0.0
-        for _, batch in self.reader.iterate():
-            metrics, pred = self.eval_step(members, batch)
-            mask = batch["mask"] > 0
-            np.add.at(confusion, (batch["label"][mask], np.asarray(pred)[mask]), 1)
+        for step, batch in self.reader.iterate():
+            metrics, p = self.eval_step(members, batch)
+            p, mask = np.asarray(p), batch["mask"] > 0
+            np.add.at(confusion, (batch["label"][mask], p.argmax(-1)[mask]), 1)
+            probs[self.reader.batch_positions(step)[mask]] = p[mask]
             loss_sum += float(metrics["loss_sum"])
         confusion = self.world.allreduce_host_sum(confusion)
         loss_sum = self.world.allreduce_host_sum(loss_sum)
         count = confusion.sum()
         per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-        return dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
-                    per_class_accuracy=per_class, confusion=confusion, count=int(count))
+        out = dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
+                   per_class_accuracy=per_class, confusion=confusion, count=int(count))
+        if self.treatments is not None:
+            from .profiling import treatment_accuracy
+            probs = self.world.allreduce_host_sum(probs)  # each image's row is filled on one rank
+            labels = np.asarray(self.reader.store.labels)[self.reader.indices]
+            out.update(treatment_accuracy(probs, labels, *self.treatments))
+        return out
+
+
+def whole_treatments(store, indices):
+    """(compounds, concentrations) of the images ``indices`` if the store records them and the images hold
+    every image of each of their treatments; None otherwise (e.g. a random split cuts treatments in two)."""
+    compound, conc = store.metadata.get("compound"), store.metadata.get("concentration")
+    if not compound or not conc or not all(compound[i] for i in indices):
+        return None
+    keys = [(c, str(x)) for c, x in zip(compound, conc)]
+    chosen = [keys[i] for i in indices]
+    wanted = set(chosen)
+    if sum(k in wanted for k in keys) != len(chosen):  # some image of a treatment is not among them
+        return None
+    return [k[0] for k in chosen], [float(k[1]) if _is_number(k[1]) else k[1] for k in chosen]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def predict_probabilities(model, members, reader) -> tuple[np.ndarray, np.ndarray]:
@@ -119,14 +154,23 @@ def run(argv=None):
     parser.add_argument("--split", default="val", choices=("val", "train", "all"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--predictions", default="", help="write one row per image (Metadata_*, true and "
+                        "predicted class, P_<class> probabilities) to this CSV or .parquet file, and print "
+                        "treatment-level and per-compound accuracy (mcnn_jax.embed)")
     args = parser.parse_args(argv)
     from .runtime import enable_compilation_cache
     enable_compilation_cache()
     try:
-        result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
+        if args.predictions:
+            from .embed import evaluate_to_table
+            result = evaluate_to_table(args.workdir, args.checkpoint, args.store, args.split, args.batch,
+                                       args.predictions)
+        else:
+            result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
     except (FileNotFoundError, ValueError) as e:
         print(f"mcnn-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
+    treatments = result.pop("treatment_summary", False)
     if args.json:
         print(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
         return
@@ -137,6 +181,10 @@ def run(argv=None):
     for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
         print(f"  {name:<28s} {acc:.4f}")
     print(format_confusion(np.asarray(result["confusion"]), result["class_names"]))
+    if treatments is not False:
+        from .embed import format_treatment_summary
+        print(f"predictions written to {result['predictions']}")
+        print(format_treatment_summary(treatments))
 
 
 def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:

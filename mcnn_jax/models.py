@@ -19,46 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import fastconv
+from .layers import IMPLS, Conv, max_pool
 
 PUBLISHED_POOL_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 PUBLISHED_WIDTHS = (16, 16, 16, 32, 32, 32, 64)
 PUBLISHED_POST_POOLS = (64, 32, 16, 8, 4, 2, 1)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-IMPLS = ("native", "fast", "xla")
-
-
-def _max_pool(x, f: int, impl: str = "xla"):
-    if impl in ("native", "fast"):
-        return fastconv.max_pool(x, f)
-    return x if f == 1 else nn.max_pool(x, (f, f), strides=(f, f))
-
-
-class Conv(nn.Module):
-    """A stride-1 'SAME' KxK convolution + bias with nn.Conv's parameters (``kernel`` HWIO, ``bias``) and
-    initialisers. ``impl="native"``: the C++ kernels of ``mcnn_jax.native`` where they apply (float32, odd k,
-    output channels a multiple of the CPU's vector width), else ``"fast"``; ``"fast"``: XLA's convolution with
-    the kernel gradient of ``fastconv.conv_fast``."""
-
-    features: int
-    kernel_size: int = 5
-    dtype: Any = jnp.float32
-    impl: str = "native"
-    relu: bool = False  # relu(conv + bias), fused into one pass by the native kernels
-
-    @nn.compact
-    def __call__(self, x):
-        k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.xavier_uniform(), (k, k, x.shape[-1], self.features),
-                            jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        if self.relu:
-            return fastconv.conv_bias_relu(x, kernel, bias, self.impl)
-        return fastconv.conv(x, kernel, self.impl) + bias
 
 
 def check_architecture(pool_factors, widths, post_pools) -> int:
@@ -100,22 +67,14 @@ class Branch(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _max_pool(x, self.pool, self.impl)
-        fused = self.impl != "xla" and self.norm == "none"  # conv + bias + ReLU in one layer (one native pass)
+        x = max_pool(x, self.pool, self.impl)
+        fused = self.norm == "none"  # conv + bias + ReLU in one layer (one pass of the native kernels)
         for j in range(self.num_convs):
-            if self.impl == "xla":
-                x = nn.Conv(self.width, (self.kernel_size, self.kernel_size), padding="SAME", use_bias=True,
-                            dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                            bias_init=nn.initializers.zeros, name=f"conv{j}")(x)
-            else:
-                x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=fused,
-                         name=f"conv{j}")(x)
+            x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=fused, name=f"conv{j}")(x)
             if self.norm == "group":
-                x = nn.GroupNorm(num_groups=min(self.norm_groups, self.width), dtype=self.dtype,
-                                 name=f"norm{j}")(x)
-            if not fused:
-                x = nn.relu(x)
-        return _max_pool(x, self.post_pool, self.impl)
+                x = nn.relu(nn.GroupNorm(num_groups=min(self.norm_groups, self.width), dtype=self.dtype,
+                                         name=f"norm{j}")(x))
+        return max_pool(x, self.post_pool, self.impl)
 
 
 class MCNN(nn.Module):
@@ -139,7 +98,7 @@ class MCNN(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: Sequence[bool] | bool = False  # rematerialise (recompute in the backward pass) per branch
     # "native" (C++ kernels, mcnn_jax.native, falling back to "fast" where they do not apply), "fast"
-    # (mcnn_jax.fastconv: XLA with faster gradients) or "xla" (plain): the same function and parameters
+    # (XLA with faster gradients) or "xla" (plain): the same function and parameters (mcnn_jax.layers)
     impl: str = "native"
 
     @nn.compact
@@ -167,7 +126,7 @@ class MCNN(nn.Module):
         x = nn.Conv(self.merge_width, (1, 1), dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
                     bias_init=nn.initializers.zeros, name="merge")(x)
         x = nn.relu(x)
-        x = _max_pool(x, self.merge_pool, self.impl)
+        x = max_pool(x, self.merge_pool, self.impl)
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(self.head_width, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.zeros, name="hidden")(x)

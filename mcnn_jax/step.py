@@ -1,13 +1,17 @@
-"""The train state and the one jitted, pure train step ``(state, batch) -> (state, metrics)``.
+"""The train state and the one jitted, pure train step ``(state, batch, stop=0) -> (state, metrics)``.
 
 A step has three parts, in this order:
 
 1. ``local_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
    micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
-   that peak memory follows the micro-batch, not the local batch;
-2. ``allreduce_packed``: the gradients and the metric sums packed into ONE flat float32 buffer and summed over
-   the ranks with ONE allreduce (``allreduce``: ``mcnn_jax.distributed.World.allreduce_sum``; GradientFlow's
-   fused "lazy" allreduce), whatever the number of micro-batches;
+   that peak memory follows the micro-batch, not the local batch. The dense layers that the exchange plan
+   (``mcnn_jax.comm.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of a
+   weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
+2. ``comm.exchange``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
+   buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
+   fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
+   whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
+   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught);
 3. ONE optimizer update.
 
 Why not ``optax.MultiSteps``: it accumulates over successive calls of the train step, one micro-batch per call,
@@ -26,8 +30,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
+from flax.traverse_util import unflatten_dict
 
+from . import comm
 from .optim import smoothed_targets
 
 
@@ -36,11 +41,16 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
+    comm: Any = None  # the exchange's own state (PowerSGD's Q and error feedback); not checkpointed
 
 
-def create_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+CHECKPOINTED = ("step", "params", "opt_state", "rng")  # the fields a checkpoint holds
+
+
+def create_state(params, tx: optax.GradientTransformation, seed: int, plan: comm.Plan | None = None) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      rng=jax.random.key_data(jax.random.key(seed)),
+                      comm=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None)
 
 
 def _mask(batch):
@@ -73,11 +83,15 @@ def num_microbatches(local_batch: int, microbatch: int, where: str = "train.glob
     return local_batch // microbatch
 
 
-def local_gradients(model, params, batch, num_classes: int, label_smoothing: float = 0.0, microbatch: int = 0):
-    """(gradients, metric sums) of this rank's local batch: the gradient of its mean loss (the loss summed over
-    the batch / the batch's count), computed over micro-batches of ``microbatch`` images by a ``lax.scan`` that
-    adds up each micro-batch's gradient of (its loss sum / the whole batch's count) and its metric sums. With
-    one micro-batch it is the plain gradient of the batch's mean loss."""
+def local_gradients(model, params, batch, num_classes: int, label_smoothing: float = 0.0, microbatch: int = 0,
+                    plan: comm.Plan | None = None):
+    """(gradients, metric sums, factors) of this rank's local batch: the gradient of its mean loss (the loss summed
+    over the batch / the batch's count) as a flat dict keyed by parameter paths, without the kernels of the
+    layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.local_gradients``). Computed over
+    micro-batches of ``microbatch`` images by a ``lax.scan`` that adds up each micro-batch's gradient of (its
+    loss sum / the whole batch's count) and its metric sums, and stacks its factors (rows of the local batch).
+    With one micro-batch it is the plain gradient of the batch's mean loss."""
+    plan = plan or comm.Plan("allreduce", 1, 0, 0)
     k = num_microbatches(batch["label"].shape[0], microbatch)
     denominator = jnp.maximum(_mask(batch).sum(), 1.0)
 
@@ -85,47 +99,50 @@ def local_gradients(model, params, batch, num_classes: int, label_smoothing: flo
         def loss_fn(p):
             loss, metrics, _ = loss_and_metrics(model, p, mb, num_classes, label_smoothing, denominator)
             return loss, metrics
-        return jax.grad(loss_fn, has_aux=True)(params)
+        metrics, grads, factors = comm.local_gradients(plan, loss_fn, params)
+        return (grads, metrics), factors
 
     if k == 1:
-        return grad_fn(batch)
+        (grads, metrics), factors = grad_fn(batch)
+        return grads, metrics, factors
     micro = jax.tree_util.tree_map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
 
     def accumulate(total, mb):
-        return jax.tree_util.tree_map(jnp.add, total, grad_fn(mb)), None
+        summed, factors = grad_fn(mb)
+        return jax.tree_util.tree_map(jnp.add, total, summed), factors
 
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro)))
-    total, _ = jax.lax.scan(accumulate, zeros, micro)
-    return total
-
-
-def allreduce_packed(grads, metrics: dict, allreduce: Callable[[jax.Array], jax.Array], num_ranks: int):
-    """The ranks' mean gradient and summed metrics: both packed into ONE flat float32 buffer, ONE allreduce."""
-    names = sorted(metrics)
-    flat, unravel = ravel_pytree((grads, [metrics[k].astype(jnp.float32) for k in names]))
-    grads, sums = unravel(allreduce(flat))
-    grads = jax.tree_util.tree_map(lambda g: g / num_ranks, grads)
-    return grads, dict(zip(names, sums))
+        grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro))[0])
+    (grads, metrics), factors = jax.lax.scan(accumulate, zeros, micro)
+    factors = jax.tree_util.tree_map(lambda f: f.reshape(-1, f.shape[-1]), factors)  # [k, mb, n] -> [k mb, n]
+    return grads, metrics, factors
 
 
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
                     allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
-                    schedule: optax.Schedule | None = None, microbatch: int = 0):
-    """Returns the jitted train step. ``allreduce`` sums a flat float32 buffer over the ``num_ranks`` ranks: the
-    gradients (then divided by ``num_ranks``) and the metric sums travel in one buffer. ``microbatch`` > 0
-    processes each rank's local batch in micro-batches of that many images (one update per call all the same)."""
+                    schedule: optax.Schedule | None = None, microbatch: int = 0, plan: comm.Plan | None = None,
+                    allgather: Callable[[jax.Array], jax.Array] | None = None):
+    """Returns the jitted train step ``(state, batch, stop=0) -> (state, metrics)``. ``allreduce`` sums a flat
+    float32 buffer over the ``num_ranks`` ranks, ``allgather`` stacks one per rank; ``plan``
+    (``comm.make_plan``) says which dense layers are exchanged as factors or compressed (None: every gradient is
+    summed). ``microbatch`` > 0 processes each rank's local batch in micro-batches of that many images (one
+    exchange and one update per call all the same)."""
+    plan = plan or comm.Plan("allreduce", num_ranks, 0, 0)
+    if plan.ranks != num_ranks:
+        raise ValueError(f"the exchange plan is for {plan.ranks} ranks, the step for {num_ranks}")
 
-    def train_step(state: TrainState, batch):
-        grads, metrics = local_gradients(model, state.params, batch, num_classes, label_smoothing, microbatch)
-        if allreduce is not None:
-            grads, metrics = allreduce_packed(grads, metrics, allreduce, num_ranks)
+    def train_step(state: TrainState, batch, stop=0.0):
+        grads, metrics, factors = local_gradients(model, state.params, batch, num_classes, label_smoothing,
+                                                  microbatch, plan)
+        sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, stop=jnp.asarray(stop, jnp.float32))
+        grads, sums, comm_state = comm.exchange(plan, grads, factors, sums, state.comm, allreduce, allgather)
+        grads = unflatten_dict(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        metrics = dict(sums, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, comm=comm_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0,))  # the old state's buffers are reused
 
@@ -138,8 +155,8 @@ def ensemble_log_probs(model, members, images):
 
 
 def make_eval_step(model, num_classes: int):
-    """Jitted ``(members, batch) -> (metrics, predictions)`` of an ensemble (``members``: a list of parameter
-    trees, one for a single model) that averages its members' probabilities; metrics are masked sums."""
+    """Jitted ``(members, batch) -> (metrics, class probabilities)`` of an ensemble (``members``: a list of
+    parameter trees, one for a single model) that averages its members' probabilities; metrics are masked sums."""
 
     def eval_step(members, batch):
         log_p = ensemble_log_probs(model, members, batch["image"])
@@ -148,6 +165,6 @@ def make_eval_step(model, num_classes: int):
         predictions = jnp.argmax(log_p, -1)
         metrics = dict(loss_sum=(per_example * mask).sum(), correct=((predictions == labels) * mask).sum(),
                        count=mask.sum())
-        return metrics, predictions
+        return metrics, jnp.exp(log_p)
 
     return jax.jit(eval_step)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
-from . import optim
+from . import comm, optim
 from .checkpoint import config_to_json, host_tree, rank_checkpointer
 from .distributed import World, init_world
 from .evaluate import Evaluator
@@ -141,7 +142,7 @@ class Run:
     progress: Progress
     profiler: Profiler
     train_flops: float  # training FLOPs per image (forward + backward)
-    buffer_size: int  # float32 elements of the step's one allreduce (gradients + metric sums)
+    plan: comm.Plan  # how the step exchanges its gradients (train.comm)
     snapshot_steps: tuple = ()  # the collapsed ensemble's snapshots: evaluated and kept
 
     def meta(self, state, chrono: Chrono) -> dict:
@@ -172,15 +173,19 @@ def _open_data(config, workdir, world):
 
 
 def _initial_state(config, model, tx, image_shape, ckpt, world):
-    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks."""
-    state = create_state(init_params(model, jax.random.key(config.seed), image_shape), tx, config.seed)
+    """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks.
+    Returns it with the exchange's plan (``train.comm``)."""
+    params = init_params(model, jax.random.key(config.seed), image_shape)
+    plan = comm.make_plan(config.train.comm, params, config.train.global_batch // world.size, world.size,
+                          config.train.powersgd_rank)
+    state = create_state(params, tx, config.seed, plan)
     start = world.bcast_object(ckpt.resolve("latest"))
     if start is not None:
         state, _ = ckpt.restore(start, state)  # rank 0 reads; the others get its state from the broadcast
         logging.info(f"resuming from the checkpoint of step {start} in {ckpt.directory}")
     state = world.bcast_tree(state)  # every rank starts from rank 0's parameters ...
     world.check_same(state.params)  # ... which is checked
-    return state
+    return state, plan
 
 
 def _readers(config, store, train_idx, val_idx, world, stack):
@@ -210,10 +215,12 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     tx = optim.make_optimizer(config.optim, schedule)
     ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints,
                                                                       snapshots)))
-    state = _initial_state(config, model, tx, image_shape, ckpt, world)
+    state, plan = _initial_state(config, model, tx, image_shape, ckpt, world)
+    logging.info(plan.describe())
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
                                  allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
-                                 microbatch=config.train.microbatch)
+                                 microbatch=config.train.microbatch, plan=plan,
+                                 allgather=world.allgather if world.size > 1 else None)
     reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
     progress = stack.enter_context(contextlib.closing(Progress(
@@ -225,8 +232,7 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
               batches=reader.iterate(start_step=int(state.step)),
               evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
               progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
-              buffer_size=sum(x.size for x in jax.tree_util.tree_leaves(state.params)) + 3,
-              snapshot_steps=tuple(snapshots))
+              plan=plan, snapshot_steps=tuple(snapshots))
     h, w, c = image_shape
     mb = config.train.microbatch
     micro = f" (micro-batches of {mb} images)" if 0 < mb < gb // world.size else ""
@@ -250,13 +256,14 @@ class Outcome:
     preempted_at: int | None = None
 
 
-def _run_step(run: Run, state, chrono: Chrono, step: int):
-    """Fetches the next global batch and runs the train step on it; returns the state, metrics and times."""
+def _run_step(run: Run, state, chrono: Chrono, step: int, signum: int):
+    """Fetches the next global batch and runs the train step on it (with this rank's stop signal, summed over
+    the ranks in the step's allreduce); returns the state, metrics and times."""
     t0 = time.perf_counter()
     _, batch = next(run.batches)
     t1 = time.perf_counter()
     run.profiler.before(step)
-    state, metrics = run.train_step(state, batch)  # compiled at the first call
+    state, metrics = run.train_step(state, batch, np.float32(signum))  # compiled at the first call
     m = jax.device_get(metrics)
     t2 = time.perf_counter()
     run.profiler.after(step)
@@ -294,7 +301,7 @@ def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step
     if itstime(step, run.config.train.log_every_steps, run.total_steps):
         extra = {}
         if run.world.size > 1:  # collective: every rank measures at the same steps
-            extra["allreduce_s"] = run.world.time_allreduce(run.buffer_size)
+            extra["allreduce_s"] = run.world.time_comm(**run.plan.sizes())  # all of the step's collectives
         run.log.write("train", step, loss=loss, accuracy=acc, lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
                       images_per_s=gb / max(wait_s + step_s, 1e-9), epoch=step / run.steps_per_epoch,
                       data_wait_s=wait_s, step_s=step_s, wall=chrono.elapsed(),
@@ -305,9 +312,10 @@ def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step
 def _evaluate(run: Run, state, step: int, chrono: Chrono, out: Outcome) -> float:
     ev = out.last_eval = run.evaluator.run(state.params)
     val_acc, wall = float(ev["accuracy"]), chrono.elapsed()
+    treatment = {k: ev[k] for k in ("treatment_accuracy", "treatments") if ev.get(k) is not None}
     run.log.write("val", step, loss=ev["loss"], accuracy=val_acc, epoch=step / run.steps_per_epoch, wall=wall,
                   per_class_accuracy=ev["per_class_accuracy"], confusion=ev["confusion"],
-                  class_names=run.store.class_names)
+                  class_names=run.store.class_names, **treatment)
     run.progress.log(f"step {step} (epoch {step / run.steps_per_epoch:.2f}): validation accuracy {val_acc:.4f}, "
                      f"loss {ev['loss']:.4f} on {ev['count']} images")
     out.best = val_acc if out.best is None else max(out.best, val_acc)
@@ -322,7 +330,7 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
     state, out = run.state, Outcome(step=run.start_step)
     ckpt_every = run.config.train.checkpoint_every_steps or _eval_every(run)
     while out.step < run.total_steps:
-        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1)
+        state, m, wait_s, step_s = _run_step(run, state, chrono, out.step + 1, stop.signum)
         step = out.step = out.step + 1
         loss = float(m["loss_sum"] / max(m["count"], 1))
         if not math.isfinite(loss):
@@ -330,7 +338,7 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
         _log_train(run, step, m, chrono, wait_s, step_s)
         evaluate = itstime(step, _eval_every(run), run.total_steps) or step in run.snapshot_steps
         val_acc = _evaluate(run, state, step, chrono, out) if evaluate else None
-        preempted = run.world.allreduce_max(stop.signum) > 0
+        preempted = m["stop"] > 0  # some rank caught a signal before this step: summed in the step's allreduce
         if evaluate or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
             run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
         if preempted:

@@ -111,6 +111,22 @@ def test_realistic_camera_flat_saturated_8bit(tmp_path):
     assert store.info["synthetic"]["camera"] == dict(background="flat", saturation=1500, bits=8)
 
 
+def test_layout_has_weeks_as_bbbc021():
+    """Each compound in one week (batch), the compounds of a mechanism in different weeks, DMSO on every plate,
+    plate names Week<k>_<id> and one image per (plate, well, site)."""
+    sites = S.layout(640, 8, seed=0, wells_per_plate=20)
+    weeks = {}
+    for s in sites:
+        weeks.setdefault(s.compound, set()).add(s.week)
+    assert all(len(w) == 1 for c, w in weeks.items() if c != "DMSO") and weeks["DMSO"] == {1, 2, 3}
+    for c in range(1, 8):
+        assert len({next(iter(weeks[n])) for n in S.compound_names(c, 3)}) == 3
+    plates = {s.plate for s in sites}
+    assert len(plates) > 3 and all(any(s.compound == "DMSO" for s in sites if s.plate == p) for p in plates)
+    assert len({(s.plate, s.well, s.site) for s in sites}) == len(sites)
+    assert S._plate_dir(sites[0])[1] == f"Week{sites[0].week}_{20000 + sites[0].plate}"
+
+
 def test_difficulty_weakens_the_phenotypes_and_adds_noise():
     """difficulty 0 is the nominal screen; at 1 the dense class's cell density is closer to DMSO's, varies from
     image to image, and the pixels are noisier; outside [0, 1] is an error."""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcnn_jax import MCNN, fastconv, native
+from mcnn_jax import MCNN, native, xla_conv
 
 from conftest import assert_same_model, loss_fn, rel_err as _rel
 
@@ -50,8 +50,8 @@ def test_native_conv_value_and_grads(n, h, w, c, o, k):
     kern = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.2
     ct = jax.random.normal(jax.random.key(2), (n, h, w, o))
     assert native.supports(c, o, k, jnp.float32)[0]
-    y1, f1 = jax.vjp(jax.jit(fastconv.conv_native), x, kern)
-    y0, f0 = jax.vjp(fastconv.conv_xla, x, kern)
+    y1, f1 = jax.vjp(jax.jit(native.conv), x, kern)
+    y0, f0 = jax.vjp(xla_conv.conv_xla, x, kern)
     ref = _conv64(x, kern)
     assert _rel(y1, ref) < 1e-5
     np.testing.assert_allclose(y1, y0, rtol=1e-4, atol=1e-4)
@@ -121,8 +121,8 @@ def test_fused_conv_bias_relu_value_and_grads(n, h, w, c, o, k):
     kern = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.2
     bias = jax.random.normal(jax.random.key(3), (o,))
     ct = jax.random.normal(jax.random.key(2), (n, h, w, o))
-    plain = lambda x, kern, bias: jax.nn.relu(fastconv.conv_xla(x, kern) + bias)  # noqa: E731
-    z1, f1 = jax.vjp(jax.jit(fastconv.conv_bias_relu_native), x, kern, bias)
+    plain = lambda x, kern, bias: jax.nn.relu(xla_conv.conv_xla(x, kern) + bias)  # noqa: E731
+    z1, f1 = jax.vjp(jax.jit(native.conv_bias_relu), x, kern, bias)
     z0, f0 = jax.vjp(plain, x, kern, bias)
     assert float((z0 > 0).mean()) > 0.2 and float((z0 == 0).mean()) > 0.2  # the mask matters
     np.testing.assert_allclose(z1, z0, rtol=1e-4, atol=1e-4)
@@ -142,10 +142,10 @@ def test_native_kernels_on_realistic_fields(kind, n, h, w, c, o, k):
     bias = jnp.zeros((o,))
     ct = jax.random.normal(jax.random.key(2), (n, h, w, o)) * (jax.random.uniform(jax.random.key(3), (n, h, w, o))
                                                                 < 1 / 16)
-    plain = lambda x, kern, bias: jax.nn.relu(fastconv.conv_xla(x, kern) + bias)  # noqa: E731
-    z1, f1 = jax.vjp(jax.jit(fastconv.conv_bias_relu_native), x, kern, bias)
+    plain = lambda x, kern, bias: jax.nn.relu(xla_conv.conv_xla(x, kern) + bias)  # noqa: E731
+    z1, f1 = jax.vjp(jax.jit(native.conv_bias_relu), x, kern, bias)
     z0, f0 = jax.vjp(plain, x, kern, bias)
-    pre = fastconv.conv_xla(x, kern)
+    pre = xla_conv.conv_xla(x, kern)
     if kind == "8bit_zero_border":
         assert float((pre == 0).mean()) > 0.05  # exact zeros before the ReLU: its mask at 0 is exercised
     np.testing.assert_allclose(z1, z0, rtol=1e-4, atol=1e-5)

@@ -90,6 +90,12 @@ class Reader:
         sl = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
         return idx[sl], valid[sl]
 
+    def batch_positions(self, step: int) -> np.ndarray:
+        """Positions in ``indices`` of this rank's slice of evaluation step ``step`` (clipped for padding)."""
+        pos = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
+        sl = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
+        return np.minimum(pos, len(self.indices) - 1)[sl]
+
     # --- reading ---------------------------------------------------------------------------------------------
     def load(self, step: int) -> dict:
         """Reads and prepares this rank's batch at ``step`` (synchronously)."""

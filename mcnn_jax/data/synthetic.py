@@ -17,8 +17,11 @@ of the first classes needs several scales to be told apart:
 
 Beyond the ten phenotypes, classes reuse them at a higher strength (``coarse-dense-2``, ...). Each mechanism has
 ``compounds_per_class`` compounds with slightly different potency and ``concentrations`` concentrations, so that
-leave-one-compound-out validation works. Cell sizes are in pixels (as a microscope would see them), so a small
-field is a crop of a large one; at 256x256 a field has ~20 control cells.
+leave-one-compound-out validation works. As in BBBC021, each compound is imaged in one of three weeks (batches;
+plates ``Week<k>_<id>``, several per week when the screen is large), the compounds of one mechanism in different
+weeks, and every plate has DMSO wells, so that NSC / NSCB matching and per-plate normalisation apply. Cell sizes
+are in pixels (as a microscope would see them), so a small field is a crop of a large one; at 256x256 a field has
+~20 control cells.
 
 ``difficulty`` (0..1; ``data.synthetic.difficulty``) makes a harder screen: weaker phenotypes that vary from
 image to image, so that classes overlap, and more noise (``hard_params``).
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +47,7 @@ from .bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
 
 MARKER = ".synthetic_complete.json"
 SITES_PER_WELL = 4
-GENERATOR_VERSION = 2  # bump when the rendering changes: finished screens / stores of another version are rebuilt
+GENERATOR_VERSION = 3  # bump when the rendering changes: finished screens / stores of another version are rebuilt
 ROWS, COLS = "BCDEFG", range(2, 12)  # 60 wells per plate, as the treated wells of a BBBC021 plate
 
 # (phenotype, scale), interleaved by scale
@@ -324,6 +328,7 @@ class Site:
     compound: str
     concentration: float
     strength: float
+    week: int = 1  # the batch: plate names are Week<week>_<20000 + plate>
 
 
 def compound_names(class_index: int, compounds_per_class: int) -> list[str]:
@@ -333,43 +338,53 @@ def compound_names(class_index: int, compounds_per_class: int) -> list[str]:
 
 
 def layout(num_images: int, num_classes: int, seed: int, compounds_per_class: int = 3,
-           concentrations: int = 2, wells_per_plate: int = 60) -> list[Site]:
-    """Assigns every image a class, compound, concentration, plate, well and site (4 sites per well)."""
+           concentrations: int = 2, wells_per_plate: int = 60, weeks: int = 3) -> list[Site]:
+    """Assigns every image a class, compound, concentration, week, plate, well and site (4 sites per well).
+
+    As in BBBC021, a compound is imaged in one week (the batch): compound j of class c in week
+    (c - 1 + j) mod ``weeks``, so the compounds of one mechanism sit in different weeks; DMSO control wells are
+    spread over every week and every plate. Each week fills its own plates (``wells_per_plate`` wells each)."""
     if num_images < num_classes:
         raise ValueError(f"num_images ({num_images}) must be at least num_classes ({num_classes})")
-    if compounds_per_class < 1 or concentrations < 1:
-        raise ValueError("compounds_per_class and concentrations must be >= 1")
+    if compounds_per_class < 1 or concentrations < 1 or weeks < 1:
+        raise ValueError("compounds_per_class, concentrations and weeks must be >= 1")
     rng = np.random.default_rng([seed, 7919])
-    wells = []  # (class, compound, concentration, strength, n_sites)
+    wells = []  # (week, class, compound, concentration, strength, n_sites)
     for c in range(num_classes):
         n_c = num_images // num_classes + (1 if c < num_images % num_classes else 0)
         treatments = []
         for ci, name in enumerate(compound_names(c, compounds_per_class)):
             if c == 0:
-                treatments.append((name, 0.0, 1.0))
+                treatments.append((None, name, 0.0, 1.0))
                 continue
             potency = 0.85 + 0.3 * ci / max(1, compounds_per_class - 1)
             for k in range(concentrations):
                 conc = float(f"{0.3 * 3.0 ** k * (1 + ci):.4g}")
-                treatments.append((name, conc, potency * (0.9 + 0.2 * k / max(1, concentrations - 1))))
+                treatments.append(((c - 1 + ci) % weeks, name, conc,
+                                   potency * (0.9 + 0.2 * k / max(1, concentrations - 1))))
         for wi in range(math.ceil(n_c / SITES_PER_WELL)):
-            t = treatments[wi % len(treatments)]
-            wells.append((c, *t, min(SITES_PER_WELL, n_c - wi * SITES_PER_WELL)))
-    order = rng.permutation(len(wells))
+            week, *t = treatments[wi % len(treatments)]
+            wells.append((wi % weeks if week is None else week, c, *t,
+                          min(SITES_PER_WELL, n_c - wi * SITES_PER_WELL)))
     well_names = [f"{r}{col:02d}" for r in ROWS for col in COLS][:wells_per_plate]
-    sites, number = [], 0
-    for slot, wi in enumerate(order):
-        c, compound, conc, strength, n_sites = wells[wi]
-        plate, well = slot // wells_per_plate + 1, well_names[slot % wells_per_plate]
-        for s in range(n_sites):
-            number += 1
-            sites.append(Site(number, plate, well, s + 1, c, compound, conc, strength))
-    return sites
+    sites, plate = [], 0
+    for week in range(weeks):
+        mine = [wells[i] for i in rng.permutation(len(wells)) if wells[i][0] == week]
+        mine.sort(key=lambda w: w[1] != 0)  # controls first, dealt round-robin: every plate gets some
+        n_plates = math.ceil(len(mine) / wells_per_plate)
+        plates = [mine[p::n_plates] for p in range(n_plates)]
+        for members in plates:
+            plate += 1
+            for pos, slot in enumerate(rng.permutation(len(members))):
+                _, c, compound, conc, strength, n_sites = members[slot]
+                sites += [Site(0, plate, well_names[pos], s + 1, c, compound, conc, strength, week + 1)
+                          for s in range(n_sites)]
+    return [dataclasses.replace(x, image_number=i + 1) for i, x in enumerate(sites)]
 
 
-def _plate_dir(plate: int) -> tuple[str, str]:
-    name = f"Week{plate}_{20000 + plate}"
-    return f"Week{plate}/{name}", name
+def _plate_dir(site: Site) -> tuple[str, str]:
+    name = f"Week{site.week}_{20000 + site.plate}"
+    return f"Week{site.week}/{name}", name
 
 
 def _uuid(rng) -> str:
@@ -437,7 +452,7 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     rows = []
     t0 = time.perf_counter()
     for site in progress_bar(sites, len(sites), "synthetic screen", progress):
-        rel, plate_name = _plate_dir(site.plate)
+        rel, plate_name = _plate_dir(site)
         folder = out / rel
         names = file_names(site, seed)
         rows.append((site.plate, site.image_number, names[0], rel, names[1], rel, names[2], rel, plate_name,

@@ -1,0 +1,120 @@
+"""Does XLA's CPU runtime overlap the factored layers' communication with the branches' backward pass (issue 14, 2)?
+
+    python benchmarks/bench_overlap.py --out overlap.json          # 384x512, batch 1: ~2 min here
+    python benchmarks/bench_overlap.py --height 1024 --width 1280  # full resolution (slower)
+
+In the factored step (``train.comm="factored"``) the allgather of the dense layers' inputs X and output
+gradients D depends only on the forward pass and the head's backward pass: nothing forces it after the
+convolution branches' backward pass, which is most of a step's compute. This is the two-stage backward of the
+issue, written as data flow inside the one jitted step (stage 1: the head, whose factors go out; stage 2: the
+branches, whose gradients are summed afterwards). Whether the runtime actually runs the communication while the
+branches' backward runs is measured here with the communication made artificially slow: one process, the real
+``make_train_step`` with a plan that factors every dense layer, and ``allgather`` (or, as the control,
+``allreduce``, which needs the branches' gradients and so cannot overlap) replaced by a host callback that
+sleeps ``--sleep`` seconds and then returns its input as one rank's gather (or sum). Per variant the median of
+``--steps`` steps, alternated:
+
+  base      no sleep
+  gather    the sleep in the allgather of the factors (overlappable by the data flow)
+  reduce    the sleep in the allreduce (cannot be overlapped: the control)
+
+``hidden_fraction = 1 - (t_gather - t_base) / sleep``: 1 if the sleep were entirely hidden behind the backward
+pass, 0 if the runtime ran it alone. JSON on stdout (and ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def slow(seconds: float, gather: bool):
+    """A stand-in for a collective of one rank that takes ``seconds``: a host callback that sleeps."""
+    import jax
+    import numpy as np
+
+    def host(x):
+        time.sleep(seconds)
+        return (x[None] if gather else x).astype(np.float32)
+
+    def collective(x):
+        shape = (1, *x.shape) if gather else x.shape
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(shape, x.dtype), x)
+
+    return collective
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--height", type=int, default=384)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds (default: half the base step, measured)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    times, sleep = measure(args)
+    import jax
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    result = dict(benchmark="bench_overlap", command=" ".join([sys.executable, *sys.argv]),
+                  image_shape=[args.height, args.width, 3], batch=args.batch, sleep_s=sleep, steps=args.steps,
+                  jax=jax.__version__, loadavg=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  step_s=times, median_s=med,
+                  extra_s=dict(gather=med["gather"] - med["base"], reduce=med["reduce"] - med["base"]),
+                  hidden_fraction=dict(gather=1 - (med["gather"] - med["base"]) / sleep,
+                                       reduce=1 - (med["reduce"] - med["base"]) / sleep))
+    from bench_train import emit
+    emit(result, args.out)
+
+
+def measure(args):
+    """Per variant (base, gather, reduce) the seconds of ``args.steps`` alternated steps, and the sleep."""
+    import jax
+    import numpy as np
+    import optax
+
+    from mcnn_jax import comm
+    from mcnn_jax.models import MCNN, init_params
+    from mcnn_jax.step import create_state, make_train_step
+
+    model = MCNN(num_classes=13)
+    params = init_params(model, jax.random.key(0), (args.height, args.width, 3))
+    plan = comm.make_plan("factored", params, args.batch, 1)
+    tx = optax.sgd(1e-4, momentum=0.9, nesterov=True)
+    rng = np.random.default_rng(0)
+    batch = dict(image=rng.random((args.batch, args.height, args.width, 3), dtype=np.float32),
+                 label=rng.integers(0, 13, args.batch).astype(np.int32))
+
+    def build(sleep_gather: float, sleep_reduce: float):
+        gather = slow(sleep_gather, True) if sleep_gather else None
+        reduce = slow(sleep_reduce, False) if sleep_reduce else None
+        return make_train_step(model, tx, 13, plan=plan, allgather=gather, allreduce=reduce)
+
+    def timed(step, state):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready((state, m))
+        return state, time.perf_counter() - t0
+
+    state, base = create_state(params, tx, 0, plan), build(0.0, 0.0)
+    for _ in range(2):  # compile, warm
+        state, t = timed(base, state)
+    sleep = args.sleep or round(t / 2, 3)
+    variants = dict(base=base, gather=build(sleep, 0.0), reduce=build(0.0, sleep))
+    for name in ("gather", "reduce"):
+        state, _ = timed(variants[name], state)  # compile
+    times = {name: [] for name in variants}
+    for k in range(args.steps):
+        for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+            state, t = timed(variants[name], state)
+            times[name].append(t)
+    return times, sleep
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Per-image outputs of a trained M-CNN: features (embeddings) for profiling and class probabilities.
+
+In a notebook, the features of a batch of images from loaded parameters:
+
+    from mcnn_jax.evaluate import load_model
+    from mcnn_jax.embed import features
+    model, params, meta = load_model("runs/default")
+    f = features(model, params, images)                  # [N, head_width]: the hidden layer after its ReLU
+    g = features(model, params, images, layer="merge")   # [N, merge_width]
+
+Layers: ``hidden`` is the dense hidden layer after its ReLU (512-d in the published model; the output layer
+is a linear map of it). ``merge`` is the 1x1 merge convolution after its ReLU and max-pool (the layer the
+hidden layer reads), **averaged over its spatial grid** (8x10 at 1024x1280), giving ``merge_width`` (1024)
+features that do not depend on the field size or on where in the field a phenotype is.
+
+From the command line, one row per image (``Metadata_*`` columns, then ``hidden_000``...), streamed in batches
+into a Parquet (``.parquet``) or CSV file written atomically:
+
+    mcnn-embed --workdir runs/default --out emb.parquet [--layer hidden|merge] [--checkpoint best|latest|STEP]
+               [--store PATH] [--split all|val|train]
+
+``mcnn-eval --predictions FILE`` writes the same rows with the true and predicted class and the probability
+of every class (``P_<class>``) instead of features (``write_image_table(..., kind="predictions")``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import profiling as P
+
+LAYERS = ("hidden", "merge")
+# store metadata key -> table column (present only when the store records it)
+METADATA_COLUMNS = {"plate": P.PLATE, "well": P.WELL, "site": P.SITE, "compound": P.COMPOUND,
+                    "concentration": P.CONCENTRATION}
+
+
+def _pool_merge(merge, model):
+    x = jax.nn.relu(merge)
+    f = model.merge_pool
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // f, f, w // f, f, c).max(axis=(2, 4))  # the model's merge max-pool (kernel = stride)
+    return x.mean(axis=(1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def outputs_fn(model, layer: str = "hidden"):
+    """A jitted ``(params, images) -> (logits, features)`` for ``layer`` (one forward pass for both)."""
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+
+    def fn(params, images):
+        logits, state = model.apply({"params": params}, images, mutable=["intermediates"],
+                                    capture_intermediates=lambda mdl, _: mdl.name == layer)
+        out = state["intermediates"][layer]["__call__"][0].astype(jnp.float32)
+        return logits, (jax.nn.relu(out) if layer == "hidden" else _pool_merge(out, model))
+
+    return jax.jit(fn)
+
+
+def features(model, params, images, layer: str = "hidden") -> np.ndarray:
+    """The ``layer`` features (see the module docstring) of images float32 [N, H, W, C] in [0, 1]."""
+    return np.asarray(outputs_fn(model, layer)(params, jnp.asarray(images, jnp.float32))[1])
+
+
+# --- tables --------------------------------------------------------------------------------------------------
+def image_metadata(store, indices) -> pd.DataFrame:
+    """The ``Metadata_*`` columns of images ``indices`` of a store: the store index, then plate, well, site,
+    compound and concentration where the store records them, then the true class (name and label)."""
+    idx = np.asarray(indices, np.int64)
+    cols = {P.INDEX: idx}
+    for key, col in METADATA_COLUMNS.items():
+        if key in store.metadata:
+            values = np.asarray(store.metadata[key], dtype=object)[idx]
+            cols[col] = values.astype({"concentration": float, "site": np.int64}.get(key, str))
+    labels = np.asarray(store.labels)[idx]
+    cols[P.MOA] = np.asarray(store.class_names, dtype=object)[labels].astype(str)
+    cols["Metadata_Label"] = labels.astype(np.int64)
+    return pd.DataFrame(cols)
+
+
+class TableWriter:
+    """Appends DataFrames to a Parquet (``.parquet``) or CSV file; the file appears (atomically renamed from a
+    temp file) only when ``close()`` completes; on an error the temp file is removed."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.parquet = self.path.suffix == ".parquet"
+        self._writer = None
+        self.rows = 0
+
+    def write(self, df: pd.DataFrame) -> None:
+        if self.parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.tmp, table.schema)
+            self._writer.write_table(table)
+        else:
+            df.to_csv(self.tmp, mode="a" if self.rows else "w", header=not self.rows, index=False)
+        self.rows += len(df)
+
+    def close(self) -> Path:
+        if self._writer is not None:
+            self._writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hidden"):
+    """Yields (indices, logits, features) per batch of images, reading the next batch while the model runs;
+    the last batch is zero-padded to ``batch`` (one compilation) and cut back."""
+    from .data import to_float
+
+    fn = outputs_fn(model, layer)
+    chunks = [np.asarray(indices[i:i + batch]) for i in range(0, len(indices), batch)]
+
+    def load(chunk):
+        x = to_float(store.read(chunk))
+        return np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)]) if len(x) < batch else x
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load, chunks[0]) if chunks else None
+        for k, chunk in enumerate(chunks):
+            images = nxt.result()
+            if k + 1 < len(chunks):
+                nxt = pool.submit(load, chunks[k + 1])
+            logits, feats = jax.device_get(fn(params, images))
+            yield chunk, logits[:len(chunk)], feats[:len(chunk)]
+
+
+def _rows(store, chunk, logits, feats, kind: str, layer: str) -> pd.DataFrame:
+    meta = image_metadata(store, chunk)
+    if kind == "embeddings":
+        width = len(str(feats.shape[1] - 1))
+        cols = {f"{layer}_{j:0{width}d}": feats[:, j] for j in range(feats.shape[1])}
+    else:
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        meta[P.PREDICTED] = np.asarray(store.class_names, dtype=object)[logits.argmax(-1)].astype(str)
+        meta["Metadata_Predicted_Label"] = logits.argmax(-1).astype(np.int64)
+        cols = {f"{P.PROB_PREFIX}{name}": probs[:, j] for j, name in enumerate(store.class_names)}
+    return pd.concat([meta, pd.DataFrame(cols)], axis=1)
+
+
+def write_image_table(model, params, store, indices, out, kind: str = "embeddings", layer: str = "hidden",
+                      batch: int = 8, log=None) -> dict:
+    """Writes one row per image of ``indices``: features (``kind="embeddings"``) or the predicted class and
+    class probabilities (``kind="predictions"``), streaming batch by batch; returns rows, seconds, images/s."""
+    if kind not in ("embeddings", "predictions"):
+        raise ValueError(f"kind must be 'embeddings' or 'predictions', got {kind!r}")
+    writer = TableWriter(out)
+    k = len(store.class_names)
+    confusion, loss_sum = np.zeros((k, k), np.int64), 0.0
+    t0 = time.perf_counter()
+    try:
+        for chunk, logits, feats in iter_outputs(model, params, store, indices, batch, layer):
+            writer.write(_rows(store, chunk, logits, feats, kind, layer))
+            labels = np.asarray(store.labels)[chunk]
+            np.add.at(confusion, (labels, logits.argmax(-1)), 1)
+            loss_sum -= float(np.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).sum())
+            if log:
+                log(f"{writer.rows}/{len(indices)} images")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    dt = time.perf_counter() - t0
+    return dict(rows=writer.rows, seconds=dt, images_per_s=writer.rows / max(dt, 1e-9), path=str(out),
+                confusion=confusion, loss=loss_sum / max(writer.rows, 1))
+
+
+# --- a run's model and store ---------------------------------------------------------------------------------
+def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
+    """(model, params, meta, store, indices) of a work directory's checkpoint, on its store or ``store``."""
+    import ml_collections
+
+    from .data import open_store, split_indices
+    from .evaluate import load_model
+
+    model, params, meta = load_model(workdir, checkpoint)
+    config = ml_collections.ConfigDict(meta["config"])
+    path = Path(store) if store else (Path(config.data.store) if config.data.store
+                                      else Path(workdir) / "data" / "store")
+    st = open_store(path)
+    if list(st.class_names) != list(meta["class_names"]):
+        raise ValueError(f"the store {path} has classes {st.class_names}, the model was trained on "
+                         f"{meta['class_names']}")
+    if tuple(st.image_shape) != tuple(config.model.input_shape):
+        raise ValueError(f"the store {path} holds {st.image_shape} images, the model takes "
+                         f"{tuple(config.model.input_shape)}")
+    if split not in ("all", "train", "val"):
+        raise ValueError(f"split must be all, train or val, got {split!r}")
+    if split == "all":
+        idx = np.arange(st.num_images)
+    else:
+        idx = split_indices(st, config.data)[0 if split == "train" else 1]
+    return model, params, meta, st, idx
+
+
+def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = 8,
+                      out="predictions.csv") -> dict:
+    """``mcnn-eval --predictions``: writes the predictions table of a checkpoint and returns what
+    ``evaluate.evaluate_checkpoint`` returns (loss, accuracy, per-class accuracy, confusion) plus
+    ``treatment_summary`` (``profiling.prediction_summary``; None when the store records no compounds) and its
+    ``treatment_accuracy`` and number of ``treatments``."""
+    model, params, meta, st, idx = open_run(workdir, checkpoint, store, split)
+    res = write_image_table(model, params, st, idx, out, "predictions", batch=batch)
+    conf = res["confusion"]
+    table = P.read_table(out)
+    summary = P.prediction_summary(table, source=str(out)) if P.COMPOUND in table.columns else None
+    return dict(loss=res["loss"], accuracy=conf.trace() / max(conf.sum(), 1), confusion=conf,
+                per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1), count=int(conf.sum()),
+                step=meta["step"], members=[meta["step"]], store=str(st.path), class_names=list(st.class_names),
+                treatment_summary=summary, predictions=str(out),
+                treatment_accuracy=summary and summary["treatment_accuracy"],
+                treatments=summary and summary["treatments"])
+
+
+def format_treatment_summary(summary) -> str:
+    """The treatment-level and per-compound accuracy of ``evaluate_to_table``'s result, as text."""
+    if summary is None:
+        return (f"no treatment-level accuracy: the store records no compounds ({P.COMPOUND} is missing; a "
+                f"folder import has none)")
+    acc = "n/a" if summary["treatment_accuracy"] is None else f"{summary['treatment_accuracy']:.4f}"
+    lines = [f"treatment-level accuracy {acc} over {summary['treatments']} treatments (mean class probabilities "
+             f"per compound x concentration; control left out)", "per compound:"]
+    for r in summary["per_compound"].itertuples(index=False):
+        lines.append(f"  {r[0]:<28s} {r[1]:<24s} {r.images:>5d} images  image acc {r.image_accuracy:.4f}  "
+                     f"{r.treatments} treatments  treatment acc {r.treatment_accuracy:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mcnn-embed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="a .parquet or .csv file")
+    p.add_argument("--layer", default="hidden", choices=LAYERS)
+    p.add_argument("--checkpoint", default="best", help="best (default), latest or a step number")
+    p.add_argument("--store", default="", help="another store (default: the run's)")
+    p.add_argument("--split", default="all", choices=("all", "val", "train"))
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args(argv)
+    from .data import StoreError
+    from .runtime import enable_compilation_cache
+    enable_compilation_cache()
+    try:
+        model, params, meta, st, idx = open_run(args.workdir, args.checkpoint, args.store, args.split)
+        res = write_image_table(model, params, st, idx, args.out, "embeddings", args.layer, args.batch)
+    except (FileNotFoundError, ValueError, StoreError) as e:
+        print(f"mcnn-embed: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {res['rows']} rows of {args.layer} features to {res['path']} "
+          f"({res['images_per_s']:.2f} images/s)")
+
+
+if __name__ == "__main__":
+    main()

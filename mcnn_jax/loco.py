@@ -1,0 +1,304 @@
+"""``mcnn-loco``: the leave-one-compound-out protocol, whole: one training per held-out compound, then one report.
+
+    mcnn-loco --config configs/default.py --workdir runs/loco [--compounds A,B,... | --fold K] [--config.KEY=VALUE ...]
+    mcnn-loco --config configs/default.py --workdir runs/loco --list      # the folds (prepares the store)
+    mcnn-loco --config configs/default.py --workdir runs/loco --report    # the merged report only
+
+Every compound of the store except the control (DMSO) is one fold, numbered in sorted order. Fold K trains
+``mcnn-train`` in ``WORKDIR/folds/KK-<compound>/`` with ``data.split=compound``, ``data.holdout_compound=<compound>``
+and ``train.target_accuracy=0`` (stopping on the held-out compound's accuracy would select on the test set;
+your overrides come after and win), then evaluates the fold's **latest** checkpoint (not the best by validation
+accuracy, for the same reason): the held-out images' predictions (``predictions.parquet``), the embeddings of
+every image by the fold's model (``embeddings.parquet``, layer ``--layer``) and the NSC / NSCB matches of the
+held-out compound's treatments against all other treatments in that embedding. ``FOLD_COMPLETE.json``, written
+last and atomically, marks a finished fold: rerunning skips finished folds and resumes an interrupted one
+(the trainer resumes from its latest checkpoint). ``--fold K`` runs one fold (a SLURM array task:
+``launch/loco.sbatch``).
+
+When every fold is finished (or with ``--report``) the merged report is written: ``loco_report.json`` (per-fold
+accuracy; pooled image, treatment-level and per-compound accuracy; NSC / NSCB; the confusion matrix; the classes
+with a single compound, whose fold cannot be right because no other compound of the class is left to train on),
+``loco_predictions.parquet`` and ``loco_neighbours.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import profiling as P
+
+MARKER = "FOLD_COMPLETE.json"
+
+
+class LocoError(ValueError):
+    """Bad input for the protocol (a store without compounds, an unknown compound, a failed fold)."""
+
+
+# --- folds -----------------------------------------------------------------------------------------------------
+def fold_compounds(store, control: str = P.CONTROL) -> list[str]:
+    """The store's compounds except the control, sorted: fold K holds out the K-th."""
+    if not store.compounds:
+        raise LocoError(f"the store {store.path} records no compounds (no 'compound' metadata; a folder import "
+                        f"has none): leave-one-compound-out needs them")
+    folds = [c for c in store.compounds if c != control]
+    if not folds:
+        raise LocoError(f"the store {store.path} has no compound besides the control {control!r}")
+    return folds
+
+
+def fold_dir(workdir, compounds: list[str], compound: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", compound).strip("_") or "compound"
+    return Path(workdir) / "folds" / f"{compounds.index(compound):02d}-{safe}"
+
+
+def select(compounds: list[str], names: str = "", fold: int | None = None, store_path="the store") -> list[str]:
+    if fold is not None:
+        if not 0 <= fold < len(compounds):
+            raise LocoError(f"--fold {fold} is out of range: {store_path} has {len(compounds)} folds (0.."
+                            f"{len(compounds) - 1}; see --list)")
+        return [compounds[fold]]
+    if not names:
+        return list(compounds)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in compounds]
+    if unknown:
+        raise LocoError(f"compound(s) {', '.join(map(repr, unknown))} are not compounds of {store_path}; "
+                        f"choose from: {', '.join(compounds)}")
+    return chosen
+
+
+def single_compound_classes(store, control: str = P.CONTROL) -> dict[str, str]:
+    """{class: its only compound} for the classes that have one compound (besides the control)."""
+    per_class: dict[str, set] = {}
+    for cls, comp in zip(store.metadata.get("class", []), store.metadata.get("compound", [])):
+        if comp and comp != control:
+            per_class.setdefault(cls, set()).add(comp)
+    return {k: next(iter(v)) for k, v in sorted(per_class.items()) if len(v) == 1}
+
+
+# --- one fold --------------------------------------------------------------------------------------------------
+def train_fold(config_file, fold_path: Path, store_path, compound: str, overrides, launcher: str = "") -> float:
+    """Runs (or resumes) the fold's training in a subprocess; returns its wall time."""
+    cmd = [*shlex.split(launcher), sys.executable, "-m", "mcnn_jax.main", "--config", str(config_file),
+           "--workdir", str(fold_path), f"--config.data.store={store_path}", "--config.data.split=compound",
+           f"--config.data.holdout_compound={compound}", "--config.train.target_accuracy=0",
+           *[f"--config.{o}" for o in overrides]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise LocoError(f"the training of fold {fold_path.name} (held-out compound {compound!r}) failed with exit "
+                        f"code {proc.returncode}; rerun the same command to resume it (command: "
+                        f"{shlex.join(cmd)})")
+    check_trained(fold_path, compound)
+    return time.perf_counter() - t0
+
+
+def check_trained(fold_path: Path, compound: str) -> None:
+    """A training stopped by a signal (SIGTERM from a scheduler, Ctrl-C) exits cleanly with a checkpoint; its
+    summary says so, and the fold must then be resumed, not evaluated."""
+    try:
+        summary = json.loads((fold_path / "summary.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LocoError(f"fold {fold_path.name} (held-out compound {compound!r}): no readable summary.json after "
+                        f"its training ({e}); rerun the same command to resume it") from None
+    if summary.get("preempted_at_step") is not None:
+        raise LocoError(f"the training of fold {fold_path.name} (held-out compound {compound!r}) was stopped by a "
+                        f"signal at step {summary['preempted_at_step']} of {summary.get('total_steps')}; its "
+                        f"checkpoint is kept: rerun the same command to resume it")
+
+
+def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,
+                  normalize: bool = False) -> dict:
+    """The fold's latest model on its held-out compound (predictions) and on every image (embeddings, NSC/NSCB)."""
+    from .embed import open_run, write_image_table
+
+    model, params, meta, st, val = open_run(fold_path, "latest", str(store_path), "val")
+    comps = np.asarray(st.metadata["compound"], dtype=object)[val]
+    if set(comps) != {compound}:
+        raise LocoError(f"fold {fold_path.name}: its validation images are of {sorted(set(comps))}, not {compound!r}")
+    pred = write_image_table(model, params, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
+    emb = write_image_table(model, params, st, np.arange(st.num_images), fold_path / "embeddings.parquet",
+                            "embeddings", layer, batch)
+    nn = P.nsc_nscb(P.read_table(fold_path / "embeddings.parquet"), normalize, control, query_compounds=[compound])
+    summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
+    conf = pred["confusion"]
+    return dict(compound=compound, step=meta["step"], images=int(conf.sum()),
+                accuracy=float(conf.trace() / max(conf.sum(), 1)), treatment_accuracy=summary["treatment_accuracy"],
+                treatments=summary["treatments"], moa=str(summary["per_compound"][P.MOA].iloc[0]),
+                confusion=conf.tolist(), embed_images_per_s=emb["images_per_s"],
+                nsc={k: v for k, v in nn["nsc"].items() if k != "matches"},
+                nscb={k: v for k, v in nn["nscb"].items() if k != "matches"},
+                matches={m: json.loads(nn[m]["matches"].to_json(orient="records")) for m in ("nsc", "nscb")})
+
+
+def _atomic_json(path: Path, doc) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
+    path = fold_dir(args.workdir, compounds, compound)
+    if (path / MARKER).is_file():
+        log(f"fold {path.name}: finished, skipped")
+        return json.loads((path / MARKER).read_text())
+    log(f"fold {path.name}: training with {compound!r} held out"
+        + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
+    train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
+    t0 = time.perf_counter()
+    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control, args.normalize)
+    res.update(train_wall_s=train_s, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides),
+               layer=args.layer, normalize=args.normalize)
+    _atomic_json(path / MARKER, res)
+    log(f"fold {path.name}: accuracy {res['accuracy']:.4f} on {res['images']} images of {compound!r}")
+    return res
+
+
+# --- the merged report -----------------------------------------------------------------------------------------
+def _finished(workdir, compounds, only=None):
+    done, missing = [], []
+    for c in only or compounds:
+        path = fold_dir(workdir, compounds, c)
+        if (path / MARKER).is_file():
+            done.append((path, json.loads((path / MARKER).read_text())))
+        else:
+            missing.append(c)
+    if not done:
+        raise LocoError(f"no finished fold in {Path(workdir) / 'folds'}: run the folds first")
+    return done, missing
+
+
+def merged_report(workdir, store, compounds, control: str = P.CONTROL, only=None) -> dict:
+    """Pools the finished folds of ``only`` (default: all ``compounds``; see the module docstring); writes the
+    report files into ``workdir``."""
+    workdir = Path(workdir)
+    done, missing = _finished(workdir, compounds, only)
+    preds = pd.concat([P.read_table(p / "predictions.parquet") for p, _ in done], ignore_index=True)
+    summary = P.prediction_summary(preds, control=control)
+    matches = {m: pd.DataFrame([r for _, f in done for r in f["matches"][m]], columns=P.MATCH_COLUMNS)
+               for m in ("nsc", "nscb")}
+    single = single_compound_classes(store, control)
+    per_fold = [dict(fold=p.name, compound=f["compound"], moa=f["moa"], images=f["images"], accuracy=f["accuracy"],
+                     treatment_accuracy=f["treatment_accuracy"], nsc=f["nsc"]["accuracy"],
+                     nscb=f["nscb"]["accuracy"], step=f["step"], train_wall_s=f["train_wall_s"],
+                     eval_wall_s=f["eval_wall_s"], single_compound_class=f["moa"] in single) for p, f in done]
+    multi = preds[~preds[P.MOA].isin(list(single))]
+    report = dict(
+        folds_total=len(only or compounds), folds_finished=len(done), folds_missing=missing, images=len(preds),
+        image_accuracy=summary["image_accuracy"], treatments=summary["treatments"],
+        treatment_accuracy=summary["treatment_accuracy"],
+        image_accuracy_without_single_compound_classes=float((multi[P.MOA] == multi[P.PREDICTED]).mean())
+        if len(multi) else None,
+        nsc=P.nn_accuracy(matches["nsc"]), nscb=P.nn_accuracy(matches["nscb"]),
+        single_compound_classes=single, class_names=list(store.class_names),
+        confusion=np.sum([np.asarray(f["confusion"]) for _, f in done], axis=0).tolist(),
+        wall_s=sum(f["train_wall_s"] + f["eval_wall_s"] for _, f in done), per_fold=per_fold,
+        per_compound=json.loads(summary["per_compound"].to_json(orient="records")))
+    P.write_table(preds, workdir / "loco_predictions.parquet")
+    P.write_table(pd.concat([m.assign(mode=k) for k, m in matches.items()], ignore_index=True),
+                  workdir / "loco_neighbours.csv")
+    _atomic_json(workdir / "loco_report.json", report)
+    return report
+
+
+def format_report(r: dict) -> str:
+    from .evaluate import format_confusion
+
+    def pct(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = [f"leave-one-compound-out: {r['folds_finished']} of {r['folds_total']} folds finished"
+             + (f" (missing: {', '.join(r['folds_missing'])})" if r["folds_missing"] else "")]
+    lines += [f"  {f['fold']:<24s} {f['moa']:<24s} {f['images']:>5d} images  accuracy {pct(f['accuracy'])}  "
+              f"treatments {pct(f['treatment_accuracy'])}  NSC {pct(f['nsc'])}  NSCB {pct(f['nscb'])}"
+              + ("  (single-compound class)" if f["single_compound_class"] else "") for f in r["per_fold"]]
+    lines += [f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
+              f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
+              f"treatment-level accuracy {pct(r['treatment_accuracy'])} over {r['treatments']} treatments",
+              f"NSC {pct(r['nsc']['accuracy'])} over {r['nsc']['treatments']} treatments; NSCB "
+              f"{pct(r['nscb']['accuracy'])} over {r['nscb']['treatments']} (without an allowed neighbour: "
+              f"{r['nscb']['without_neighbour']})",
+              "classes with a single compound (their fold has no other compound of the class to learn from): "
+              + (", ".join(f"{k} ({v})" for k, v in r["single_compound_classes"].items()) or "none"),
+              f"wall time {r['wall_s']:.1f} s (training + evaluation of the finished folds)",
+              format_confusion(np.asarray(r["confusion"]), r["class_names"])]
+    return "\n".join(lines)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="mcnn-loco", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the training config (every fold uses it)")
+    p.add_argument("--workdir", required=True, help="folds go to WORKDIR/folds/, the report to WORKDIR")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--fold", type=int, default=None, help="run fold K only (0-based; see --list)")
+    which.add_argument("--compounds", default="", help="comma-separated compounds to hold out (default: all)")
+    p.add_argument("--list", action="store_true", help="list the folds and exit")
+    p.add_argument("--report", action="store_true", help="only write the merged report of the finished folds")
+    p.add_argument("--no-report", action="store_true", help="run the fold(s) only (SLURM array tasks)")
+    p.add_argument("--launcher", default="", help="prefix of each fold's training command, e.g. 'mpiexec -n 2'")
+    p.add_argument("--layer", default="hidden", choices=("hidden", "merge"), help="embedding layer for NSC/NSCB")
+    p.add_argument("--normalize", action="store_true",
+                   help="NSC/NSCB: standardise features per plate against its DMSO images first")
+    p.add_argument("--batch", type=int, default=8, help="evaluation batch")
+    p.add_argument("--control", default=P.CONTROL, help="the control compound (not a fold; default DMSO)")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not r.startswith("--config.") or "=" not in r]
+    if bad:
+        p.error(f"unrecognised argument(s) {bad}; config overrides look like --config.train.max_steps=8")
+    return args, [r[len("--config."):] for r in rest]
+
+
+def open_loco_store(config, workdir):
+    """The config's store; a synthetic screen is generated once into WORKDIR/data and shared by all folds."""
+    from .data import open_store, prepare_synthetic_store
+
+    syn = config.data.synthetic
+    if config.data.store:
+        return open_store(config.data.store)
+    if not syn.enabled:
+        raise LocoError("the config names no store (data.store) and no synthetic screen")
+    return open_store(prepare_synthetic_store(Path(workdir) / "data", num_images=syn.num_images,
+                                              num_classes=syn.num_classes, height=syn.height, width=syn.width,
+                                              seed=syn.seed))
+
+
+def main(argv=None):
+    from .config import load_config
+    from .data import StoreError
+    from .runtime import enable_compilation_cache
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    enable_compilation_cache()
+    try:
+        store = open_loco_store(load_config(args.config, overrides), args.workdir)
+        compounds = fold_compounds(store, args.control)
+        if args.list:
+            for k, c in enumerate(compounds):
+                print(f"{k}\t{c}\t{'finished' if (fold_dir(args.workdir, compounds, c) / MARKER).is_file() else ''}")
+            return
+        if not args.report:
+            for c in select(compounds, args.compounds, args.fold, store.path):
+                run_fold(args, overrides, store, compounds, c, log=lambda m: print(f"mcnn-loco: {m}", flush=True))
+        if not args.no_report:
+            chosen = select(compounds, args.compounds, None, store.path) if args.compounds else None
+            print(format_report(merged_report(args.workdir, store, compounds, args.control, chosen)))
+    except (LocoError, P.TableError, FileNotFoundError, StoreError, ValueError) as e:
+        print(f"mcnn-loco: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

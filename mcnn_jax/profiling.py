@@ -1,0 +1,307 @@
+"""Evaluating as the field does: treatment-level accuracy and NSC / NSCB nearest-neighbour MoA matching.
+
+Pure functions on tables (pandas DataFrames) with cytomining column names, so they take any embedding or
+prediction table with these columns, not only mcnn-jax's:
+
+- ``Metadata_Compound``, ``Metadata_Concentration``: a **treatment** is one (compound, concentration);
+- ``Metadata_MoA``: the mechanism of action (the true class);
+- ``Metadata_Plate``: the plate; its **batch** is ``Metadata_Batch`` when the table has one, else the plate
+  name's ``WeekN`` prefix (BBBC021: ``Week1_22123`` -> ``Week1``), else the plate itself;
+- features: every numeric column whose name does not start with ``Metadata_``;
+- predictions: ``Metadata_Predicted_MoA`` and one ``P_<class>`` column of probabilities per class.
+
+``treatment_profiles`` takes the median of every feature over a treatment's images (after an optional
+per-plate standardisation against the plate's control wells). ``nearest_neighbours`` matches every query
+treatment (controls are never queries) to its most cosine-similar treatment under
+
+- **NSC** (not-same-compound): the neighbour is a treatment of another compound;
+- **NSCB** (not-same-compound-or-batch): another compound, and none of the neighbour's batches is one of the
+  query's batches,
+
+and the MoA accuracy is the fraction of queries whose neighbour has the query's MoA (Ljosa et al. 2013;
+Ando et al. 2017). ``mcnn-profile-eval FILE`` runs both on a Parquet or CSV table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COMPOUND, CONCENTRATION, MOA = "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA"
+PLATE, WELL, SITE, BATCH = "Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Batch"
+INDEX, PREDICTED = "Metadata_StoreIndex", "Metadata_Predicted_MoA"
+PROB_PREFIX = "P_"
+TREATMENT = [COMPOUND, CONCENTRATION]
+CONTROL = "DMSO"
+
+
+class TableError(ValueError):
+    """A table lacks the columns or values an evaluation needs (the message names them and the file)."""
+
+
+# --- files -------------------------------------------------------------------------------------------------
+def read_table(path) -> pd.DataFrame:
+    """Reads a Parquet (``.parquet``) or CSV table."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no table at {path}")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as e:  # noqa: BLE001 - a parse error of any kind is a bad file
+        raise TableError(f"cannot read the table {path}: {type(e).__name__}: {e}") from e
+
+
+def write_table(df: pd.DataFrame, path) -> Path:
+    """Writes ``df`` as Parquet (``.parquet``) or CSV, atomically (a temp file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".parquet":
+        df.to_parquet(tmp, index=False)
+    else:
+        df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def require_columns(df: pd.DataFrame, columns, what: str, source: str = "the table") -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise TableError(f"{source} lacks the column(s) {', '.join(missing)} needed for {what}; it has: "
+                         f"{', '.join(map(str, df.columns[:20]))}{' ...' if len(df.columns) > 20 else ''}")
+
+
+def feature_columns(df: pd.DataFrame, source: str = "the table") -> list[str]:
+    """The numeric columns that are not ``Metadata_*`` (the features, as pycytominer counts them)."""
+    cols = [c for c in df.columns if not str(c).startswith("Metadata_") and not str(c).startswith(PROB_PREFIX)
+            and pd.api.types.is_numeric_dtype(df[c])]
+    if not cols:
+        raise TableError(f"{source} has no feature columns (numeric columns not named Metadata_*)")
+    return cols
+
+
+def batch_of_plate(plate) -> str:
+    """BBBC021's batch: the ``WeekN`` prefix of a plate name (``Week1_22123`` -> ``Week1``), else the plate."""
+    m = re.match(r"(Week\d+)[_-]", str(plate))
+    return m.group(1) if m else str(plate)
+
+
+def batches(df: pd.DataFrame) -> pd.Series:
+    if BATCH in df.columns:
+        return df[BATCH].astype(str)
+    if PLATE in df.columns:
+        return df[PLATE].map(batch_of_plate)
+    raise TableError(f"NSCB needs a batch: the table has neither {BATCH} nor {PLATE}")
+
+
+# --- profiles ----------------------------------------------------------------------------------------------
+def normalize_to_control(df: pd.DataFrame, features, control: str = CONTROL, source="the table") -> pd.DataFrame:
+    """Standardises every feature per plate against the plate's control images: (x - mean) / std."""
+    require_columns(df, [PLATE, COMPOUND], "per-plate normalisation", source)
+    out = df.copy()
+    x = df[features].to_numpy(np.float64)
+    is_ctrl = (df[COMPOUND] == control).to_numpy()
+    for plate, rows in df.groupby(PLATE).indices.items():
+        ctrl = rows[is_ctrl[rows]]
+        if len(ctrl) == 0:
+            raise TableError(f"{source}: plate {plate!r} has no {control} (control) images to normalise against")
+        mu, sd = x[ctrl].mean(0), x[ctrl].std(0)
+        x[rows] = (x[rows] - mu) / np.where(sd > 1e-12, sd, 1.0)
+    out[features] = x
+    return out
+
+
+def treatment_profiles(df: pd.DataFrame, features=None, normalize: bool = False, control: str = CONTROL,
+                       source: str = "the table") -> pd.DataFrame:
+    """One row per treatment: compound, concentration, MoA, the batches it was imaged in (sorted, joined by
+    ``;``), its number of images and the median of every feature."""
+    require_columns(df, [COMPOUND, CONCENTRATION, MOA], "treatment profiles", source)
+    features = list(features) if features is not None else feature_columns(df, source)
+    if normalize:
+        df = normalize_to_control(df, features, control, source)
+    df = df.assign(_batch=batches(df) if (BATCH in df.columns or PLATE in df.columns) else "")
+    moas = df.groupby(TREATMENT)[MOA].nunique()
+    if (moas > 1).any():
+        bad = moas[moas > 1].index[0]
+        raise TableError(f"{source}: treatment {bad} has more than one {MOA}")
+    g = df.groupby(TREATMENT, sort=True)
+    prof = g[features].median()
+    prof.insert(0, "Metadata_Images", g.size())
+    prof.insert(0, "Metadata_Batches", g["_batch"].agg(lambda b: ";".join(sorted(set(map(str, b))))))
+    prof.insert(0, MOA, g[MOA].first())
+    return prof.reset_index()
+
+
+def _cosine(a: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    return a @ a.T
+
+
+def nearest_neighbours(profiles: pd.DataFrame, features=None, mode: str = "nsc", control: str = CONTROL,
+                       queries=None) -> pd.DataFrame:
+    """For every query treatment, its most cosine-similar allowed treatment (see the module docstring).
+
+    ``queries``: a boolean mask over ``profiles`` (default: every non-control treatment). Controls are never
+    queries nor neighbours. Returns one row per query: compound, concentration, MoA, the neighbour's compound,
+    concentration and MoA, the similarity and ``correct``; a query with no allowed neighbour gets NaN there.
+    """
+    if mode not in ("nsc", "nscb"):
+        raise ValueError(f"mode must be 'nsc' or 'nscb', got {mode!r}")
+    features = list(features) if features is not None else feature_columns(profiles)
+    treated = (profiles[COMPOUND] != control).to_numpy()
+    q = treated if queries is None else treated & np.asarray(queries, bool)
+    sim = _cosine(profiles[features].to_numpy(np.float64))
+    comp = profiles[COMPOUND].to_numpy()
+    allowed = treated[None, :] & (comp[None, :] != comp[:, None])
+    if mode == "nscb":
+        bsets = [set(str(b).split(";")) for b in profiles["Metadata_Batches"]]
+        allowed &= np.array([[not (a & b) for b in bsets] for a in bsets])
+    rows = []
+    for i in np.flatnonzero(q):
+        row = {COMPOUND: comp[i], CONCENTRATION: profiles[CONCENTRATION].iat[i], MOA: profiles[MOA].iat[i]}
+        cand = np.flatnonzero(allowed[i])
+        if len(cand):
+            j = cand[np.argmax(sim[i, cand])]
+            row.update(neighbour_compound=comp[j], neighbour_concentration=profiles[CONCENTRATION].iat[j],
+                       neighbour_moa=profiles[MOA].iat[j], similarity=float(sim[i, j]),
+                       correct=bool(profiles[MOA].iat[j] == row[MOA]))
+        else:
+            row.update(neighbour_compound=None, neighbour_concentration=np.nan, neighbour_moa=None,
+                       similarity=np.nan, correct=np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=MATCH_COLUMNS)
+
+
+MATCH_COLUMNS = [COMPOUND, CONCENTRATION, MOA, "neighbour_compound", "neighbour_concentration", "neighbour_moa",
+                 "similarity", "correct"]
+
+
+def nn_accuracy(matches: pd.DataFrame) -> dict:
+    """Accuracy over the queries that have a neighbour, with the counts."""
+    has = matches["correct"].notna()
+    n = int(has.sum())
+    return dict(accuracy=float(matches.loc[has, "correct"].astype(bool).mean()) if n else None,
+                treatments=n, without_neighbour=int((~has).sum()))
+
+
+def nsc_nscb(df: pd.DataFrame, normalize: bool = False, control: str = CONTROL, source: str = "the table",
+             query_compounds=None) -> dict:
+    """NSC and NSCB accuracy of an image-level embedding table: {'nsc': {...}, 'nscb': {...}, 'matches': ...}.
+    ``query_compounds``: only these compounds' treatments are queries (leave-one-compound-out folds)."""
+    prof = treatment_profiles(df, normalize=normalize, control=control, source=source)
+    queries = None if query_compounds is None else prof[COMPOUND].isin(list(query_compounds)).to_numpy()
+    out = {}
+    for mode in ("nsc", "nscb"):
+        m = nearest_neighbours(prof, mode=mode, control=control, queries=queries)
+        out[mode] = dict(nn_accuracy(m), matches=m)
+    return out
+
+
+# --- predictions: treatment and compound level ---------------------------------------------------------------
+def probability_columns(df: pd.DataFrame, source: str = "the table") -> list[str]:
+    cols = [c for c in df.columns if str(c).startswith(PROB_PREFIX)]
+    if not cols:
+        raise TableError(f"{source} has no class probability columns ({PROB_PREFIX}<class>)")
+    return cols
+
+
+def treatment_predictions(df: pd.DataFrame, source: str = "the table") -> pd.DataFrame:
+    """One row per treatment: its MoA, the class with the highest mean probability over its images, the
+    number of images and ``correct``."""
+    require_columns(df, [COMPOUND, CONCENTRATION, MOA], "treatment-level accuracy", source)
+    probs = probability_columns(df, source)
+    g = df.groupby(TREATMENT, sort=True)
+    mean = g[probs].mean()
+    out = pd.DataFrame({MOA: g[MOA].first(), "Metadata_Images": g.size(),
+                        PREDICTED: [p[len(PROB_PREFIX):] for p in mean.idxmax(axis=1)]})
+    out["correct"] = out[MOA].astype(str) == out[PREDICTED].astype(str)
+    return out.reset_index()
+
+
+def compound_summary(df: pd.DataFrame, source: str = "the table") -> pd.DataFrame:
+    """Per compound: MoA, images, image accuracy, treatments and treatment-level accuracy."""
+    require_columns(df, [COMPOUND, MOA, PREDICTED], "per-compound accuracy", source)
+    tr = treatment_predictions(df, source)
+    img = df.assign(_ok=df[MOA].astype(str) == df[PREDICTED].astype(str)).groupby(COMPOUND)
+    out = pd.DataFrame({MOA: img[MOA].first(), "images": img.size(), "image_accuracy": img["_ok"].mean()})
+    t = tr.groupby(COMPOUND)
+    out["treatments"] = t.size()
+    out["treatment_accuracy"] = t["correct"].mean()
+    return out.reset_index()
+
+
+def treatment_accuracy(probs, labels, compounds, concentrations, control: str = CONTROL) -> dict:
+    """Treatment-level accuracy from arrays (for a training loop's evaluation): the class with the highest mean
+    probability over each (compound, concentration)'s images against its label; the control is left out."""
+    df = pd.DataFrame({COMPOUND: np.asarray(compounds, dtype=object), CONCENTRATION: np.asarray(concentrations),
+                       MOA: np.asarray(labels).astype(str)})
+    probs = np.asarray(probs)
+    df = pd.concat([df, pd.DataFrame(probs, columns=[f"{PROB_PREFIX}{k}" for k in range(probs.shape[1])])], axis=1)
+    tr = treatment_predictions(df[df[COMPOUND] != control])
+    return dict(treatment_accuracy=float(tr["correct"].mean()) if len(tr) else None, treatments=len(tr))
+
+
+def prediction_summary(df: pd.DataFrame, control: str = CONTROL, source: str = "the table") -> dict:
+    """Image, treatment-level (control excluded) and per-compound accuracy of a predictions table."""
+    require_columns(df, [MOA, PREDICTED], "accuracy", source)
+    tr = treatment_predictions(df, source)
+    tr = tr[tr[COMPOUND] != control]
+    comp = compound_summary(df, source)
+    return dict(images=len(df), image_accuracy=float((df[MOA].astype(str) == df[PREDICTED].astype(str)).mean()),
+                treatments=len(tr), treatment_accuracy=float(tr["correct"].mean()) if len(tr) else None,
+                per_compound=comp, per_treatment=tr)
+
+
+# --- mcnn-profile-eval -------------------------------------------------------------------------------------
+def _print_matches(mode: str, res: dict, out) -> None:
+    acc = "n/a" if res["accuracy"] is None else f"{res['accuracy']:.4f}"
+    print(f"{mode.upper()}: 1-NN MoA accuracy {acc} over {res['treatments']} treatments"
+          + (f" ({res['without_neighbour']} without an allowed neighbour)" if res["without_neighbour"] else ""),
+          file=out)
+    for r in res["matches"].itertuples(index=False):
+        mark = "-" if pd.isna(r.correct) else ("ok" if r.correct else "x")
+        print(f"  {mark:>2} {r[0]} @ {r[1]:g} ({r[2]}) -> {r.neighbour_compound} @ {r.neighbour_concentration:g} "
+              f"({r.neighbour_moa})", file=out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="mcnn-profile-eval", description="NSC / NSCB 1-nearest-neighbour MoA accuracy of an image-level "
+        "embedding table (Parquet or CSV with Metadata_Compound, Metadata_Concentration, Metadata_MoA, "
+        "Metadata_Plate and numeric feature columns).")
+    p.add_argument("table")
+    p.add_argument("--normalize", action="store_true",
+                   help="standardise features per plate against its control images first")
+    p.add_argument("--control", default=CONTROL, help="the control compound (never a query; default DMSO)")
+    p.add_argument("--json", default="", help="also write the result (and every match) to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="print the accuracies only, not every match")
+    args = p.parse_args(argv)
+    try:
+        res = nsc_nscb(read_table(args.table), args.normalize, args.control, source=args.table)
+    except (TableError, FileNotFoundError) as e:
+        print(f"mcnn-profile-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for mode in ("nsc", "nscb"):
+        r = res[mode]
+        if args.quiet:
+            r = dict(r, matches=r["matches"].iloc[:0])
+        _print_matches(mode, r, sys.stdout)
+    if args.json:
+        doc = {m: dict(res[m], matches=json.loads(res[m]["matches"].to_json(orient="records")))
+               for m in ("nsc", "nscb")}
+        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

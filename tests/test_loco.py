@@ -1,0 +1,100 @@
+"""mcnn-loco: a three-compound leave-one-compound-out run of the tiny config with one interrupted fold that
+resumes, the merged report against the folds' files, skipping finished folds, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mcnn_jax import loco
+from mcnn_jax.config import load_config
+from mcnn_jax.data import open_store
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+HELD_OUT = ["cmpd01a", "cmpd02a", "cmpd03b"]
+
+
+def mcnn_loco(workdir, store, *args):
+    cmd = [sys.executable, "-m", "mcnn_jax.loco", "--config", TINY, "--workdir", str(workdir),
+           f"--config.data.store={store}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_three_compound_loco_with_an_interrupted_fold(store, tmp_path):
+    from mcnn_jax.train import train_and_evaluate
+    st = open_store(store)
+    compounds = loco.fold_compounds(st)
+    assert "DMSO" not in compounds and set(HELD_OUT) <= set(compounds)
+    # an interrupted fold: its training stopped at step 1 of 2 (a checkpoint, no FOLD_COMPLETE marker)
+    interrupted = loco.fold_dir(tmp_path, compounds, "cmpd02a")
+    train_and_evaluate(load_config(TINY, [f"data.store={store}", "data.split=compound",
+                                          "data.holdout_compound=cmpd02a", "train.max_steps=1"]), interrupted)
+    proc = mcnn_loco(tmp_path, store, "--compounds", ",".join(HELD_OUT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"fold {interrupted.name}: training with 'cmpd02a' held out (resuming)" in proc.stdout
+    starts = {c: json.loads((loco.fold_dir(tmp_path, compounds, c) / "summary.json").read_text())["start_step"]
+              for c in HELD_OUT}
+    assert starts == {"cmpd01a": 0, "cmpd02a": 1, "cmpd03b": 0}
+
+    report = json.loads((tmp_path / "loco_report.json").read_text())
+    comps = np.asarray(st.metadata["compound"])
+    held = np.isin(comps, HELD_OUT)
+    assert report["folds_finished"] == 3 and report["folds_missing"] == [] and report["images"] == held.sum()
+    assert [f["compound"] for f in report["per_fold"]] == HELD_OUT
+    conf = np.asarray(report["confusion"])
+    assert conf.sum() == held.sum() and report["image_accuracy"] == pytest.approx(conf.trace() / conf.sum())
+    assert (conf.sum(1) == np.bincount(st.labels[held], minlength=4)).all()
+    preds = pd.read_parquet(tmp_path / "loco_predictions.parquet")
+    assert sorted(preds.Metadata_StoreIndex) == list(np.flatnonzero(held))
+    treatments = {(c, x) for c, x in zip(comps[held], np.asarray(st.metadata["concentration"])[held])}
+    assert report["treatments"] == report["nsc"]["treatments"] == len(treatments)
+    nn = pd.read_csv(tmp_path / "loco_neighbours.csv")
+    assert set(nn.Metadata_Compound) == set(HELD_OUT) and (nn.Metadata_Compound != nn.neighbour_compound).all()
+    for c in HELD_OUT:
+        fold = loco.fold_dir(tmp_path, compounds, c)
+        assert len(pd.read_parquet(fold / "embeddings.parquet")) == st.num_images
+        assert set(pd.read_parquet(fold / "predictions.parquet").Metadata_Compound) == {c}
+    assert "leave-one-compound-out: 3 of 3 folds finished" in proc.stdout and "NSCB" in proc.stdout
+
+    markers = {c: (loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).stat().st_mtime_ns for c in HELD_OUT}
+    again = mcnn_loco(tmp_path, store, "--compounds", ",".join(HELD_OUT))
+    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 3
+    assert markers == {c: (loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).stat().st_mtime_ns
+                       for c in HELD_OUT}
+    partial = mcnn_loco(tmp_path, store, "--report")  # every fold of the store: 3 of 6 finished
+    assert partial.returncode == 0 and "3 of 6 folds finished (missing: cmpd01b, cmpd02b, cmpd03a)" in partial.stdout
+
+
+def test_bad_input_names_what_is_missing(store, tmp_path):
+    proc = mcnn_loco(tmp_path, store, "--compounds", "cmpd01a,nosuch")
+    assert proc.returncode == 2 and "'nosuch' are not compounds of" in proc.stderr and "cmpd01b" in proc.stderr
+    proc = mcnn_loco(tmp_path, store, "--fold", "99")
+    assert proc.returncode == 2 and "--fold 99 is out of range" in proc.stderr
+    proc = mcnn_loco(tmp_path, store, "--report")
+    assert proc.returncode == 2 and "no finished fold" in proc.stderr
+    with pytest.raises(loco.LocoError, match="records no compounds"):
+        loco.fold_compounds(SimpleNamespace(compounds=[], path="folder.store"))
+
+
+def test_single_compound_classes():
+    st = SimpleNamespace(metadata={"class": ["DMSO", "a", "a", "b", "b", "c"],
+                                   "compound": ["DMSO", "x", "y", "z", "z", "w"]})
+    assert loco.single_compound_classes(st) == {"b": "z", "c": "w"}
+
+
+def test_a_fold_stopped_by_a_signal_is_not_evaluated(tmp_path):
+    """SIGTERM makes the trainer checkpoint and exit 0; its summary records it and the fold is not taken as trained."""
+    fold = tmp_path / "00-x"
+    fold.mkdir()
+    with pytest.raises(loco.LocoError, match="no readable summary.json"):
+        loco.check_trained(fold, "x")
+    (fold / "summary.json").write_text(json.dumps(dict(final_step=3, total_steps=10, preempted_at_step=3)))
+    with pytest.raises(loco.LocoError, match="stopped by a signal at step 3 of 10"):
+        loco.check_trained(fold, "x")
+    (fold / "summary.json").write_text(json.dumps(dict(final_step=10, total_steps=10)))
+    loco.check_trained(fold, "x")
