@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from .checkpoint import Checkpointer
+from .data.store import StoreError
 from .distributed import World
 from .models import from_config, init_params
 
@@ -167,7 +168,7 @@ def run(argv=None):
                                        args.predictions)
         else:
             result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, StoreError) as e:
         print(f"mcnn-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
     treatments = result.pop("treatment_summary", False)

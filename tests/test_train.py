@@ -186,3 +186,13 @@ def test_a_half_written_checkpoint_is_never_restored(store, uninterrupted, tmp_p
     assert Checkpointer(workdir, write=False).resolve("latest") == 6
     summary = train_and_evaluate(tiny(store, "train.max_steps=7", "train.checkpoint_every_steps=1"), workdir)
     assert summary["start_step"] == 6 and summary["final_step"] == 7
+
+
+def test_eval_on_a_missing_store_is_a_clear_error(uninterrupted, tmp_path, capsys):
+    from mcnn_jax.evaluate import run
+    (tmp_path / "not_a_store").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run(["--workdir", str(uninterrupted[0]), "--store", str(tmp_path / "not_a_store")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "mcnn-eval: error:" in err and "not_a_store" in err and "Traceback" not in err
