@@ -18,81 +18,94 @@ from .models import MCNN, MODEL_KEYS
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key, with its default: ``seed`` and the ``data``, ``model``, ``optim`` and ``train`` sections."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-
-    # --- data: a TensorStore image store (see mcnn_jax.data) --------------------------------------------
-    c.data = ml_collections.ConfigDict()
-    c.data.store = ""  # path of the store; "" means <workdir>/data/store
-    c.data.synthetic = ml_collections.ConfigDict()  # generated into the workdir when the store is absent
-    c.data.synthetic.enabled = False
-    c.data.synthetic.num_images = 0
-    c.data.synthetic.num_classes = 0
-    c.data.synthetic.height = 1024
-    c.data.synthetic.width = 1280
-    c.data.synthetic.seed = 0
-    # the camera (mcnn_jax.data.synthetic.Camera): "noisy" | "offset" | "flat" background, a full-well level in
-    # counts (0 = off) and 16 | 12 | 8 bits; flat backgrounds, saturation and 8 bits are what real fields look like
-    c.data.synthetic.background = "noisy"
-    c.data.synthetic.saturation = 0
-    c.data.synthetic.bits = 16
-    c.data.synthetic.difficulty = 0.0  # 0..1: weaker, more variable phenotypes and more noise (a harder screen)
-    c.data.split = "random"  # "random" (seeded, stratified) or "compound" (leave one compound out)
-    c.data.val_fraction = 0.2
-    c.data.holdout_compound = ""  # with split="compound": the compound whose images are the validation set
-    c.data.split_seed = 0
-    c.data.augment = ml_collections.ConfigDict()
-    c.data.augment.flips = True
-    c.data.augment.rot180 = True
-    c.data.augment.rot90 = False  # only for square images
-    c.data.augment.intensity_jitter = 0.05
-    c.data.prefetch = 2
-
+    c.data = data_defaults()
     # --- model: the M-CNN (mcnn_jax.models.MCNN); every field of MCNN, with MCNN's defaults ---------------
     c.model = model_defaults()
     c.model.input_shape = (1024, 1280, 3)
     # model.num_classes is replaced by the store's number of classes at run time; model.impl: "native" (C++ CPU
     # kernels, compiled on first use), "fast" (XLA reformulated) or "xla"; the same function
+    c.optim = optim_defaults()
+    published_recipe(c)  # name, momentum, learning rates and schedule, label smoothing, weight decay
+    c.train = train_defaults()
+    return c
 
-    # --- optimizer and schedule (mcnn_jax.optim); durations in epochs ------------------------------------
-    c.optim = ml_collections.ConfigDict()
-    c.optim.trust_coefficient = 0.001  # LARS
-    c.optim.eps = 1e-8
-    c.optim.b1 = 0.9  # AdamW
-    c.optim.b2 = 0.999
-    c.optim.power = 2.0  # decay="polynomial"
-    c.optim.step_epochs = (30.0, 60.0)  # decay="step"
-    c.optim.step_gamma = 0.1
-    c.optim.epochs = 50.0
+
+def data_defaults() -> ml_collections.ConfigDict:
+    """The ``data`` section: a TensorStore image store (see mcnn_jax.data) or a generated synthetic screen."""
+    c = ml_collections.ConfigDict()
+    c.store = ""  # path of the store; "" means <workdir>/data/store
+    c.synthetic = ml_collections.ConfigDict()  # generated into the workdir when the store is absent
+    c.synthetic.enabled = False
+    c.synthetic.num_images = 0
+    c.synthetic.num_classes = 0
+    c.synthetic.height = 1024
+    c.synthetic.width = 1280
+    c.synthetic.seed = 0
+    # the camera (mcnn_jax.data.synthetic.Camera): "noisy" | "offset" | "flat" background, a full-well level in
+    # counts (0 = off) and 16 | 12 | 8 bits; flat backgrounds, saturation and 8 bits are what real fields look like
+    c.synthetic.background = "noisy"
+    c.synthetic.saturation = 0
+    c.synthetic.bits = 16
+    c.synthetic.difficulty = 0.0  # 0..1: weaker, more variable phenotypes and more noise (a harder screen)
+    c.split = "random"  # "random" (seeded, stratified) or "compound" (leave one compound out)
+    c.val_fraction = 0.2
+    c.holdout_compound = ""  # with split="compound": the compound whose images are the validation set
+    c.split_seed = 0
+    c.augment = ml_collections.ConfigDict()
+    c.augment.flips = True
+    c.augment.rot180 = True
+    c.augment.rot90 = False  # only for square images
+    c.augment.intensity_jitter = 0.05
+    c.prefetch = 2
+    return c
+
+
+def optim_defaults() -> ml_collections.ConfigDict:
+    """The ``optim`` section's keys that the published recipe (``published_recipe``) does not set; durations in
+    epochs (mcnn_jax.optim)."""
+    c = ml_collections.ConfigDict()
+    c.trust_coefficient = 0.001  # LARS
+    c.eps = 1e-8
+    c.b1 = 0.9  # AdamW
+    c.b2 = 0.999
+    c.power = 2.0  # decay="polynomial"
+    c.step_epochs = (30.0, 60.0)  # decay="step"
+    c.step_gamma = 0.1
+    c.epochs = 50.0
     # the collapsed ensemble: after the main run's epochs, `cycles` cosine-restart cycles of `cycle_epochs` each,
     # restarting at cycle_base_lr (at base_batch, scaled linearly) and decaying to end_lr; the checkpoints at the
     # end of the main run and of each cycle are kept as snapshots (mcnn-eval --checkpoint snapshots averages them)
-    c.optim.cycles = 0
-    c.optim.cycle_epochs = 2.0
-    c.optim.cycle_base_lr = 0.004
-    c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off
-    published_recipe(c)  # name, momentum, learning rates and schedule, label smoothing, weight decay
+    c.cycles = 0
+    c.cycle_epochs = 2.0
+    c.cycle_base_lr = 0.004
+    c.grad_clip = 0.0  # global-norm clipping; 0 = off
+    return c
 
-    # --- training loop -----------------------------------------------------------------------------------
-    c.train = ml_collections.ConfigDict()
-    c.train.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
+
+def train_defaults() -> ml_collections.ConfigDict:
+    """The ``train`` section: the training loop, checkpoints, logging and the gradient exchange."""
+    c = ml_collections.ConfigDict()
+    c.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
     # images per micro-batch on each rank (0 = the whole local batch): the local batch runs in micro-batches
     # inside the one step (gradients accumulated), then one allreduce and one update; memory follows the micro-batch
-    c.train.microbatch = 0
-    c.train.max_steps = 0  # stop after this many steps (0 = the epochs' worth)
-    c.train.eval_every_epochs = 1.0
-    c.train.eval_batch = 0  # per rank; 0 = train.microbatch if set, else the per-rank training batch
-    c.train.log_every_steps = 10
-    c.train.checkpoint_every_steps = 0  # 0 = at every evaluation
-    c.train.keep_checkpoints = 3
-    c.train.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
-    c.train.progress = "auto"  # auto (a bar on a terminal) | bar | log
-    c.train.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
+    c.microbatch = 0
+    c.max_steps = 0  # stop after this many steps (0 = the epochs' worth)
+    c.eval_every_epochs = 1.0
+    c.eval_batch = 0  # per rank; 0 = train.microbatch if set, else the per-rank training batch
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 0  # 0 = at every evaluation
+    c.keep_checkpoints = 3
+    c.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
+    c.progress = "auto"  # auto (a bar on a terminal) | bar | log
+    c.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
     # how ranks exchange gradients (mcnn_jax.comm): "auto" (per dense layer the exact scheme sending fewer bytes),
     # "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one allgather) or
     # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
-    c.train.comm = "auto"
-    c.train.powersgd_rank = 4
+    c.comm = "auto"
+    c.powersgd_rank = 4
     return c
 
 

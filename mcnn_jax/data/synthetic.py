@@ -411,6 +411,15 @@ def _tiff_bytes(img: np.ndarray) -> bytes:
     return b.getvalue()
 
 
+def _recorded(path: Path, key: str | None = None):
+    """The JSON in ``path`` (its ``key`` entry if given), or None if it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return data.get(key) if key else data
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: int = 1024, width: int = 1280,
                     seed: int = 0, compounds_per_class: int = 3, concentrations: int = 2,
                     progress: bool = True, camera: Camera = Camera(), difficulty: float = 0.0) -> Path:
@@ -432,20 +441,14 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     if difficulty:  # (likewise)
         params["difficulty"] = float(difficulty)
     marker = out / MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("params") == params:
-                return out
-        except (OSError, ValueError):
-            pass
-        marker.unlink()
+    if _recorded(marker, "params") == params:
+        return out
+    marker.unlink(missing_ok=True)
     sites = layout(num_images, num_classes, seed, compounds_per_class, concentrations)
     out.mkdir(parents=True, exist_ok=True)
     started = out / ".synthetic_started.json"
-    try:  # TIFFs already on disk are reused only if they come from an unfinished run with the same parameters
-        resume = json.loads(started.read_text()) == params
-    except (OSError, ValueError):
-        resume = False
+    # TIFFs already on disk are reused only if they come from an unfinished run with the same parameters
+    resume = _recorded(started) == params
     if not resume:
         atomic_write_json(started, params)
     fields = {}
