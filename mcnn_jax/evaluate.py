@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -97,12 +96,12 @@ def _is_number(text: str) -> bool:
 def predict_probabilities(model, members, reader) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [N, classes], labels [N]) of the images of one pass of an evaluation ``reader``, in its
     order (padding dropped): the mean of the ``members``' (a list of parameter trees) class probabilities."""
-    from .step import ensemble_log_probs
-    fn = jax.jit(lambda ms, images: jnp.exp(ensemble_log_probs(model, ms, images)))
+    from .step import make_eval_step
+    eval_step = make_eval_step(model, len(reader.store.class_names))
     probs, labels = [], []
     for _, batch in reader.iterate():
         keep = batch["mask"] > 0
-        probs.append(np.asarray(fn(list(members), batch["image"]))[keep])
+        probs.append(np.asarray(eval_step(list(members), batch)[1])[keep])
         labels.append(np.asarray(batch["label"])[keep])
     return np.concatenate(probs), np.concatenate(labels)
 
