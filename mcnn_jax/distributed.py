@@ -119,10 +119,6 @@ class World:
         jax.block_until_ready(fn(bufs))
         return time.perf_counter() - t0
 
-    def time_allreduce(self, size: int) -> float:
-        """Seconds one ``allreduce_sum`` of ``size`` float32 elements takes (see ``time_comm``)."""
-        return self.time_comm(size)
-
     def abort(self, code: int = 1):
         """Ends every rank of the job now (after this rank's error has been printed)."""
         sys.stdout.flush()
