@@ -56,22 +56,36 @@ def _pool_merge(merge, model):
 
 @functools.lru_cache(maxsize=16)
 def outputs_fn(model, layer: str = "hidden"):
-    """A jitted ``(params, images) -> (logits, features)`` for ``layer`` (one forward pass for both)."""
+    """A jitted ``(members, images) -> (log-probabilities, features)`` for ``layer``, one forward pass of each
+    member (``members``: a list of parameter trees): the log of the mean of the members' class probabilities
+    (``step.mean_log_probs``) and the members' features side by side, [N, members x width]."""
+    from .step import mean_log_probs
+
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
 
-    def fn(params, images):
+    def member(params, images):
         logits, state = model.apply({"params": params}, images, mutable=["intermediates"],
                                     capture_intermediates=lambda mdl, _: mdl.name == layer)
         out = state["intermediates"][layer]["__call__"][0].astype(jnp.float32)
         return logits, (jax.nn.relu(out) if layer == "hidden" else _pool_merge(out, model))
 
+    def fn(members, images):
+        logits, feats = zip(*[member(p, images) for p in members])
+        return mean_log_probs(jnp.stack(logits)), jnp.concatenate(feats, axis=-1)
+
     return jax.jit(fn)
 
 
+def as_members(params) -> list:
+    """A list of parameter trees: ``params`` itself if it is a list or tuple (an ensemble), else ``[params]``."""
+    return list(params) if isinstance(params, (list, tuple)) else [params]
+
+
 def features(model, params, images, layer: str = "hidden") -> np.ndarray:
-    """The ``layer`` features (see the module docstring) of images float32 [N, H, W, C] in [0, 1]."""
-    return np.asarray(outputs_fn(model, layer)(params, jnp.asarray(images, jnp.float32))[1])
+    """The ``layer`` features (see the module docstring) of images float32 [N, H, W, C] in [0, 1] (an ensemble,
+    a list of parameter trees: its members' features side by side)."""
+    return np.asarray(outputs_fn(model, layer)(as_members(params), jnp.asarray(images, jnp.float32))[1])
 
 
 # --- tables --------------------------------------------------------------------------------------------------
@@ -127,11 +141,12 @@ class TableWriter:
 
 
 def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hidden"):
-    """Yields (indices, logits, features) per batch of images, reading the next batch while the model runs;
-    the last batch is zero-padded to ``batch`` (one compilation) and cut back."""
+    """Yields (indices, log-probabilities, features) per batch of images (``outputs_fn``; ``params``: one
+    parameter tree or an ensemble's list of them), reading the next batch while the model runs; the last batch
+    is zero-padded to ``batch`` (one compilation) and cut back."""
     from .data import to_float
 
-    fn = outputs_fn(model, layer)
+    fn, members = outputs_fn(model, layer), as_members(params)
     chunks = [np.asarray(indices[i:i + batch]) for i in range(0, len(indices), batch)]
 
     def load(chunk):
@@ -144,19 +159,27 @@ def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hi
             images = nxt.result()
             if k + 1 < len(chunks):
                 nxt = pool.submit(load, chunks[k + 1])
-            logits, feats = jax.device_get(fn(params, images))
-            yield chunk, logits[:len(chunk)], feats[:len(chunk)]
+            log_probs, feats = jax.device_get(fn(members, images))
+            yield chunk, log_probs[:len(chunk)], feats[:len(chunk)]
 
 
-def _rows(store, chunk, logits, feats, kind: str, layer: str) -> pd.DataFrame:
+def feature_names(layer: str, width: int, members: int = 1) -> list[str]:
+    """The feature columns: ``hidden_000``...; an ensemble's members side by side, ``hidden_m0_000``...,
+    ``hidden_m1_000``... (member k: the k-th checkpoint of the ensemble)."""
+    digits = len(str(width - 1))
+    if members == 1:
+        return [f"{layer}_{j:0{digits}d}" for j in range(width)]
+    return [f"{layer}_m{k}_{j:0{digits}d}" for k in range(members) for j in range(width)]
+
+
+def _rows(store, chunk, log_probs, feats, kind: str, layer: str, members: int = 1) -> pd.DataFrame:
     meta = image_metadata(store, chunk)
     if kind == "embeddings":
-        width = len(str(feats.shape[1] - 1))
-        cols = {f"{layer}_{j:0{width}d}": feats[:, j] for j in range(feats.shape[1])}
+        cols = dict(zip(feature_names(layer, feats.shape[1] // members, members), feats.T))
     else:
-        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-        meta[P.PREDICTED] = np.asarray(store.class_names, dtype=object)[logits.argmax(-1)].astype(str)
-        meta["Metadata_Predicted_Label"] = logits.argmax(-1).astype(np.int64)
+        probs = np.exp(log_probs)
+        meta[P.PREDICTED] = np.asarray(store.class_names, dtype=object)[log_probs.argmax(-1)].astype(str)
+        meta["Metadata_Predicted_Label"] = log_probs.argmax(-1).astype(np.int64)
         cols = {f"{P.PROB_PREFIX}{name}": probs[:, j] for j, name in enumerate(store.class_names)}
     return pd.concat([meta, pd.DataFrame(cols)], axis=1)
 
@@ -164,7 +187,9 @@ def _rows(store, chunk, logits, feats, kind: str, layer: str) -> pd.DataFrame:
 def write_image_table(model, params, store, indices, out, kind: str = "embeddings", layer: str = "hidden",
                       batch: int = 8, log=None) -> dict:
     """Writes one row per image of ``indices``: features (``kind="embeddings"``) or the predicted class and
-    class probabilities (``kind="predictions"``), streaming batch by batch; returns rows, seconds, images/s."""
+    class probabilities (``kind="predictions"``), streaming batch by batch; returns rows, seconds, images/s.
+    ``params`` may be an ensemble (a list of parameter trees): its probabilities are the mean of the members',
+    its features the members' side by side (``feature_names``)."""
     if kind not in ("embeddings", "predictions"):
         raise ValueError(f"kind must be 'embeddings' or 'predictions', got {kind!r}")
     writer = TableWriter(out)
@@ -172,11 +197,11 @@ def write_image_table(model, params, store, indices, out, kind: str = "embedding
     confusion, loss_sum = np.zeros((k, k), np.int64), 0.0
     t0 = time.perf_counter()
     try:
-        for chunk, logits, feats in iter_outputs(model, params, store, indices, batch, layer):
-            writer.write(_rows(store, chunk, logits, feats, kind, layer))
+        for chunk, log_probs, feats in iter_outputs(model, params, store, indices, batch, layer):
+            writer.write(_rows(store, chunk, log_probs, feats, kind, layer, len(as_members(params))))
             labels = np.asarray(store.labels)[chunk]
-            np.add.at(confusion, (labels, logits.argmax(-1)), 1)
-            loss_sum -= float(np.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).sum())
+            np.add.at(confusion, (labels, log_probs.argmax(-1)), 1)
+            loss_sum -= float(np.take_along_axis(log_probs, labels[:, None], 1).sum())
             if log:
                 log(f"{writer.rows}/{len(indices)} images")
         writer.close()
@@ -190,13 +215,16 @@ def write_image_table(model, params, store, indices, out, kind: str = "embedding
 
 # --- a run's model and store ---------------------------------------------------------------------------------
 def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
-    """(model, params, meta, store, indices) of a work directory's checkpoint, on its store or ``store``."""
+    """(model, members, metas, store, indices) of a work directory's checkpoint(s) (``evaluate.load_ensemble``:
+    ``best``, ``latest``, a step, ``snapshots`` or a comma-separated list; one checkpoint: a one-member list),
+    on its store or ``store``."""
     import ml_collections
 
     from .data import open_store, split_indices
-    from .evaluate import load_model
+    from .evaluate import load_ensemble
 
-    model, params, meta = load_model(workdir, checkpoint)
+    model, members, metas = load_ensemble(workdir, checkpoint)
+    meta = metas[-1]
     config = ml_collections.ConfigDict(meta["config"])
     path = Path(store) if store else (Path(config.data.store) if config.data.store
                                       else Path(workdir) / "data" / "store")
@@ -213,7 +241,7 @@ def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
         idx = np.arange(st.num_images)
     else:
         idx = split_indices(st, config.data)[0 if split == "train" else 1]
-    return model, params, meta, st, idx
+    return model, members, metas, st, idx
 
 
 def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = 8,
@@ -222,14 +250,14 @@ def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = 
     ``evaluate.evaluate_checkpoint`` returns (loss, accuracy, per-class accuracy, confusion) plus
     ``treatment_summary`` (``profiling.prediction_summary``; None when the store records no compounds) and its
     ``treatment_accuracy`` and number of ``treatments``."""
-    model, params, meta, st, idx = open_run(workdir, checkpoint, store, split)
-    res = write_image_table(model, params, st, idx, out, "predictions", batch=batch)
+    model, members, metas, st, idx = open_run(workdir, checkpoint, store, split)
+    res = write_image_table(model, members, st, idx, out, "predictions", batch=batch)
     conf = res["confusion"]
     table = P.read_table(out)
     summary = P.prediction_summary(table, source=str(out)) if P.COMPOUND in table.columns else None
     return dict(loss=res["loss"], accuracy=conf.trace() / max(conf.sum(), 1), confusion=conf,
                 per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1), count=int(conf.sum()),
-                step=meta["step"], members=[meta["step"]], store=str(st.path), class_names=list(st.class_names),
+                step=metas[-1]["step"], members=[m["step"] for m in metas], store=str(st.path), class_names=list(st.class_names),
                 treatment_summary=summary, predictions=str(out),
                 treatment_accuracy=summary and summary["treatment_accuracy"],
                 treatments=summary and summary["treatments"])
@@ -255,7 +283,9 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True, help="a .parquet or .csv file")
     p.add_argument("--layer", default="hidden", choices=LAYERS)
-    p.add_argument("--checkpoint", default="best", help="best (default), latest or a step number")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, a step number, or an ensemble: "
+                   "snapshots (the collapsed ensemble's, optim.cycles > 0) or a comma-separated list of the "
+                   "former; an ensemble's features are its members' side by side (hidden_m0_000, ...)")
     p.add_argument("--store", default="", help="another store (default: the run's)")
     p.add_argument("--split", default="all", choices=("all", "val", "train"))
     p.add_argument("--batch", type=int, default=8)
@@ -264,12 +294,13 @@ def main(argv=None):
     from .runtime import enable_compilation_cache
     enable_compilation_cache()
     try:
-        model, params, meta, st, idx = open_run(args.workdir, args.checkpoint, args.store, args.split)
-        res = write_image_table(model, params, st, idx, args.out, "embeddings", args.layer, args.batch)
+        model, members, metas, st, idx = open_run(args.workdir, args.checkpoint, args.store, args.split)
+        res = write_image_table(model, members, st, idx, args.out, "embeddings", args.layer, args.batch)
     except (FileNotFoundError, ValueError, StoreError) as e:
         print(f"mcnn-embed: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {res['rows']} rows of {args.layer} features to {res['path']} "
+    what = "" if len(metas) == 1 else f" of {len(metas)} checkpoints (steps {', '.join(str(m['step']) for m in metas)})"
+    print(f"wrote {res['rows']} rows of {args.layer} features{what} to {res['path']} "
           f"({res['images_per_s']:.2f} images/s)")
 
 

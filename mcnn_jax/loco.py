@@ -3,17 +3,30 @@
     mcnn-loco --config configs/default.py --workdir runs/loco [--compounds A,B,... | --fold K] [--config.KEY=VALUE ...]
     mcnn-loco --config configs/default.py --workdir runs/loco --list      # the folds (prepares the store)
     mcnn-loco --config configs/default.py --workdir runs/loco --report    # the merged report only
+    mcnn-loco ... --checkpoint snapshots --config.optim.cycles=3           # each fold's collapsed ensemble
 
 Every compound of the store except the control (DMSO) is one fold, numbered in sorted order. Fold K trains
 ``mcnn-train`` in ``WORKDIR/folds/KK-<compound>/`` with ``data.split=compound``, ``data.holdout_compound=<compound>``
 and ``train.target_accuracy=0`` (stopping on the held-out compound's accuracy would select on the test set;
-your overrides come after and win), then evaluates the fold's **latest** checkpoint (not the best by validation
-accuracy, for the same reason): the held-out images' predictions (``predictions.parquet``), the embeddings of
-every image by the fold's model (``embeddings.parquet``, layer ``--layer``) and the NSC / NSCB matches of the
-held-out compound's treatments against all other treatments in that embedding. ``FOLD_COMPLETE.json``, written
+your overrides come after and win), then evaluates the fold's **latest** checkpoint (by default, not the best
+by validation accuracy, for the same reason; an ensemble: see ``--checkpoint`` below): the held-out images'
+predictions (``predictions.parquet``), the embeddings of every image by the fold's model (``embeddings.parquet``,
+layer ``--layer``) and the NSC / NSCB matches of the held-out compound's treatments against all other
+treatments in that embedding. ``FOLD_COMPLETE.json``, written
 last and atomically, marks a finished fold: rerunning skips finished folds and resumes an interrupted one
-(the trainer resumes from its latest checkpoint). ``--fold K`` runs one fold (a SLURM array task:
-``launch/loco.sbatch``).
+(the trainer resumes from its latest checkpoint; ``train_wall_s`` adds up the attempts, read from the fold's
+``metrics.jsonl``). ``--fold K`` runs one fold (a SLURM array task: ``launch/loco.sbatch``).
+
+``--checkpoint snapshots`` (with ``--config.optim.cycles=N``: every fold ends with the collapsed ensemble's
+cosine-restart cycles) or ``--checkpoint STEP,STEP,...`` evaluates an ensemble of each fold's checkpoints
+instead: ``predictions.parquet`` holds the mean of the members' class probabilities (the predicted class is its
+argmax), and the embeddings are the members' features side by side (``hidden_m0_000``..., ``hidden_m1_000``...;
+member k is the k-th of the fold's ``members``), **concatenated, not averaged**: each snapshot learned its own
+feature space (unit j of one need not mean what unit j of another means: the spaces need not be aligned), so a
+mean of features would mix unrelated units, while the concatenation keeps every member's space whole (a cosine
+similarity over it adds up the members' dot products). ``best`` is refused (it is picked on the held-out compound). The
+checkpoint steps used are recorded in ``FOLD_COMPLETE.json`` (``checkpoint``, ``members``) and per fold in the
+report; a finished fold asked for with another ``--checkpoint`` is evaluated again (not trained again).
 
 When every fold is finished (or with ``--report``) the merged report is written: ``loco_report.json`` (per-fold
 accuracy; pooled image, treatment-level and per-compound accuracy; NSC / NSCB; the confusion matrix; the classes
@@ -118,22 +131,59 @@ def check_trained(fold_path: Path, compound: str) -> None:
                         f"checkpoint is kept: rerun the same command to resume it")
 
 
-def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,
-                  normalize: bool = False) -> dict:
-    """The fold's latest model on its held-out compound (predictions) and on every image (embeddings, NSC/NSCB)."""
-    from .embed import open_run, write_image_table
+def earlier_train_wall_s(fold_path: Path) -> tuple[float, int]:
+    """(seconds, number) of the fold's training attempts so far, from the trainer's ``metrics.jsonl``, which
+    every attempt appends to: the ``wall`` clock of its records starts again at each attempt, and an attempt
+    counts until its last record (a process killed between records loses the time since; process start-up
+    before the trainer's clock is not counted)."""
+    walls = []
+    if (fold_path / "metrics.jsonl").is_file():
+        for line in (fold_path / "metrics.jsonl").read_text().splitlines():
+            try:
+                wall = json.loads(line).get("wall")
+            except ValueError:  # a line cut short by a killed attempt
+                continue
+            if isinstance(wall, (int, float)):
+                walls.append(float(wall))
+    if not walls:
+        return 0.0, 0
+    ends = [a for a, b in zip(walls, walls[1:]) if b < a] + [walls[-1]]
+    return sum(ends), len(ends)
 
-    model, params, meta, st, val = open_run(fold_path, "latest", str(store_path), "val")
+
+def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "latest"):
+    """``embed.open_run`` of the fold's checkpoint(s) on its held-out images; errors name the fold."""
+    from .embed import open_run
+
+    try:
+        model, members, metas, st, val = open_run(fold_path, checkpoint, str(store_path), "val")
+    except FileNotFoundError as e:
+        hint = (" (mcnn-loco: add --config.optim.cycles=N, N > 0, and see optim.cycle_epochs, so that every fold "
+                "ends with the collapsed ensemble's snapshots)" if checkpoint == "snapshots" else "")
+        raise LocoError(f"fold {fold_path.name} (held-out compound {compound!r}), --checkpoint {checkpoint}: "
+                        f"{e}{hint}") from None
     comps = np.asarray(st.metadata["compound"], dtype=object)[val]
     if set(comps) != {compound}:
         raise LocoError(f"fold {fold_path.name}: its validation images are of {sorted(set(comps))}, not {compound!r}")
-    pred = write_image_table(model, params, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
-    emb = write_image_table(model, params, st, np.arange(st.num_images), fold_path / "embeddings.parquet",
+    return model, members, metas, st, val
+
+
+def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,
+                  normalize: bool = False, checkpoint: str = "latest") -> dict:
+    """The fold's latest model (or the ensemble ``checkpoint`` names: the mean of its members' probabilities,
+    its members' features side by side) on its held-out compound (predictions) and on every image
+    (embeddings, NSC/NSCB)."""
+    from .embed import write_image_table
+
+    model, members, metas, st, val = open_fold(fold_path, store_path, compound, checkpoint)
+    pred = write_image_table(model, members, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
+    emb = write_image_table(model, members, st, np.arange(st.num_images), fold_path / "embeddings.parquet",
                             "embeddings", layer, batch)
     nn = P.nsc_nscb(P.read_table(fold_path / "embeddings.parquet"), normalize, control, query_compounds=[compound])
     summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
     conf = pred["confusion"]
-    return dict(compound=compound, step=meta["step"], images=int(conf.sum()),
+    return dict(compound=compound, step=metas[-1]["step"], checkpoint=checkpoint, members=[m["step"] for m in metas],
+                images=int(conf.sum()),
                 accuracy=float(conf.trace() / max(conf.sum(), 1)), treatment_accuracy=summary["treatment_accuracy"],
                 treatments=summary["treatments"], moa=str(summary["per_compound"][P.MOA].iloc[0]),
                 confusion=conf.tolist(), embed_images_per_s=emb["images_per_s"],
@@ -149,17 +199,27 @@ def _atomic_json(path: Path, doc) -> None:
 
 
 def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
+    """Trains (or resumes) and evaluates one fold; a finished fold is skipped, or only evaluated again if it
+    was evaluated with another ``--checkpoint``."""
     path = fold_dir(args.workdir, compounds, compound)
-    if (path / MARKER).is_file():
+    done = json.loads((path / MARKER).read_text()) if (path / MARKER).is_file() else None
+    if done and done.get("checkpoint", "latest") == args.checkpoint:
         log(f"fold {path.name}: finished, skipped")
-        return json.loads((path / MARKER).read_text())
-    log(f"fold {path.name}: training with {compound!r} held out"
-        + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
-    train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
+        return done
+    if done:
+        log(f"fold {path.name}: finished with --checkpoint {done.get('checkpoint', 'latest')}, evaluated again "
+            f"with --checkpoint {args.checkpoint}")
+        train = {k: done.get(k) for k in ("train_wall_s", "train_attempts")}
+    else:
+        earlier_s, attempts = earlier_train_wall_s(path)
+        log(f"fold {path.name}: training with {compound!r} held out" + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
+        train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
+        train = dict(train_wall_s=earlier_s + train_s, train_attempts=attempts + 1)
     t0 = time.perf_counter()
-    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control, args.normalize)
-    res.update(train_wall_s=train_s, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides),
-               layer=args.layer, normalize=args.normalize)
+    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control, args.normalize,
+                        args.checkpoint)
+    res.update(train, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides), layer=args.layer,
+               normalize=args.normalize)
     _atomic_json(path / MARKER, res)
     log(f"fold {path.name}: accuracy {res['accuracy']:.4f} on {res['images']} images of {compound!r}")
     return res
@@ -191,7 +251,9 @@ def merged_report(workdir, store, compounds, control: str = P.CONTROL, only=None
     single = single_compound_classes(store, control)
     per_fold = [dict(fold=p.name, compound=f["compound"], moa=f["moa"], images=f["images"], accuracy=f["accuracy"],
                      treatment_accuracy=f["treatment_accuracy"], nsc=f["nsc"]["accuracy"],
-                     nscb=f["nscb"]["accuracy"], step=f["step"], train_wall_s=f["train_wall_s"],
+                     nscb=f["nscb"]["accuracy"], step=f["step"], checkpoint=f.get("checkpoint", "latest"),
+                     members=f.get("members", [f["step"]]), train_wall_s=f["train_wall_s"],
+                     train_attempts=f.get("train_attempts"),
                      eval_wall_s=f["eval_wall_s"], single_compound_class=f["moa"] in single) for p, f in done]
     multi = preds[~preds[P.MOA].isin(list(single))]
     report = dict(
@@ -202,6 +264,7 @@ def merged_report(workdir, store, compounds, control: str = P.CONTROL, only=None
         if len(multi) else None,
         nsc=P.nn_accuracy(matches["nsc"]), nscb=P.nn_accuracy(matches["nscb"]),
         single_compound_classes=single, class_names=list(store.class_names),
+        checkpoint=sorted({f["checkpoint"] for f in per_fold}),
         confusion=np.sum([np.asarray(f["confusion"]) for _, f in done], axis=0).tolist(),
         wall_s=sum(f["train_wall_s"] + f["eval_wall_s"] for _, f in done), per_fold=per_fold,
         per_compound=json.loads(summary["per_compound"].to_json(orient="records")))
@@ -219,9 +282,11 @@ def format_report(r: dict) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     lines = [f"leave-one-compound-out: {r['folds_finished']} of {r['folds_total']} folds finished"
-             + (f" (missing: {', '.join(r['folds_missing'])})" if r["folds_missing"] else "")]
+             + (f" (missing: {', '.join(r['folds_missing'])})" if r["folds_missing"] else "")
+             + f"; evaluated checkpoint(s): {', '.join(r['checkpoint'])}"]
     lines += [f"  {f['fold']:<24s} {f['moa']:<24s} {f['images']:>5d} images  accuracy {pct(f['accuracy'])}  "
               f"treatments {pct(f['treatment_accuracy'])}  NSC {pct(f['nsc'])}  NSCB {pct(f['nscb'])}"
+              + f"  step(s) {','.join(map(str, f['members']))}"
               + ("  (single-compound class)" if f["single_compound_class"] else "") for f in r["per_fold"]]
     lines += [f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
               f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
@@ -252,9 +317,17 @@ def parse_args(argv):
     p.add_argument("--layer", default="hidden", choices=("hidden", "merge"), help="embedding layer for NSC/NSCB")
     p.add_argument("--normalize", action="store_true",
                    help="NSC/NSCB: standardise features per plate against its DMSO images first")
+    p.add_argument("--checkpoint", default="latest", help="what each fold evaluates: latest (default), snapshots "
+                   "(the collapsed ensemble: needs --config.optim.cycles=N) or a comma-separated list of steps; an "
+                   "ensemble predicts with the mean of its members' probabilities and embeds with their features "
+                   "side by side. Not best: it is picked by accuracy on the held-out compound, the test set")
     p.add_argument("--batch", type=int, default=8, help="evaluation batch")
     p.add_argument("--control", default=P.CONTROL, help="the control compound (not a fold; default DMSO)")
     args, rest = p.parse_known_args(argv)
+    if "best" in [w.strip() for w in args.checkpoint.split(",")]:
+        p.error("--checkpoint best is refused: the best checkpoint is the one with the highest accuracy on the "
+                "fold's validation images, which are the held-out compound's, so picking it would select on the "
+                "test set; use latest (default), snapshots or step numbers")
     bad = [r for r in rest if not r.startswith("--config.") or "=" not in r]
     if bad:
         p.error(f"unrecognised argument(s) {bad}; config overrides look like --config.train.max_steps=8")
@@ -283,7 +356,12 @@ def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     enable_compilation_cache()
     try:
-        store = open_loco_store(load_config(args.config, overrides), args.workdir)
+        config = load_config(args.config, overrides)
+        if args.checkpoint == "snapshots" and not config.optim.cycles and not (args.list or args.report):
+            raise LocoError("--checkpoint snapshots evaluates the collapsed ensemble's snapshots, which a fold's "
+                            "training makes only with optim.cycles > 0: add --config.optim.cycles=N (see "
+                            "optim.cycle_epochs and optim.cycle_base_lr)")
+        store = open_loco_store(config, args.workdir)
         compounds = fold_compounds(store, args.control)
         if args.list:
             for k, c in enumerate(compounds):

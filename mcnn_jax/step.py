@@ -147,11 +147,16 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
     return jax.jit(train_step, donate_argnums=(0,))  # the old state's buffers are reused
 
 
+def mean_log_probs(logits):
+    """The log of the mean over the members (axis 0 of ``logits`` [members, N, classes]) of their class
+    probabilities (one member: its log-softmax)."""
+    return jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=0) - jnp.log(logits.shape[0])
+
+
 def ensemble_log_probs(model, members, images):
     """The log of the mean over ``members`` (a list of parameter trees) of the model's class probabilities: the
     ensemble's prediction (one member: its log-softmax)."""
-    logs = jnp.stack([jax.nn.log_softmax(model.apply({"params": p}, images)) for p in members])
-    return jax.nn.logsumexp(logs, axis=0) - jnp.log(len(members))
+    return mean_log_probs(jnp.stack([model.apply({"params": p}, images) for p in members]))
 
 
 def make_eval_step(model, num_classes: int):
