@@ -127,3 +127,11 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
     assert doc["count"] == 48 and 0 <= doc["treatment_accuracy"] <= 1 and doc["treatments"] > 0
     df = pd.read_csv(tmp_path / "p.csv")
     assert len(df) == 6 and "Metadata_Compound" not in df.columns and "Metadata_Predicted_MoA" in df.columns
+
+
+def test_snapshots_of_a_run_without_cycles_is_a_clear_error(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        E.main(["--workdir", str(run), "--checkpoint", "snapshots", "--out", str(tmp_path / "e.csv")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no snapshot checkpoint in" in err and "optim.cycles > 0" in err
+    assert not list(tmp_path.iterdir())

@@ -69,3 +69,32 @@ def test_ensemble_evaluation_is_the_mean_of_the_members_probabilities(store, cyc
     assert all(abs(s - result["loss"]) > 1e-6 for s in single)
     eval_cli(["--workdir", str(workdir), "--checkpoint", ",".join(str(m["step"]) for m in metas)])
     assert "ensemble of 3 checkpoints" in capsys.readouterr().out
+
+
+def test_embed_and_predictions_tables_of_an_ensemble(store, cycled, tmp_path, capsys):
+    """mcnn-embed / mcnn-eval --predictions with --checkpoint snapshots: the members' features side by side, the
+    mean of the members' probabilities, each against the members computed one by one."""
+    import pandas as pd
+
+    from mcnn_jax import embed as E
+    from mcnn_jax.data import to_float
+    workdir, _, _ = cycled
+    model, members, metas = load_ensemble(workdir, "snapshots")
+    E.main(["--workdir", str(workdir), "--checkpoint", "snapshots", "--out", str(tmp_path / "emb.parquet"),
+            "--batch", "5"])
+    steps = ", ".join(str(m["step"]) for m in metas)
+    assert f"wrote 48 rows of hidden features of 3 checkpoints (steps {steps})" in capsys.readouterr().out
+    emb = pd.read_parquet(tmp_path / "emb.parquet")
+    feats = [c for c in emb.columns if not c.startswith("Metadata_")]
+    assert feats == E.feature_names("hidden", 16, 3) and feats[16] == "hidden_m1_00" and len(feats) == 3 * 16
+    st = open_store(store)
+    x = to_float(st.read(list(range(st.num_images))))
+    np.testing.assert_allclose(emb[feats].to_numpy(), np.concatenate([E.features(model, p, x) for p in members], 1),
+                               rtol=1e-5, atol=1e-6)
+    eval_cli(["--workdir", str(workdir), "--checkpoint", "snapshots", "--split", "all", "--predictions",
+              str(tmp_path / "pred.parquet")])
+    assert "ensemble of 3 checkpoints" in capsys.readouterr().out
+    pred = pd.read_parquet(tmp_path / "pred.parquet")
+    mean = np.mean([np.asarray(jax.nn.softmax(model.apply({"params": p}, x)), np.float64) for p in members], 0)
+    np.testing.assert_allclose(pred[[f"P_{n}" for n in st.class_names]].to_numpy(), mean, rtol=0, atol=1e-6)
+    assert (pred.Metadata_Predicted_Label.to_numpy() == mean.argmax(1)).all()

@@ -34,12 +34,18 @@ def test_three_compound_loco_with_an_interrupted_fold(store, tmp_path):
     interrupted = loco.fold_dir(tmp_path, compounds, "cmpd02a")
     train_and_evaluate(load_config(TINY, [f"data.store={store}", "data.split=compound",
                                           "data.holdout_compound=cmpd02a", "train.max_steps=1"]), interrupted)
+    first_s, attempts = loco.earlier_train_wall_s(interrupted)
+    assert attempts == 1 and first_s > 0
     proc = mcnn_loco(tmp_path, store, "--compounds", ",".join(HELD_OUT))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"fold {interrupted.name}: training with 'cmpd02a' held out (resuming)" in proc.stdout
     starts = {c: json.loads((loco.fold_dir(tmp_path, compounds, c) / "summary.json").read_text())["start_step"]
               for c in HELD_OUT}
     assert starts == {"cmpd01a": 0, "cmpd02a": 1, "cmpd03b": 0}
+    done = {c: json.loads((loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).read_text()) for c in HELD_OUT}
+    assert {c: d["train_attempts"] for c, d in done.items()} == {"cmpd01a": 1, "cmpd02a": 2, "cmpd03b": 1}
+    assert done["cmpd02a"]["train_wall_s"] > first_s  # the interrupted attempt's time is counted too
+    assert all(d["checkpoint"] == "latest" and d["members"] == [d["step"]] == [2] for d in done.values())
 
     report = json.loads((tmp_path / "loco_report.json").read_text())
     comps = np.asarray(st.metadata["compound"])
@@ -68,6 +74,10 @@ def test_three_compound_loco_with_an_interrupted_fold(store, tmp_path):
                        for c in HELD_OUT}
     partial = mcnn_loco(tmp_path, store, "--report")  # every fold of the store: 3 of 6 finished
     assert partial.returncode == 0 and "3 of 6 folds finished (missing: cmpd01b, cmpd02b, cmpd03a)" in partial.stdout
+    fold = loco.fold_dir(tmp_path, compounds, "cmpd01a")
+    with pytest.raises(loco.LocoError, match=rf"fold {fold.name} \(held-out compound 'cmpd01a'\), --checkpoint "
+                       r"snapshots: no snapshot checkpoint in .*add --config.optim.cycles=N"):
+        loco.evaluate_fold(fold, store, "cmpd01a", checkpoint="snapshots")
 
 
 def test_bad_input_names_what_is_missing(store, tmp_path):
@@ -77,6 +87,9 @@ def test_bad_input_names_what_is_missing(store, tmp_path):
     assert proc.returncode == 2 and "--fold 99 is out of range" in proc.stderr
     proc = mcnn_loco(tmp_path, store, "--report")
     assert proc.returncode == 2 and "no finished fold" in proc.stderr
+    proc = mcnn_loco(tmp_path, store, "--checkpoint", "snapshots")  # before any training
+    assert proc.returncode == 2 and "only with optim.cycles > 0: add --config.optim.cycles=N" in proc.stderr
+    assert not (tmp_path / "folds").exists()
     with pytest.raises(loco.LocoError, match="records no compounds"):
         loco.fold_compounds(SimpleNamespace(compounds=[], path="folder.store"))
 
@@ -98,3 +111,64 @@ def test_a_fold_stopped_by_a_signal_is_not_evaluated(tmp_path):
         loco.check_trained(fold, "x")
     (fold / "summary.json").write_text(json.dumps(dict(final_step=10, total_steps=10)))
     loco.check_trained(fold, "x")
+
+
+def test_best_is_refused(capsys):
+    for which in ("best", "latest,best"):
+        with pytest.raises(SystemExit) as exit_:
+            loco.parse_args(["--config", TINY, "--workdir", "w", "--checkpoint", which])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "--checkpoint best is refused" in err and "select on the test set" in err
+    assert loco.parse_args(["--config", TINY, "--workdir", "w"])[0].checkpoint == "latest"
+
+
+def test_earlier_attempts_add_up(tmp_path):
+    """Each training attempt appends to metrics.jsonl with its own wall clock; a killed one may cut a line."""
+    records = [dict(split="train", step=1, wall=1.0), dict(split="val", step=1, wall=2.5),
+               dict(split="train", step=2, wall=0.5), dict(split="train", step=3, wall=1.5)]
+    text = "\n".join(json.dumps(r) for r in records) + '\n{"split": "train", "wa'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert loco.earlier_train_wall_s(tmp_path) == (4.0, 2)
+    assert loco.earlier_train_wall_s(tmp_path / "nothing") == (0.0, 0)
+
+
+CYCLES = ["--config.train.max_steps=0", "--config.optim.epochs=1.0", "--config.optim.warmup_epochs=0.5",
+          "--config.optim.cycles=2", "--config.optim.cycle_epochs=0.5", "--config.train.eval_every_epochs=100.0"]
+
+
+def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
+    """--checkpoint snapshots: the predictions are the mean of the members' probabilities (computed here member by
+    member), the embeddings the members' features side by side; the steps are recorded; asked again with
+    --checkpoint latest the finished fold is evaluated again, not trained again."""
+    import jax
+
+    from mcnn_jax.data import to_float
+    from mcnn_jax.embed import feature_names
+    from mcnn_jax.evaluate import load_ensemble
+    args = ["--config", TINY, "--workdir", str(tmp_path), f"--config.data.store={store}", "--compounds", "cmpd01a",
+            *CYCLES]
+    loco.main([*args, "--checkpoint", "snapshots"])  # in this process, but for the fold's training
+    assert "1 of 1 folds finished; evaluated checkpoint(s): snapshots" in capsys.readouterr().out
+    st = open_store(store)
+    fold = loco.fold_dir(tmp_path, loco.fold_compounds(st), "cmpd01a")
+    model, members, metas = load_ensemble(fold, "snapshots")
+    done = json.loads((fold / loco.MARKER).read_text())
+    assert len(members) == 3 and done["checkpoint"] == "snapshots" and done["members"] == [m["step"] for m in metas]
+    report = json.loads((tmp_path / "loco_report.json").read_text())
+    assert report["checkpoint"] == ["snapshots"] and report["per_fold"][0]["members"] == done["members"]
+    pred = pd.read_parquet(fold / "predictions.parquet")
+    x = to_float(st.read(pred.Metadata_StoreIndex.to_numpy()))
+    mean = np.mean([np.asarray(jax.nn.softmax(model.apply({"params": p}, x)), np.float64) for p in members], 0)
+    np.testing.assert_allclose(pred[[f"P_{n}" for n in st.class_names]].to_numpy(), mean, rtol=0, atol=1e-6)
+    assert (pred.Metadata_Predicted_Label.to_numpy() == mean.argmax(1)).all()
+    emb = pd.read_parquet(fold / "embeddings.parquet")
+    assert [c for c in emb.columns if not c.startswith("Metadata_")] == feature_names("hidden", 16, 3)
+
+    loco.main(args)
+    again = capsys.readouterr().out
+    assert "finished with --checkpoint snapshots, evaluated again with --checkpoint latest" in again
+    assert "training with" not in again
+    latest = json.loads((fold / loco.MARKER).read_text())
+    assert latest["members"] == done["members"][-1:] and latest["train_wall_s"] == done["train_wall_s"]
+    emb = pd.read_parquet(fold / "embeddings.parquet")
+    assert [c for c in emb.columns if not c.startswith("Metadata_")] == feature_names("hidden", 16)
