@@ -18,6 +18,11 @@ into a Parquet (``.parquet``) or CSV file written atomically:
 
     mcnn-embed --workdir runs/default --out emb.parquet [--layer hidden|merge] [--checkpoint best|latest|STEP]
                [--store PATH] [--split all|val|train]
+    mcnn-embed --workdir runs/default --out emb.parquet --checkpoint snapshots    # or STEP,STEP,...: an ensemble
+
+An ensemble's features are its members' side by side (``hidden_m0_000``..., ``hidden_m1_000``...; member k is
+the k-th checkpoint), not their mean: each member learned its own feature space, and the spaces of different
+snapshots need not be aligned unit by unit. Its probabilities are the mean of the members'.
 
 ``mcnn-eval --predictions FILE`` writes the same rows with the true and predicted class and the probability
 of every class (``P_<class>``) instead of features (``write_image_table(..., kind="predictions")``).
