@@ -262,7 +262,8 @@ def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = 
     summary = P.prediction_summary(table, source=str(out)) if P.COMPOUND in table.columns else None
     return dict(loss=res["loss"], accuracy=conf.trace() / max(conf.sum(), 1), confusion=conf,
                 per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1), count=int(conf.sum()),
-                step=metas[-1]["step"], members=[m["step"] for m in metas], store=str(st.path), class_names=list(st.class_names),
+                step=metas[-1]["step"], members=[m["step"] for m in metas], store=str(st.path),
+                class_names=list(st.class_names),
                 treatment_summary=summary, predictions=str(out),
                 treatment_accuracy=summary and summary["treatment_accuracy"],
                 treatments=summary and summary["treatments"])
@@ -304,7 +305,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, StoreError) as e:
         print(f"mcnn-embed: error: {e}", file=sys.stderr)
         sys.exit(2)
-    what = "" if len(metas) == 1 else f" of {len(metas)} checkpoints (steps {', '.join(str(m['step']) for m in metas)})"
+    steps = ", ".join(str(m["step"]) for m in metas)
+    what = "" if len(metas) == 1 else f" of {len(metas)} checkpoints (steps {steps})"
     print(f"wrote {res['rows']} rows of {args.layer} features{what} to {res['path']} "
           f"({res['images_per_s']:.2f} images/s)")
 

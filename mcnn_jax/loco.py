@@ -12,10 +12,10 @@ your overrides come after and win), then evaluates the fold's **latest** checkpo
 by validation accuracy, for the same reason; an ensemble: see ``--checkpoint`` below): the held-out images'
 predictions (``predictions.parquet``), the embeddings of every image by the fold's model (``embeddings.parquet``,
 layer ``--layer``) and the NSC / NSCB matches of the held-out compound's treatments against all other
-treatments in that embedding. ``FOLD_COMPLETE.json``, written
-last and atomically, marks a finished fold: rerunning skips finished folds and resumes an interrupted one
-(the trainer resumes from its latest checkpoint; ``train_wall_s`` adds up the attempts, read from the fold's
-``metrics.jsonl``). ``--fold K`` runs one fold (a SLURM array task: ``launch/loco.sbatch``).
+treatments in that embedding. ``FOLD_COMPLETE.json``, written last and atomically, marks a finished fold:
+rerunning skips finished folds and resumes an interrupted one (the trainer resumes from its latest checkpoint;
+``train_wall_s`` adds up the attempts, read from the fold's ``metrics.jsonl``). ``--fold K`` runs one fold (a
+SLURM array task: ``launch/loco.sbatch``).
 
 ``--checkpoint snapshots`` (with ``--config.optim.cycles=N``: every fold ends with the collapsed ensemble's
 cosine-restart cycles) or ``--checkpoint STEP,STEP,...`` evaluates an ensemble of each fold's checkpoints
@@ -24,9 +24,10 @@ argmax), and the embeddings are the members' features side by side (``hidden_m0_
 member k is the k-th of the fold's ``members``), **concatenated, not averaged**: each snapshot learned its own
 feature space (unit j of one need not mean what unit j of another means: the spaces need not be aligned), so a
 mean of features would mix unrelated units, while the concatenation keeps every member's space whole (a cosine
-similarity over it adds up the members' dot products). ``best`` is refused (it is picked on the held-out compound). The
-checkpoint steps used are recorded in ``FOLD_COMPLETE.json`` (``checkpoint``, ``members``) and per fold in the
-report; a finished fold asked for with another ``--checkpoint`` is evaluated again (not trained again).
+similarity over it adds up the members' dot products). ``best`` is refused (it is picked on the held-out
+compound). The checkpoint steps used are recorded in ``FOLD_COMPLETE.json`` (``checkpoint``, ``members``) and
+per fold in the report; a finished fold asked for with another ``--checkpoint`` is evaluated again (not trained
+again).
 
 When every fold is finished (or with ``--report``) the merged report is written: ``loco_report.json`` (per-fold
 accuracy; pooled image, treatment-level and per-compound accuracy; NSC / NSCB; the confusion matrix; the classes
@@ -183,8 +184,8 @@ def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", ba
     summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
     conf = pred["confusion"]
     return dict(compound=compound, step=metas[-1]["step"], checkpoint=checkpoint, members=[m["step"] for m in metas],
-                images=int(conf.sum()),
-                accuracy=float(conf.trace() / max(conf.sum(), 1)), treatment_accuracy=summary["treatment_accuracy"],
+                images=int(conf.sum()), accuracy=float(conf.trace() / max(conf.sum(), 1)),
+                treatment_accuracy=summary["treatment_accuracy"],
                 treatments=summary["treatments"], moa=str(summary["per_compound"][P.MOA].iloc[0]),
                 confusion=conf.tolist(), embed_images_per_s=emb["images_per_s"],
                 nsc={k: v for k, v in nn["nsc"].items() if k != "matches"},
@@ -212,7 +213,8 @@ def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
         train = {k: done.get(k) for k in ("train_wall_s", "train_attempts")}
     else:
         earlier_s, attempts = earlier_train_wall_s(path)
-        log(f"fold {path.name}: training with {compound!r} held out" + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
+        log(f"fold {path.name}: training with {compound!r} held out"
+            + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
         train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
         train = dict(train_wall_s=earlier_s + train_s, train_attempts=attempts + 1)
     t0 = time.perf_counter()
