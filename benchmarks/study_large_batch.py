@@ -58,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--multipliers", default="1,4,16")
     p.add_argument("--recipes", default="nesterov,lars")
     p.add_argument("--lr", default="nesterov=0.05,lars=2.0,adamw=0.002", help="base learning rate at the base "
-                   "batch per recipe (scaled linearly with the batch)")
+                   "batch per recipe (scaled with the batch by --scaling)")
+    p.add_argument("--scaling", default="nesterov=linear,lars=linear,adamw=sqrt",
+                   help="optim.lr_scaling per recipe: linear, sqrt or none")
     p.add_argument("--warmup-epochs", type=float, default=5.0)
     p.add_argument("--target", type=float, default=0.0, help="target validation accuracy (0: the base batch's "
                    "best accuracy with the first recipe minus 0.01)")
@@ -84,6 +86,7 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0):
     c.model.merge_width, c.model.head_width = 32, 32
     lrs = dict(item.split("=") for item in a.lr.split(","))
     c.optim.update(RECIPES[recipe])
+    c.optim.lr_scaling = dict(item.split("=") for item in a.scaling.split(",")).get(recipe, "linear")
     c.optim.update(base_lr=float(lrs[recipe]), base_batch=a.base_batch, warmup_epochs=a.warmup_epochs,
                    warmup_init_lr=float(lrs[recipe]) / 10, end_lr=float(lrs[recipe]) / 100,
                    epochs=a.epochs - cycles * a.cycle_epochs, cycles=cycles, cycle_epochs=a.cycle_epochs,
@@ -128,6 +131,7 @@ def curves(workdir: Path) -> dict:
 
 
 def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0) -> dict:
+    from mcnn_jax.optim import scaled_lr
     from mcnn_jax.train import train_and_evaluate
 
     name = f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "")
@@ -141,7 +145,8 @@ def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int =
             raise SystemExit(f"the run {name} was stopped at step {summary['preempted_at_step']}; rerun the same "
                              f"command to resume the study")
     row = dict(name=name, recipe=recipe, global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles,
-               epochs=a.epochs, peak_lr=config.optim.base_lr * batch / a.base_batch, steps=summary["final_step"],
+               epochs=a.epochs, lr_scaling=config.optim.lr_scaling,
+               peak_lr=scaled_lr(config.optim.base_lr, batch, a.base_batch, config.optim.lr_scaling), steps=summary["final_step"],
                wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
     row["final"] = evaluate_run(workdir, store, val_idx, "latest")
     row["best_val_accuracy"] = max(row["val_accuracy"])

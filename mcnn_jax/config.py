@@ -75,8 +75,11 @@ def optim_defaults() -> ml_collections.ConfigDict:
     c.step_epochs = (30.0, 60.0)  # decay="step"
     c.step_gamma = 0.1
     c.epochs = 50.0
+    # how the peak learning rate follows the global batch from base_lr at base_batch: "linear" (lr x batch /
+    # base_batch, the published recipe), "sqrt" (x sqrt(batch / base_batch), usual for AdamW) or "none"
+    c.lr_scaling = "linear"
     # the collapsed ensemble: after the main run's epochs, `cycles` cosine-restart cycles of `cycle_epochs` each,
-    # restarting at cycle_base_lr (at base_batch, scaled linearly) and decaying to end_lr; the checkpoints at the
+    # restarting at cycle_base_lr (at base_batch, scaled like base_lr) and decaying to end_lr; the checkpoints at the
     # end of the main run and of each cycle are kept as snapshots (mcnn-eval --checkpoint snapshots averages them)
     c.cycles = 0
     c.cycle_epochs = 2.0

@@ -9,7 +9,10 @@
 - ``adamw``: AdamW (decoupled weight decay on the kernels), for comparison.
 
 Durations are given in epochs and converted to steps from the dataset size and the global batch; the peak
-learning rate follows the linear scaling rule ``lr = base_lr * global_batch / base_batch``.
+learning rate follows ``optim.lr_scaling``: the linear scaling rule ``lr = base_lr * global_batch / base_batch``
+(the default; Goyal et al. 2017), the square-root rule (``sqrt``: ``base_lr * sqrt(global_batch / base_batch)``,
+the usual rule for Adam-type optimizers, whose steps do not grow with the gradient's signal-to-noise ratio) or
+``none`` (``base_lr`` at any batch).
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def scaled_lr(base_lr: float, global_batch: int, base_batch: int) -> float:
-    """The linear scaling rule (Goyal et al. 2017): the learning rate grows with the global batch."""
+SCALINGS = ("linear", "sqrt", "none")
+
+
+def scaled_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "linear") -> float:
+    """The learning rate at ``global_batch`` of ``base_lr`` at ``base_batch`` by ``rule`` (``optim.lr_scaling``):
+    ``linear`` (Goyal et al. 2017), ``sqrt`` or ``none``."""
     if global_batch <= 0 or base_batch <= 0:
         raise ValueError(f"batch sizes must be positive, got global_batch={global_batch}, base_batch={base_batch}")
-    return base_lr * global_batch / base_batch
+    if rule not in SCALINGS:
+        raise ValueError(f"optim.lr_scaling must be one of {', '.join(SCALINGS)}; got {rule!r}")
+    ratio = global_batch / base_batch
+    return base_lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
 
 def steps_per_epoch(num_train: int, global_batch: int) -> int:
@@ -51,7 +61,7 @@ def make_schedule(cfg, steps_per_epoch: int, global_batch: int) -> optax.Schedul
     'polynomial' | 'step' | 'constant'), end_lr, power, step_epochs, step_gamma, the total ``epochs``, and
     cycles, cycle_epochs, cycle_base_lr.
     """
-    peak = scaled_lr(cfg.base_lr, global_batch, cfg.base_batch)
+    peak = scaled_lr(cfg.base_lr, global_batch, cfg.base_batch, cfg.get("lr_scaling", "linear"))
     total = main_steps(cfg, steps_per_epoch)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     decay = _decay(cfg, peak, max(1, total - warmup), warmup, steps_per_epoch)
@@ -103,12 +113,12 @@ def total_steps(cfg, steps_per_epoch: int) -> int:
 
 def cyclic_schedule(cfg, main: optax.Schedule, steps_per_epoch: int, global_batch: int) -> optax.Schedule:
     """``main`` for the main run, then ``cycles`` cosine-restart cycles of ``cycle_epochs`` each: every cycle
-    restarts at ``cycle_base_lr`` (at ``base_batch``, scaled linearly like ``base_lr``) and decays along a cosine
+    restarts at ``cycle_base_lr`` (at ``base_batch``, scaled like ``base_lr``) and decays along a cosine
     to ``end_lr``; its last step is a snapshot (``snapshot_steps``). ``main`` alone without cycles."""
     cycles = cfg.get("cycles", 0)
     if cycles <= 0:
         return main
-    peak = scaled_lr(cfg.cycle_base_lr, global_batch, cfg.base_batch)
+    peak = scaled_lr(cfg.cycle_base_lr, global_batch, cfg.base_batch, cfg.get("lr_scaling", "linear"))
     if peak <= 0:
         raise ValueError(f"optim.cycle_base_lr must be positive with optim.cycles={cycles}; got {cfg.cycle_base_lr}")
     # a cycle's first step is taken at the restart peak and its last one, which ends at the snapshot, at end_lr

@@ -74,6 +74,10 @@ def test_nesterov_sgd_matches_the_formula():
 
 def test_linear_scaling_rule_and_steps():
     assert optim.scaled_lr(0.1, 1024, 256) == pytest.approx(0.4)
+    assert optim.scaled_lr(0.1, 1024, 256, "sqrt") == pytest.approx(0.2)
+    assert optim.scaled_lr(0.1, 1024, 256, "none") == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="optim.lr_scaling"):
+        optim.scaled_lr(0.1, 1024, 256, "quadratic")
     assert optim.steps_per_epoch(3848, 32) == 120
     with pytest.raises(ValueError, match="fewer than one global batch"):
         optim.steps_per_epoch(10, 32)
@@ -92,6 +96,8 @@ def test_published_recipe_schedule():
     # the global batch scales the peak: 4x the batch, 4x the peak
     s4 = optim.make_schedule(c, steps_per_epoch=25, global_batch=128)
     assert float(s4(125)) == pytest.approx(0.032)
+    c.lr_scaling = "sqrt"  # 4x the batch, 2x the peak
+    assert float(optim.make_schedule(c, steps_per_epoch=25, global_batch=128)(125)) == pytest.approx(0.016)
 
 
 @pytest.mark.parametrize("decay,at_half", [("cosine", 0.5 * (0.1 + 0.001)), ("polynomial", None),
