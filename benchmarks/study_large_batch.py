@@ -55,12 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--widths", default="4,4,4,8,8,8,8", help="the seven branches' widths")
     p.add_argument("--epochs", type=float, default=20.0)
     p.add_argument("--base-batch", type=int, default=16)
-    p.add_argument("--multipliers", default="1,4,16")
+    p.add_argument("--multipliers", default="1,4,16", help="batch multipliers of the base batch for every recipe "
+                   "(\"1,4,16\"), or per recipe (\"nesterov=1,4,16;lars=1,16\"); 1 is always run first")
     p.add_argument("--recipes", default="nesterov,lars")
     p.add_argument("--lr", default="nesterov=0.05,lars=2.0,adamw=0.002", help="base learning rate at the base "
                    "batch per recipe (scaled with the batch by --scaling)")
     p.add_argument("--scaling", default="nesterov=linear,lars=linear,adamw=sqrt",
                    help="optim.lr_scaling per recipe: linear, sqrt or none")
+    p.add_argument("--lars-trust", type=float, default=0.001, help="LARS's trust coefficient (optim.trust_coefficient)")
     p.add_argument("--warmup-epochs", type=float, default=5.0)
     p.add_argument("--target", type=float, default=0.0, help="target validation accuracy (0: the base batch's "
                    "best accuracy with the first recipe minus 0.01)")
@@ -71,6 +73,16 @@ def parse_args(argv=None):
     p.add_argument("--cycle-epochs", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def multipliers(spec: str, recipe: str) -> list[int]:
+    """The batch multipliers of ``recipe`` from ``--multipliers`` ("1,4,16" or "nesterov=1,4,16;lars=1,16")."""
+    if "=" not in spec:
+        return [int(m) for m in spec.split(",")]
+    per = dict(item.split("=", 1) for item in spec.split(";"))
+    if recipe not in per:
+        raise SystemExit(f"--multipliers {spec!r} gives no multipliers for the recipe {recipe!r}")
+    return [int(m) for m in per[recipe].split(",")]
 
 
 def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0):
@@ -86,6 +98,7 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0):
     c.model.merge_width, c.model.head_width = 32, 32
     lrs = dict(item.split("=") for item in a.lr.split(","))
     c.optim.update(RECIPES[recipe])
+    c.optim.trust_coefficient = a.lars_trust
     c.optim.lr_scaling = dict(item.split("=") for item in a.scaling.split(",")).get(recipe, "linear")
     c.optim.update(base_lr=float(lrs[recipe]), base_batch=a.base_batch, warmup_epochs=a.warmup_epochs,
                    warmup_init_lr=float(lrs[recipe]) / 10, end_lr=float(lrs[recipe]) / 100,
@@ -209,11 +222,15 @@ def main(argv=None):
                                               difficulty=a.difficulty, progress=False)
     store = open_store(path)
     _, val_idx = split_indices(store, make_config(a, str(path), "nesterov", a.base_batch).data)
-    batches = [a.base_batch * int(m) for m in a.multipliers.split(",")]
-    order = batches[:1] + batches[:0:-1]  # the base batch, then the largest first: the key comparison comes early
-    plan = [(recipe, b, 0) for recipe in a.recipes.split(",") for b in order]
-    plan += [(a.ensemble_recipe, b, a.cycles) for b in [int(x) for x in a.ensemble_batches.split(",") if x]
-             or [batches[-1]]]
+    plan, largest = [], a.base_batch
+    for recipe in a.recipes.split(","):
+        batches = sorted({a.base_batch} | {a.base_batch * m for m in multipliers(a.multipliers, recipe)})
+        largest = max(largest, batches[-1])
+        # the base batch, then the largest first: the key comparison comes early
+        plan += [(recipe, b, 0) for b in batches[:1] + batches[:0:-1]]
+    if a.cycles > 0:  # the collapsed ensemble's runs
+        plan += [(a.ensemble_recipe, b, a.cycles) for b in [int(x) for x in a.ensemble_batches.split(",") if x]
+                 or [largest]]
     rows = []
     for recipe, b, cycles in plan:  # study.json is rewritten after every run: a partial study is readable
         rows.append(run_one(a, out, store, val_idx, recipe, b, cycles))

@@ -35,3 +35,12 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     assert all(r["epochs_to_target"] is None or r["epochs_to_target"] <= 1.0 for r in saved["runs"])
     again = study.main(args)  # every run is finished: reused, not retrained
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in result["runs"]]
+
+
+def test_multipliers_for_every_recipe_or_per_recipe():
+    import study_large_batch as study
+
+    assert study.multipliers("1,4,16", "lars") == [1, 4, 16]
+    assert study.multipliers("nesterov=1,4,16;lars=1,16", "lars") == [1, 16]
+    with pytest.raises(SystemExit, match="adamw"):
+        study.multipliers("nesterov=1,4,16;lars=1,16", "adamw")
