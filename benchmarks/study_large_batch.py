@@ -71,6 +71,9 @@ def parse_args(argv=None):
                    "(default: the largest)")
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--cycle-epochs", type=float, default=2.0)
+    p.add_argument("--powersgd", default="", help="RECIPE:BATCH,... runs again with train.comm='powersgd' (the "
+                   "lossy low-rank exchange, whose accuracy cost is the gap to the same run without it)")
+    p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -85,8 +88,9 @@ def multipliers(spec: str, recipe: str) -> list[int]:
     return [int(m) for m in per[recipe].split(",")]
 
 
-def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0):
-    """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs)."""
+def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = ""):
+    """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs; ``comm``:
+    ``train.comm``, "" for the default)."""
     from mcnn_jax.config import base_config
 
     c = base_config()
@@ -106,6 +110,8 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0):
                    cycle_base_lr=float(lrs[recipe]) / 2)
     c.train.update(global_batch=batch, max_steps=0, eval_every_epochs=1.0, log_every_steps=1, progress="log",
                    keep_checkpoints=1, eval_batch=64)
+    if comm:
+        c.train.update(comm=comm, powersgd_rank=a.powersgd_rank)
     return c
 
 
@@ -143,13 +149,14 @@ def curves(workdir: Path) -> dict:
                 val_accuracy=[r["accuracy"] for r in val])
 
 
-def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0) -> dict:
+def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0, comm: str = "") -> dict:
     from mcnn_jax.optim import scaled_lr
     from mcnn_jax.train import train_and_evaluate
 
-    name = f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "")
+    name = f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "") + (
+        f"_{comm}{a.powersgd_rank}" if comm else "")
     workdir = out / "runs" / name
-    config = make_config(a, str(store.path), recipe, batch, cycles)
+    config = make_config(a, str(store.path), recipe, batch, cycles, comm)
     done = workdir / "summary.json"
     summary = json.loads(done.read_text()) if done.is_file() else {"preempted_at_step": None}
     if "preempted_at_step" in summary:  # not started, or stopped by a signal: train (or resume)
@@ -157,7 +164,7 @@ def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int =
         if "preempted_at_step" in summary:
             raise SystemExit(f"the run {name} was stopped at step {summary['preempted_at_step']}; rerun the same "
                              f"command to resume the study")
-    row = dict(name=name, recipe=recipe, global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles,
+    row = dict(name=name, recipe=recipe, global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles, comm=comm,
                epochs=a.epochs, lr_scaling=config.optim.lr_scaling,
                peak_lr=scaled_lr(config.optim.base_lr, batch, a.base_batch, config.optim.lr_scaling), steps=summary["final_step"],
                wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
@@ -173,17 +180,23 @@ def epochs_to(row: dict, target: float):
 
 
 def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
-    """Per recipe: the base batch's best accuracy, and for each larger batch the gap to the base batch of the
-    first recipe and whether it is within 1 point."""
-    singles = [r for r in rows if not r["cycles"]]
+    """Per recipe: for each batch the gap to the base batch of the first recipe (the reference) and to its own
+    base batch, and whether it is within 1 point; per PowerSGD run the gap to the same run without it."""
+    singles = [r for r in rows if not r["cycles"] and not r.get("comm")]
     reference = next(r for r in singles if r["global_batch"] == base_batch)
     out = dict(reference=reference["name"], reference_best=reference["best_val_accuracy"], target=target)
     for recipe in dict.fromkeys(r["recipe"] for r in singles):
         mine = sorted((r for r in singles if r["recipe"] == recipe), key=lambda r: r["global_batch"])
         gaps = {r["global_batch"]: round(reference["best_val_accuracy"] - r["best_val_accuracy"], 4) for r in mine}
+        own = {r["global_batch"]: round(mine[0]["best_val_accuracy"] - r["best_val_accuracy"], 4) for r in mine}
         within = [b for b, g in gaps.items() if g <= 0.01]
-        out[recipe] = dict(gap_to_reference=gaps, within_1_point=within,
+        out[recipe] = dict(gap_to_reference=gaps, within_1_point=within, gap_to_own_base=own,
+                           within_1_point_of_own_base=[b for b, g in own.items() if g <= 0.01],
                            breaks_down_at=next((b for b, g in gaps.items() if g > 0.01), None))
+    for r in rows:
+        plain = next((p for p in singles if (p["recipe"], p["global_batch"]) == (r["recipe"], r["global_batch"])), None)
+        if r.get("comm") and plain:
+            out.setdefault("powersgd_cost", {})[r["name"]] = round(plain["best_val_accuracy"] - r["best_val_accuracy"], 4)
     return out
 
 
@@ -209,6 +222,20 @@ def plot(rows: list[dict], path: Path):
     plt.close(fig)
 
 
+def study_plan(a) -> list[tuple[str, int, int, str]]:
+    """The runs, in order: (recipe, global batch, cycles, train.comm or "")."""
+    plan, largest = [], a.base_batch
+    for recipe in a.recipes.split(","):
+        batches = sorted({a.base_batch} | {a.base_batch * m for m in multipliers(a.multipliers, recipe)})
+        largest = max(largest, batches[-1])
+        # the base batch, then the largest first: the key comparison comes early
+        plan += [(recipe, b, 0, "") for b in batches[:1] + batches[:0:-1]]
+    if a.cycles > 0:  # the collapsed ensemble's runs
+        plan += [(a.ensemble_recipe, b, a.cycles, "") for b in [int(x) for x in a.ensemble_batches.split(",") if x]
+                 or [largest]]
+    return plan + [(r, int(b), 0, "powersgd") for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
+
+
 def main(argv=None):
     a = parse_args(argv)
     from mcnn_jax.data import open_store, prepare_synthetic_store, split_indices
@@ -222,18 +249,10 @@ def main(argv=None):
                                               difficulty=a.difficulty, progress=False)
     store = open_store(path)
     _, val_idx = split_indices(store, make_config(a, str(path), "nesterov", a.base_batch).data)
-    plan, largest = [], a.base_batch
-    for recipe in a.recipes.split(","):
-        batches = sorted({a.base_batch} | {a.base_batch * m for m in multipliers(a.multipliers, recipe)})
-        largest = max(largest, batches[-1])
-        # the base batch, then the largest first: the key comparison comes early
-        plan += [(recipe, b, 0) for b in batches[:1] + batches[:0:-1]]
-    if a.cycles > 0:  # the collapsed ensemble's runs
-        plan += [(a.ensemble_recipe, b, a.cycles) for b in [int(x) for x in a.ensemble_batches.split(",") if x]
-                 or [largest]]
+    plan = study_plan(a)
     rows = []
-    for recipe, b, cycles in plan:  # study.json is rewritten after every run: a partial study is readable
-        rows.append(run_one(a, out, store, val_idx, recipe, b, cycles))
+    for recipe, b, cycles, comm in plan:  # study.json is rewritten after every run: a partial study is readable
+        rows.append(run_one(a, out, store, val_idx, recipe, b, cycles, comm))
         result = report(a, out, rows, dict(store=str(path), val_images=len(val_idx), wall_s=time.perf_counter() - t0,
                                            runs_planned=len(plan), complete=len(rows) == len(plan)))
     print(json.dumps(dict(conclusions=result["conclusions"], runs=[
