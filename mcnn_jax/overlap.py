@@ -8,7 +8,7 @@ does not need its sum. So the local gradients of the last (or only) micro-batch 
    giving the features at the cut; then the head (the dense layers) as a function of its parameters and those
    features: the head's gradients (or, for the dense layers the plan factors, their X and D, as
    ``comm.local_gradients`` gives them), the metric sums and ``d_features``;
-2. ``exchange``: ``Exchanger.start`` of the head's summed dense gradients (one flat float32 buffer), which
+2. ``exchange``: ``Exchanger.start`` of the head's summed dense gradients (packed into one buffer on the host), which
    passes ``d_features`` through, so that the branches' backward (the body's vjp on ``d_features``) runs after
    the start; ``Exchanger.finish`` takes the branches' gradients as an operand, so that it waits only after
    them; meanwhile the sum travels on the exchanger's thread. (``jax.lax.optimization_barrier`` would not do:
@@ -27,7 +27,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
-from jax.flatten_util import ravel_pytree
 from jax.interpreters import partial_eval as pe
 
 from . import comm
@@ -149,12 +148,12 @@ def exchange(plan: comm.Plan, exchanger, head: dict, d_feats, body_vjp, body_ext
     """Stage 2 with the head's sum in flight: start it, run the body's backward pass (adding ``body_extra``, the
     earlier micro-batches' body gradients), then the usual exchange of the rest and the head's sum. Returns the
     mean gradients over ranks (a flat dict with every parameter) and the summed ``sums``."""
-    flat, unravel = ravel_pytree(head)
-    ticket, d_feats = exchanger.start(flat, d_feats)  # stage 2 takes d_features from the start: it runs after it
+    leaves, treedef = jax.tree_util.tree_flatten(head)
+    ticket, d_feats = exchanger.start(leaves, d_feats)  # stage 2 takes d_features from the start: it runs after it
     (body,) = body_vjp(d_feats)
     if body_extra:
         body = {k: v + body_extra[k] for k, v in body.items()}
     mean, sums = comm.exchange_exact(plan, body, factors, sums, allreduce, allgather)
     # the finish takes the body's gradients as an operand: its wait comes after stage 2
-    total = unravel(exchanger.finish(ticket, flat, ravel_pytree(body)[0]))
+    total = treedef.unflatten(exchanger.finish(ticket, leaves, body))
     return {**mean, **{k: v / plan.ranks for k, v in total.items()}}, sums

@@ -123,13 +123,15 @@ def test_start_comes_before_the_branches_backward_pass_and_finish_after_it(setup
 def test_the_exchanger_sums_in_the_background():
     ex = Exchanger(reduce=lambda b: 3 * b, delay=0.05)
     def f(x):
-        ticket, y = ex.start(x, 2 * x)
-        return ex.finish(ticket, x, y) + y
+        ticket, y = ex.start([x, x[:2].reshape(1, 2)], 2 * x)
+        a, b = ex.finish(ticket, [x, x[:2].reshape(1, 2)], y)
+        assert b.shape == (1, 2)
+        return a + y + jnp.pad(b[0], (0, 3))
 
     f = jax.jit(f)
     x = jnp.arange(5.0)
-    np.testing.assert_allclose(f(x), 5 * np.arange(5.0))
-    np.testing.assert_allclose(f(x + 1), 5 * np.arange(1.0, 6.0))
+    np.testing.assert_allclose(f(x), 5 * np.arange(5.0) + [0, 3, 0, 0, 0])
+    np.testing.assert_allclose(f(x + 1), 5 * np.arange(1.0, 6.0) + [3, 6, 0, 0, 0])
     assert _per_ticket(ex) == [0, 1]
     with pytest.raises(RuntimeError, match="never started"):
         ex._finish(np.int32(7))
