@@ -134,7 +134,7 @@ def test_the_exchanger_sums_in_the_background():
     np.testing.assert_allclose(f(x + 1), 5 * np.arange(1.0, 6.0) + [3, 6, 0, 0, 0])
     assert _per_ticket(ex) == [0, 1]
     with pytest.raises(RuntimeError, match="never started"):
-        ex._finish(np.int32(7))
+        ex._finish(np.int32(7), [(5,)])
     ex.close()
 
 
