@@ -11,7 +11,11 @@ A step has three parts, in this order:
    buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
    fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
    whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
-   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught);
+   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught).
+   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.overlap``) the last micro-batch's
+   backward pass runs in two stages and the dense layers' summed gradients leave that allreduce: they are summed
+   by ONE background allreduce (``nonblocking.Exchanger``) started after the head's backward pass and waited
+   for after the branches' (one background allreduce + one packed mpi4jax allreduce + at most one allgather);
 3. ONE optimizer update.
 
 Why not ``optax.MultiSteps``: it accumulates over successive calls of the train step, one micro-batch per call,
