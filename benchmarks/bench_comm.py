@@ -32,8 +32,10 @@ branches' backward pass) split the plan's allreduce into the head's buffer (the 
 every dense bias) and the rest, and hide the head's sum behind a MEASURED window, read from a
 ``bench_overlap.py`` JSON (``--overlap-json``): ``window = compute x stage2_fraction x hidden_fraction`` (the
 branches' backward as a fraction of the step, times the share of a sleep in the background thread that the step
-did not pay for), with the mechanism's own measured cost (``overlap_mechanism`` / the plain step, if positive)
-added to the compute:
+did not pay for), with the mechanism's own measured cost (the larger of ``overlap_mechanism``, the overlapped
+step's excess over the plain one, and ``roundtrip_s``, a start -> finish of the head alone, over the plain step
+at that batch: pessimistic for 16 images, as the copies do not grow with the batch; scaled by the head buffer's
+size relative to the measured one) added to the compute:
 
     step = compute (1 + cost) + factored matmul + rest's collectives + max(0, head's allreduce - window)
 """
@@ -151,10 +153,17 @@ def overlap_split(plan, params) -> tuple[int, int]:
 def read_overlap(path: str) -> dict:
     """The measured overlap from a bench_overlap.py JSON: stage-2 fraction, hidden fraction, own cost."""
     r = json.loads(Path(path).read_text())
-    cost = max(0.0, r["extra_s"]["overlap_mechanism"] / r["median_s"]["plain"])
+    cost = max(0.0, r["extra_s"]["overlap_mechanism"], r.get("roundtrip_s", 0.0)) / r["median_s"]["plain"]
     return dict(source=path, command=r["command"], stage2_fraction=r["stage2_fraction"],
+                head_floats=r.get("head_floats") or head_floats_at(r["image_shape"]),
                 hidden_fraction=min(1.0, max(0.0, r["hidden_fraction"]["overlap"])), cost_fraction=cost,
                 image_shape=r["image_shape"], batch=r["batch"], loadavg=r["loadavg"])
+
+
+def head_floats_at(image_shape) -> int:
+    from mcnn_jax import comm
+    params = abstract_params(image_shape[0], image_shape[1])
+    return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(params))
 
 
 def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
@@ -174,7 +183,8 @@ def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
         window = compute * ov["stage2_fraction"] * ov["hidden_fraction"]
         exposed = max(0.0, t_head - window)
         t_comm = t_rest + t_head
-        step = compute * (1 + ov["cost_fraction"]) + extra + t_rest + exposed
+        cost = ov["cost_fraction"] * min(1.0, head / ov["head_floats"])  # the copies follow the head's size
+        step = compute * (1 + cost) + extra + t_rest + exposed
         row.update(scheme=plan.scheme + "+overlap", head_allreduce_s=t_head, hidden_window_s=window,
                    exposed_head_s=exposed)
     ips = g / step

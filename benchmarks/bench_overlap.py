@@ -32,7 +32,8 @@ layer's 98.5% of the bytes is what travels:
 the sleep were entirely hidden behind the backward pass, 0 if the runtime ran it alone. ``stage2_s``: the median
 time from the start callback to the finish callback in the ``overlap`` variant (the branches' backward pass: the
 window available to hide the head's sum), also as a fraction of the ``overlap`` step. JSON on stdout (and
-``--out``).
+``--out``). ``roundtrip_s``: the mechanism's cost measured on its own, less noisy than the difference of two
+steps: a jitted start -> finish of a buffer of the head's size (no sleep) less a jitted copy of it.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
-    times, sleep, stage2 = measure(args)
+    times, sleep, stage2, roundtrip = measure(args)
     import jax
     med = {name: statistics.median(ts) for name, ts in times.items()}
     stage2_s = statistics.median(stage2)
@@ -86,7 +87,8 @@ def main(argv=None):
                   hidden_fraction=dict(gather=1 - (med["gather"] - med["base"]) / sleep,
                                        reduce=1 - (med["reduce"] - med["base"]) / sleep,
                                        overlap=1 - (med["overlap_sleep"] - med["overlap"]) / sleep),
-                  stage2_s=stage2_s, stage2_samples_s=stage2, stage2_fraction=stage2_s / med["overlap"])
+                  stage2_s=stage2_s, stage2_samples_s=stage2, stage2_fraction=stage2_s / med["overlap"],
+                  roundtrip_s=roundtrip, head_floats=head_floats(args))
     from bench_train import emit
     emit(result, args.out)
 
@@ -142,7 +144,48 @@ def measure(args):
         for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
             state, t = timed(variants[name], state)
             times[name].append(t)
-    return times, sleep, stage2_seconds(exchangers["overlap"], skip=1)
+    return times, sleep, stage2_seconds(exchangers["overlap"], skip=1), roundtrip_seconds(summed, params)
+
+
+def roundtrip_seconds(plan, params, reps: int = 4) -> float:
+    """Seconds a start -> finish of the head's gradients (the dense layers') costs beyond a jitted copy of them."""
+    import jax
+    import jax.numpy as jnp
+
+    from mcnn_jax import comm
+    from mcnn_jax.nonblocking import Exchanger
+    ex = Exchanger()
+    shapes = [(la.fan_in, la.fan_out) for la in comm.dense_layers(params)]
+    xs = [jnp.ones(s, jnp.float32) for s in shapes]
+    d = jnp.ones((1, shapes[0][0]), jnp.float32)
+
+    def exchange(xs, d):
+        ticket, d2 = ex.start([2 * x for x in xs], d)
+        return ex.finish(ticket, xs, d2)
+
+    best = {}
+    for name, fn in (("exchange", jax.jit(exchange)), ("copy", jax.jit(lambda xs, d: [2 * x for x in xs]))):
+        jax.block_until_ready(fn(xs, d))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(xs, d))
+            ts.append(time.perf_counter() - t0)
+        best[name] = min(ts)
+    ex.close()
+    return best["exchange"] - best["copy"]
+
+
+def head_floats(args) -> int:
+    """float32 elements of the overlapped head buffer (every dense layer's kernel and bias) at this image size."""
+    import jax
+    import jax.numpy as jnp
+
+    from mcnn_jax import comm
+    from mcnn_jax.models import MCNN
+    shapes = jax.eval_shape(lambda: MCNN(num_classes=13).init(jax.random.key(0), jnp.zeros((1, args.height,
+                                                                                          args.width, 3))))
+    return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(shapes["params"]))
 
 
 def stage2_seconds(exchanger, skip: int) -> list:
