@@ -202,10 +202,12 @@ def project(args, params, node_gflops: float, ov=None) -> list[dict]:
         for p in args.nodes:
             for scheme in SCHEMES:
                 plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
-                rows.append(dict(network_gbit_s=gbits, nodes=p, **project_row(args, params, plan, p, bw, node_gflops)))
+                row = project_row(args, params, plan, p, bw, node_gflops)
+                rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
             for scheme in (OVERLAPPED if ov else ()):
                 plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
-                rows.append(dict(network_gbit_s=gbits, nodes=p, **project_row(args, params, plan, p, bw, node_gflops, ov)))
+                row = project_row(args, params, plan, p, bw, node_gflops, ov)
+                rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
     return rows
 
 

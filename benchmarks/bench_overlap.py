@@ -79,7 +79,8 @@ def main(argv=None):
     stage2_s = statistics.median(stage2)
     result = dict(benchmark="bench_overlap", command=" ".join([sys.executable, *sys.argv]),
                   image_shape=[args.height, args.width, 3], batch=args.batch, sleep_s=sleep, steps=args.steps,
-                  jax=jax.__version__, loadavg_before=load_before, loadavg=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  jax=jax.__version__, loadavg_before=load_before, loadavg=os.getloadavg(),
+                  xla_flags=os.environ.get("XLA_FLAGS", ""),
                   step_s=times, median_s=med,
                   extra_s=dict(gather=med["gather"] - med["base"], reduce=med["reduce"] - med["base"],
                                overlap_sleep=med["overlap_sleep"] - med["overlap"],

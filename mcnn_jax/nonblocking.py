@@ -4,17 +4,18 @@ XLA's CPU runtime runs a collective (mpi4jax's, or any host callback) on its own
 compute that does not depend on it is not run meanwhile (``benchmarks/bench_overlap.py``). ``Exchanger`` splits
 the sum into two host callbacks:
 
-- ``start(arrays) -> ticket``: copies ``arrays`` into one buffer (the callback's input buffer belongs to XLA and is not ours after the
-  callback returns), hands the copy to a background thread that sums it over the ranks with a blocking MPI
+- ``start(arrays) -> ticket``: copies ``arrays`` into one host buffer (the callback's inputs belong to XLA and
+  are not ours after the callback returns; the buffer is reused from step to step), hands the copy to a background thread that sums it over the ranks with a blocking MPI
   Allreduce (``reduce``: ``World.background_sum``, on its own clone of the communicator; mpi4py releases the GIL
   inside MPI calls), and returns at once a ticket (an int32 scalar);
 - ``finish(ticket) -> sums``: waits for that thread and returns the sums, as arrays of the started shapes.
 
 Between the two the step runs whatever the data flow puts there: ``start`` passes an array through (``then``:
 what uses its output waits for the start) and ``finish`` takes one more operand (``after``: the finish waits
-for it). Real data dependencies, not ``jax.lax.optimization_barrier``: XLA:CPU's compiler drops the barriers
-(``OptimizationBarrierExpander``) and, with them, the order they were to impose (``tests/test_overlap.py``). With one process ``reduce`` is None and the thread returns the copy after ``delay`` seconds (0
-unless a benchmark stands a sleep in for the network), so the mechanism runs and is tested without MPI.
+for it). Real data dependencies, not ``jax.lax.optimization_barrier``: no barrier is left in XLA:CPU's compiled
+program, and with them the finish ran right after the start (``tests/test_overlap.py``). With one process
+``reduce`` is None and the thread returns the copy after ``delay`` seconds (0 unless a benchmark stands a sleep in
+for the network), so the mechanism runs and is tested without MPI.
 ``events`` records (what, ticket, time.perf_counter()) of every start, sum done and finish, for tests and
 benchmarks.
 """
