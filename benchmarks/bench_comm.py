@@ -24,8 +24,20 @@ per step, with bandwidth ``B`` (``--networks`` in Gb/s, /8 for bytes) and latenc
                            both write the same n_in x n_out gradient, so only the FLOPs differ; node rate
                            --node-gflops, by default this VM's measured matmul peak x 40 / 2 cores)
 
-with no overlap (bench_overlap.py measures that XLA:CPU does not overlap it). Efficiency = compute / step (the
-step of one node has no communication). JSON on stdout (and ``--out``), a summary on stderr.
+with no overlap (bench_overlap.py measures that XLA:CPU does not overlap a blocking collective). Efficiency =
+compute / step (the step of one node has no communication). JSON on stdout (and ``--out``), a summary on stderr.
+
+The ``+overlap`` rows (``train.overlap``: the head's summed dense layers travel on a background thread during the
+branches' backward pass) split the plan's allreduce into the head's buffer (the summed dense layers' kernels and
+every dense bias) and the rest, and hide the head's sum behind a MEASURED window, read from a
+``bench_overlap.py`` JSON (``--overlap-json``): ``window = compute x stage2_fraction x hidden_fraction`` (the
+branches' backward as a fraction of the step, times the share of a sleep in the background thread that the step
+did not pay for), with the mechanism's own measured cost (the larger of ``overlap_mechanism``, the overlapped
+step's excess over the plain one, and ``roundtrip_s``, a start -> finish of the head alone, over the plain step
+at that batch: pessimistic for 16 images, as the copies do not grow with the batch; scaled by the head buffer's
+size relative to the measured one) added to the compute:
+
+    step = compute (1 + cost) + factored matmul + rest's collectives + max(0, head's allreduce - window)
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DATASET_IMAGES = 3848  # BBBC021
 SCHEMES = ("allreduce", "factored", "auto", "powersgd")
+OVERLAPPED = ("allreduce", "auto")  # the exact schemes projected with train.overlap too (--overlap-json)
 
 
 def log(msg: str):
@@ -125,27 +138,76 @@ def comm_time(plan, nodes: int, bw: float, lat: float) -> float:
     return t
 
 
-def project(args, params, node_gflops: float) -> list[dict]:
+def ring_allreduce_s(floats: int, nodes: int, bw: float, lat: float) -> float:
+    return 2 * (nodes - 1) * lat + 2 * (nodes - 1) / nodes * 4 * floats / bw if floats and nodes > 1 else 0.0
+
+
+def overlap_split(plan, params) -> tuple[int, int]:
+    """float32 elements of the overlapped head buffer (the summed dense kernels, every dense bias) and of the
+    rest of the plan's allreduce."""
     from mcnn_jax import comm
+    head = sum(la.fan_out + (0 if la in plan.factored else la.fan_in * la.fan_out) for la in comm.dense_layers(params))
+    return head, plan.sizes()["allreduce"] - head
+
+
+def read_overlap(path: str) -> dict:
+    """The measured overlap from a bench_overlap.py JSON: stage-2 fraction, hidden fraction, own cost."""
+    r = json.loads(Path(path).read_text())
+    cost = max(0.0, r["extra_s"]["overlap_mechanism"], r.get("roundtrip_s", 0.0)) / r["median_s"]["plain"]
+    return dict(source=path, command=r["command"], stage2_fraction=r["stage2_fraction"],
+                head_floats=r.get("head_floats") or head_floats_at(r["image_shape"]),
+                hidden_fraction=min(1.0, max(0.0, r["hidden_fraction"]["overlap"])), cost_fraction=cost,
+                image_shape=r["image_shape"], batch=r["batch"], loadavg=r["loadavg"])
+
+
+def head_floats_at(image_shape) -> int:
+    from mcnn_jax import comm
+    params = abstract_params(image_shape[0], image_shape[1])
+    return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(params))
+
+
+def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
+    """One projected step of ``plan`` on ``p`` nodes (bandwidth ``bw`` B/s), overlapped as ``ov`` says (None:
+    not)."""
     compute = args.node_batch * args.node_image_s
+    g = args.node_batch * p
+    extra = sum(2 * la.fan_in * la.fan_out * (g - args.node_batch) for la in plan.factored) / (node_gflops * 1e9)
+    lat = args.latency_us * 1e-6
+    t_comm = comm_time(plan, p, bw, lat)
+    step = compute + extra + t_comm
+    row = dict(scheme=plan.scheme, factored=["/".join(la.path) for la in plan.factored])
+    if ov is not None:
+        head, rest = overlap_split(plan, params)
+        t_head = ring_allreduce_s(head, p, bw, lat)
+        t_rest = t_comm - ring_allreduce_s(plan.sizes()["allreduce"], p, bw, lat) + ring_allreduce_s(rest, p, bw, lat)
+        window = compute * ov["stage2_fraction"] * ov["hidden_fraction"]
+        exposed = max(0.0, t_head - window)
+        t_comm = t_rest + t_head
+        cost = ov["cost_fraction"] * min(1.0, head / ov["head_floats"])  # the copies follow the head's size
+        step = compute * (1 + cost) + extra + t_rest + exposed
+        row.update(scheme=plan.scheme + "+overlap", head_allreduce_s=t_head, hidden_window_s=window,
+                   exposed_head_s=exposed)
+    ips = g / step
+    row.update(global_batch=g, bytes_sent_per_rank=plan.bytes_sent()["total"], compute_s=compute,
+               factored_matmul_s=extra, comm_s=t_comm, step_s=step, images_per_s=ips, efficiency=compute / step,
+               hours_per_100_epochs=100 * DATASET_IMAGES / ips / 3600)
+    return row
+
+
+def project(args, params, node_gflops: float, ov=None) -> list[dict]:
+    from mcnn_jax import comm
     rows = []
     for gbits in args.networks:
         bw = gbits * 1e9 / 8
         for p in args.nodes:
             for scheme in SCHEMES:
                 plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
-                g = args.node_batch * p
-                extra = sum(2 * la.fan_in * la.fan_out * (g - args.node_batch) for la in plan.factored)
-                extra /= node_gflops * 1e9
-                t_comm = comm_time(plan, p, bw, args.latency_us * 1e-6)
-                step = compute + extra + t_comm
-                ips = g / step
-                rows.append(dict(network_gbit_s=gbits, nodes=p, scheme=scheme, global_batch=g,
-                                 factored=["/".join(la.path) for la in plan.factored],
-                                 bytes_sent_per_rank=plan.bytes_sent()["total"], compute_s=compute,
-                                 factored_matmul_s=extra, comm_s=t_comm, step_s=step, images_per_s=ips,
-                                 efficiency=compute / step,
-                                 hours_per_100_epochs=100 * DATASET_IMAGES / ips / 3600))
+                row = project_row(args, params, plan, p, bw, node_gflops)
+                rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
+            for scheme in (OVERLAPPED if ov else ()):
+                plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
+                row = project_row(args, params, plan, p, bw, node_gflops, ov)
+                rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
     return rows
 
 
@@ -179,6 +241,9 @@ def print_report(result):
             r = next(x for x in result["measured"] if x["scheme"] == s and x["local_batch"] == b)
             cells.append(f"{r['bytes_sent']['total'] / 2**20:9.2f} {1e3 * r['comm_s']['median']:9.1f}ms")
         log(f"{b:>11} " + " ".join(f"{c:>20}" for c in cells))
+
+
+def print_projection(result):
     log(f"\nprojection ({result['projection_assumptions']['node_batch']} images per node): efficiency / "
         f"images/s / hours per 100 epochs")
     for gbits in result["projection_assumptions"]["networks_gbit_s"]:
@@ -209,6 +274,8 @@ def main(argv=None):
     ap.add_argument("--node-gflops", type=float, default=2920.0,
                     help="a node's matmul rate for the factored X^T D (default 2920: the 146 GFLOP/s fp32 matmul "
                          "peak bench_train.py measured on this 2-core VM x 40 / 2); 0: measure X^T D here and scale")
+    ap.add_argument("--overlap-json", default="",
+                    help="a bench_overlap.py JSON: adds the +overlap rows with its measured window and cost")
     ap.add_argument("--skip-measure", action="store_true", help="only the projection")
     ap.add_argument("--out", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -229,17 +296,21 @@ def main(argv=None):
         result["measured"], result["mpiexec"] = run_workers(args)
         result["loadavg_after"] = os.getloadavg()
     full = abstract_params(1024, 1280)
+    ov = read_overlap(args.overlap_json) if args.overlap_json else None
     result["projection_assumptions"] = dict(
         nodes=args.nodes, networks_gbit_s=args.networks, latency_us=args.latency_us, node_batch=args.node_batch,
         node_image_s=args.node_image_s, ranks_per_node=1, node_matmul_gflop_per_s=node_gflops,
         node_matmul_source=("--node-gflops" if args.node_gflops else
                             f"X^T D at batch 256 measured here x {args.node_cores} / {os.cpu_count()}"),
         matmul_here=dict(mm, note="X^T D at batch 256 on this machine now (load: loadavg_before)"),
-        overlap="none (bench_overlap.py: XLA:CPU runs the collectives apart from the backward pass)",
+        overlap=("none in the plain rows (bench_overlap.py: XLA:CPU runs a blocking collective apart from the "
+                 "backward pass); +overlap rows: see overlap_measured"),
+        overlap_measured=ov,
         model="1024x1280x3, 13 classes")
-    result["projection"] = project(args, full, node_gflops)
+    result["projection"] = project(args, full, node_gflops, ov)
     if not args.skip_measure:
         print_report(result)
+    print_projection(result)
     from bench_train import emit
     emit(result, args.out)
 

@@ -109,6 +109,9 @@ def train_defaults() -> ml_collections.ConfigDict:
     # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
     c.comm = "auto"
     c.powersgd_rank = 4
+    # sum the dense layers' gradients on a background thread while the branches' backward pass runs (a two-stage
+    # backward, mcnn_jax.overlap; exact; not with "powersgd"; needs MPI_THREAD_MULTIPLE with several ranks)
+    c.overlap = False
     return c
 
 

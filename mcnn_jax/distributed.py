@@ -81,6 +81,28 @@ class World:
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks hold different {what} (crc32 per rank: {digests})")
 
+    def background_sum(self):
+        """A blocking in-place float32 sum over ranks for ``nonblocking.Exchanger``'s background thread, on its
+        own clone of the communicator (None on one rank). It runs while mpi4jax calls MPI from XLA's thread, so
+        MPI must provide MPI_THREAD_MULTIPLE; anything less is a clear error. Collective (the clone)."""
+        if self.size == 1:
+            return None
+        from mpi4py import MPI
+        level = MPI.Query_thread()
+        if level != MPI.THREAD_MULTIPLE:
+            names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
+            raise RuntimeError(f"train.overlap=True needs MPI_THREAD_MULTIPLE (a thread sums the head's gradients "
+                               f"while XLA's thread runs mpi4jax), but this MPI gives MPI_THREAD_"
+                               f"{names.get(level, level)}; use an MPI built with thread support, or "
+                               f"train.overlap=False")
+        comm = self.comm.Clone()
+
+        def total(buf):
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            return buf
+
+        return total
+
     # --- inside jit ---------------------------------------------------------------------------------------
     def allreduce_sum(self, buf: jax.Array) -> jax.Array:
         """The sum over ranks of a flat float32 buffer, with one mpi4jax allreduce (inside jit)."""

@@ -11,7 +11,11 @@ A step has three parts, in this order:
    buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
    fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
    whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
-   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught);
+   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught).
+   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.overlap``) the last micro-batch's
+   backward pass runs in two stages and the dense layers' summed gradients leave that allreduce: they are summed
+   by ONE background allreduce (``nonblocking.Exchanger``) started after the head's backward pass and waited
+   for after the branches' (one background allreduce + one packed mpi4jax allreduce + at most one allgather);
 3. ONE optimizer update.
 
 Why not ``optax.MultiSteps``: it accumulates over successive calls of the train step, one micro-batch per call,
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import unflatten_dict
 
-from . import comm
+from . import comm, overlap
 from .optim import smoothed_targets
 
 
@@ -84,22 +88,20 @@ def num_microbatches(local_batch: int, microbatch: int, where: str = "train.glob
 
 
 def local_gradients(model, params, batch, num_classes: int, label_smoothing: float = 0.0, microbatch: int = 0,
-                    plan: comm.Plan | None = None):
+                    plan: comm.Plan | None = None, denominator=None):
     """(gradients, metric sums, factors) of this rank's local batch: the gradient of its mean loss (the loss summed
     over the batch / the batch's count) as a flat dict keyed by parameter paths, without the kernels of the
     layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.local_gradients``). Computed over
     micro-batches of ``microbatch`` images by a ``lax.scan`` that adds up each micro-batch's gradient of (its
     loss sum / the whole batch's count) and its metric sums, and stacks its factors (rows of the local batch).
-    With one micro-batch it is the plain gradient of the batch's mean loss."""
+    With one micro-batch it is the plain gradient of the batch's mean loss. ``denominator``: the count to divide
+    by (default: ``batch``'s own)."""
     plan = plan or comm.Plan("allreduce", 1, 0, 0)
     k = num_microbatches(batch["label"].shape[0], microbatch)
-    denominator = jnp.maximum(_mask(batch).sum(), 1.0)
+    loss_fn = _loss_fn(model, num_classes, label_smoothing, batch if denominator is None else denominator)
 
     def grad_fn(mb):
-        def loss_fn(p):
-            loss, metrics, _ = loss_and_metrics(model, p, mb, num_classes, label_smoothing, denominator)
-            return loss, metrics
-        metrics, grads, factors = comm.local_gradients(plan, loss_fn, params)
+        metrics, grads, factors = comm.local_gradients(plan, lambda p: loss_fn(p, mb), params)
         return (grads, metrics), factors
 
     if k == 1:
@@ -118,24 +120,73 @@ def local_gradients(model, params, batch, num_classes: int, label_smoothing: flo
     return grads, metrics, factors
 
 
+def _loss_fn(model, num_classes: int, label_smoothing: float, denominator):
+    """``(params, micro-batch) -> (loss, metrics)``: the micro-batch's loss sum / ``denominator`` (a number, or a
+    batch whose unmasked count it is)."""
+    if isinstance(denominator, dict):
+        denominator = jnp.maximum(_mask(denominator).sum(), 1.0)
+
+    def loss_fn(p, mb):
+        loss, metrics, _ = loss_and_metrics(model, p, mb, num_classes, label_smoothing, denominator)
+        return loss, metrics
+
+    return loss_fn
+
+
+def overlapped_gradients(model, params, batch, num_classes: int, label_smoothing: float, microbatch: int,
+                         plan: comm.Plan, exchanger, sums: dict, allreduce=None, allgather=None):
+    """``train.overlap``: the local gradients and their exchange, with the head's sum travelling during the last
+    micro-batch's branch backward pass (``mcnn_jax.overlap``). The first k-1 micro-batches run in the
+    ``lax.scan`` of ``local_gradients``; the last in two stages. ``sums``: the stop signal (and anything else
+    to sum). Returns (the mean gradients as a flat dict, the summed metrics and ``sums``)."""
+    n = batch["label"].shape[0]
+    k = num_microbatches(n, microbatch)
+    size = n // k
+    loss_fn = _loss_fn(model, num_classes, label_smoothing, batch)
+    last = jax.tree_util.tree_map(lambda x: x[n - size:], batch)
+    metrics, head, factors, d_feats, body_vjp = overlap.stage_one(model, loss_fn, plan, params, last)
+    earlier = None
+    if k > 1:
+        first = jax.tree_util.tree_map(lambda x: x[:n - size], batch)
+        earlier, m0, f0 = local_gradients(model, params, first, num_classes, label_smoothing, size, plan,
+                                          denominator=jnp.maximum(_mask(batch).sum(), 1.0))
+        head = {key: g + earlier.pop(key) for key, g in head.items()}
+        metrics = jax.tree_util.tree_map(jnp.add, metrics, m0)
+        factors = comm.concat_factors([f0, factors]) if factors else factors
+    sums = dict({key: v.astype(jnp.float32) for key, v in metrics.items()}, **sums)
+    return overlap.exchange(plan, exchanger, head, d_feats, body_vjp, earlier, factors, sums, allreduce, allgather)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
                     allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
                     schedule: optax.Schedule | None = None, microbatch: int = 0, plan: comm.Plan | None = None,
-                    allgather: Callable[[jax.Array], jax.Array] | None = None):
+                    allgather: Callable[[jax.Array], jax.Array] | None = None, exchanger=None):
     """Returns the jitted train step ``(state, batch, stop=0) -> (state, metrics)``. ``allreduce`` sums a flat
     float32 buffer over the ``num_ranks`` ranks, ``allgather`` stacks one per rank; ``plan``
     (``comm.make_plan``) says which dense layers are exchanged as factors or compressed (None: every gradient is
     summed). ``microbatch`` > 0 processes each rank's local batch in micro-batches of that many images (one
-    exchange and one update per call all the same)."""
+    exchange and one update per call all the same). ``exchanger`` (a ``nonblocking.Exchanger``; None: no
+    overlap) sums the head's dense gradients while the branches' backward pass runs (``train.overlap``)."""
     plan = plan or comm.Plan("allreduce", num_ranks, 0, 0)
     if plan.ranks != num_ranks:
         raise ValueError(f"the exchange plan is for {plan.ranks} ranks, the step for {num_ranks}")
+    if exchanger is not None and plan.compressed:
+        raise ValueError(f"train.overlap=True supports the exact exchanges (train.comm 'auto', 'allreduce', "
+                         f"'factored'), not train.comm={plan.scheme!r}: set train.overlap=False")
+
+    def gradients(params, batch, stop, comm_state):
+        sums = dict(stop=jnp.asarray(stop, jnp.float32))
+        if exchanger is not None:
+            grads, sums = overlapped_gradients(model, params, batch, num_classes, label_smoothing, microbatch, plan,
+                                               exchanger, sums, allreduce, allgather)
+            return grads, sums, comm_state
+        grads, metrics, factors = local_gradients(model, params, batch, num_classes, label_smoothing, microbatch,
+                                                  plan)
+        sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, **sums)
+        return comm.exchange(plan, grads, factors, sums, comm_state, allreduce, allgather)
 
     def train_step(state: TrainState, batch, stop=0.0):
-        grads, metrics, factors = local_gradients(model, state.params, batch, num_classes, label_smoothing,
-                                                  microbatch, plan)
-        sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, stop=jnp.asarray(stop, jnp.float32))
-        grads, sums, comm_state = comm.exchange(plan, grads, factors, sums, state.comm, allreduce, allgather)
+        grads, sums, comm_state = gradients(state.params, batch, stop, state.comm)
         grads = unflatten_dict(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

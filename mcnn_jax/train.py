@@ -30,6 +30,7 @@ from .evaluate import Evaluator
 from .flops import mcnn_flops
 from .metrics_log import MetricsLog, Progress
 from .models import from_config, init_params
+from .nonblocking import Exchanger
 from .runtime import StopRequest, setup_logging
 from .step import create_state, make_train_step, num_microbatches
 
@@ -202,6 +203,14 @@ def _readers(config, store, train_idx, val_idx, world, stack):
     return reader, eval_reader
 
 
+def _exchanger(config, world, stack):
+    """``train.overlap``: the background sum of the dense layers' gradients (``nonblocking.Exchanger``), or None."""
+    if not config.train.overlap:
+        return None
+    logging.info("train.overlap: the dense layers' gradients are summed while the branches' backward pass runs")
+    return stack.enter_context(contextlib.closing(Exchanger(world.background_sum())))
+
+
 def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     """Builds a run; every resource it opens is closed by ``stack``."""
     store, train_idx, val_idx = _open_data(config, workdir, world)
@@ -220,7 +229,8 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     train_step = make_train_step(model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
                                  allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
                                  microbatch=config.train.microbatch, plan=plan,
-                                 allgather=world.allgather if world.size > 1 else None)
+                                 allgather=world.allgather if world.size > 1 else None,
+                                 exchanger=_exchanger(config, world, stack))
     reader, eval_reader = _readers(config, store, train_idx, val_idx, world, stack)
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
     progress = stack.enter_context(contextlib.closing(Progress(

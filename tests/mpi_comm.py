@@ -1,6 +1,7 @@
 """Run under ``mpiexec -n 2`` by tests/test_comm.py: 5 train steps of the tiny M-CNN (each rank its own random
-images) with every exchange scheme and with LARS and Nesterov; rank 0 writes, per optimizer and scheme, the
-largest relative difference of the parameters from the plain allreduce's, and the plan, as JSON to argv[1]."""
+images) with every exchange scheme, and with ``train.overlap`` (the head's sum on a background thread), with LARS
+and Nesterov; rank 0 writes, per optimizer and scheme, the largest relative difference of the parameters from the
+plain allreduce's, and the plan, as JSON to argv[1]."""
 
 import json
 import sys
@@ -12,6 +13,7 @@ from mcnn_jax import comm, optim
 from mcnn_jax.config import load_config
 from mcnn_jax.distributed import fail_fast, init_world
 from mcnn_jax.models import from_config, init_params
+from mcnn_jax.nonblocking import Exchanger
 from mcnn_jax.step import create_state, make_train_step
 
 STEPS, LOCAL = 5, 4
@@ -26,7 +28,7 @@ batches = [dict(image=rng.random((LOCAL, 128, 128, 3), dtype=np.float32),
                 label=rng.integers(0, 4, LOCAL).astype(np.int32)) for _ in range(STEPS)]
 
 
-def run(optimizer: str, scheme: str, rank: int = 4):
+def run(optimizer: str, scheme: str, rank: int = 4, exchanger=None, microbatch: int = 0):
     c = cfg.optim.copy_and_resolve_references()
     c.name = optimizer
     # a large constant learning rate (and LARS trust coefficient), so that the parameters move by far more
@@ -36,7 +38,8 @@ def run(optimizer: str, scheme: str, rank: int = 4):
     tx = optim.make_optimizer(c, schedule)
     plan = comm.make_plan(scheme, params, LOCAL, world.size, rank)
     step = make_train_step(model, tx, 4, c.label_smoothing, allreduce=world.allreduce_sum, num_ranks=2,
-                           schedule=schedule, plan=plan, allgather=world.allgather)
+                           schedule=schedule, plan=plan, allgather=world.allgather, exchanger=exchanger,
+                           microbatch=microbatch)
     state = create_state(jax.tree_util.tree_map(jax.numpy.array, params), tx, 0, plan)  # a copy: it is donated
     for b in batches:
         state, metrics = step(state, b)
@@ -52,6 +55,7 @@ def rel(a, b, kernels_only=False):
 
 
 out = {}
+exchanger = Exchanger(world.background_sum())
 for optimizer in ("lars", "nesterov"):
     ref, _ = run(optimizer, "allreduce")
     start = rel(ref, params, kernels_only=True)  # how far the kernels moved from the initial ones
@@ -59,6 +63,10 @@ for optimizer in ("lars", "nesterov"):
         p, plan = run(optimizer, scheme, rank)
         out[f"{optimizer}/{scheme}/{rank}"] = dict(rel=rel(p, ref), moved=start,
                                                    factored=["/".join(la.path) for la in plan.factored])
+    for scheme, microbatch in (("allreduce", 0), ("auto", 2)):  # overlapped: the same parameters
+        p, _ = run(optimizer, scheme, exchanger=exchanger, microbatch=microbatch)
+        out[f"{optimizer}/overlap/{scheme}/{microbatch}"] = dict(rel=rel(p, ref), moved=start)
+exchanger.close()
 if world.is_primary:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)

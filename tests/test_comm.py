@@ -148,8 +148,9 @@ def test_the_stop_signal_is_summed_in_the_step(setup):
 
 @pytest.mark.mpi
 def test_two_ranks_factored_and_auto_equal_the_plain_allreduce(tmp_path):
-    """5 steps under ``mpiexec -n 2`` with LARS and Nesterov: "factored" and "auto" give the plain allreduce's
-    parameters within relative 1e-5; PowerSGD at rank 1 does not (so the comparison can fail)."""
+    """5 steps under ``mpiexec -n 2`` with LARS and Nesterov: "factored" and "auto", and the overlapped step
+    (``train.overlap``, "allreduce" and "auto" with micro-batches) give the plain allreduce's parameters within
+    relative 1e-5; PowerSGD at rank 1 does not (so the comparison can fail)."""
     exe = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
     out = tmp_path / "out.json"
     proc = subprocess.run([exe, "-n", "2", sys.executable, str(ROOT / "tests" / "mpi_comm.py"), str(out)],
@@ -161,6 +162,7 @@ def test_two_ranks_factored_and_auto_equal_the_plain_allreduce(tmp_path):
         assert res[f"{opt}/auto/4"]["factored"] == ["hidden"]  # logits 16 x 4: summing is cheaper at 2 x 4 images
         assert res[f"{opt}/factored/4"]["rel"] < 1e-5 and res[f"{opt}/auto/4"]["rel"] < 1e-5, res
         assert res[f"{opt}/powersgd/1"]["rel"] > 1e-4 and res[f"{opt}/factored/4"]["moved"] > 1e-2, res
+        assert res[f"{opt}/overlap/allreduce/0"]["rel"] < 1e-5 and res[f"{opt}/overlap/auto/2"]["rel"] < 1e-5, res
 
 
 def test_factored_with_micro_batches_equals_the_plain_step(setup):

@@ -157,6 +157,18 @@ def test_evaluation_from_a_checkpoint(store, uninterrupted):
     assert bad.returncode == 2 and "no checkpoint of step 12345" in bad.stderr
 
 
+def test_overlap_trains_the_same_parameters(store, uninterrupted, tmp_path):
+    """``train.overlap=True`` through the trainer (one process: the background thread returns the copy): the
+    uninterrupted run's parameters after 6 steps, within float32 rounding."""
+    summary = train_and_evaluate(tiny(store, "train.max_steps=6", "train.checkpoint_every_steps=1",
+                                      "train.overlap=True"), tmp_path)
+    assert summary["final_step"] == 6
+    ref = final_params(uninterrupted[0])
+    for a, b in zip(jax.tree_util.tree_leaves(final_params(tmp_path)), jax.tree_util.tree_leaves(ref)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-12)
+
+
 def test_target_accuracy_stops_and_reports_time_to_train(store, tmp_path):
     summary = train_and_evaluate(tiny(store, "train.max_steps=20", "train.target_accuracy=0.01"), tmp_path)
     assert summary["target_reached_at_step"] is not None and summary["final_step"] < 20
