@@ -199,11 +199,11 @@ def write_image_table(model, params, store, indices, out, kind: str = "embedding
         raise ValueError(f"kind must be 'embeddings' or 'predictions', got {kind!r}")
     writer = TableWriter(out)
     k = len(store.class_names)
-    confusion, loss_sum = np.zeros((k, k), np.int64), 0.0
+    confusion, loss_sum, members = np.zeros((k, k), np.int64), 0.0, as_members(params)
     t0 = time.perf_counter()
     try:
-        for chunk, log_probs, feats in iter_outputs(model, params, store, indices, batch, layer):
-            writer.write(_rows(store, chunk, log_probs, feats, kind, layer, len(as_members(params))))
+        for chunk, log_probs, feats in iter_outputs(model, members, store, indices, batch, layer):
+            writer.write(_rows(store, chunk, log_probs, feats, kind, layer, len(members)))
             labels = np.asarray(store.labels)[chunk]
             np.add.at(confusion, (labels, log_probs.argmax(-1)), 1)
             loss_sum -= float(np.take_along_axis(log_probs, labels[:, None], 1).sum())

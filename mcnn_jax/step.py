@@ -69,9 +69,7 @@ def loss_and_metrics(model, params, batch, num_classes: int, label_smoothing: fl
     labels, mask = batch["label"], _mask(batch)
     per_example = optax.softmax_cross_entropy(logits, smoothed_targets(labels, num_classes, label_smoothing))
     count = mask.sum()
-    if denominator is None:
-        denominator = jnp.maximum(count, 1.0)
-    loss = (per_example * mask).sum() / denominator
+    loss = (per_example * mask).sum() / (_count(batch) if denominator is None else denominator)
     correct = ((jnp.argmax(logits, -1) == labels) * mask).sum()
     return loss, dict(loss_sum=(per_example * mask).sum(), correct=correct, count=count), logits
 
@@ -98,7 +96,7 @@ def local_gradients(model, params, batch, num_classes: int, label_smoothing: flo
     by (default: ``batch``'s own)."""
     plan = plan or comm.Plan("allreduce", 1, 0, 0)
     k = num_microbatches(batch["label"].shape[0], microbatch)
-    loss_fn = _loss_fn(model, num_classes, label_smoothing, batch if denominator is None else denominator)
+    loss_fn = _loss_fn(model, num_classes, label_smoothing, _count(batch) if denominator is None else denominator)
 
     def grad_fn(mb):
         metrics, grads, factors = comm.local_gradients(plan, lambda p: loss_fn(p, mb), params)
@@ -120,11 +118,13 @@ def local_gradients(model, params, batch, num_classes: int, label_smoothing: flo
     return grads, metrics, factors
 
 
+def _count(batch):
+    """The number of real (unmasked) images of ``batch``, at least 1: what its mean loss divides by."""
+    return jnp.maximum(_mask(batch).sum(), 1.0)
+
+
 def _loss_fn(model, num_classes: int, label_smoothing: float, denominator):
-    """``(params, micro-batch) -> (loss, metrics)``: the micro-batch's loss sum / ``denominator`` (a number, or a
-    batch whose unmasked count it is)."""
-    if isinstance(denominator, dict):
-        denominator = jnp.maximum(_mask(denominator).sum(), 1.0)
+    """``(params, micro-batch) -> (loss, metrics)``: the micro-batch's loss sum / ``denominator``."""
 
     def loss_fn(p, mb):
         loss, metrics, _ = loss_and_metrics(model, p, mb, num_classes, label_smoothing, denominator)
@@ -141,15 +141,15 @@ def overlapped_gradients(model, params, batch, num_classes: int, label_smoothing
     to sum). Returns (the mean gradients as a flat dict, the summed metrics and ``sums``)."""
     n = batch["label"].shape[0]
     k = num_microbatches(n, microbatch)
-    size = n // k
-    loss_fn = _loss_fn(model, num_classes, label_smoothing, batch)
+    size, denominator = n // k, _count(batch)
+    loss_fn = _loss_fn(model, num_classes, label_smoothing, denominator)
     last = jax.tree_util.tree_map(lambda x: x[n - size:], batch)
     metrics, head, factors, d_feats, body_vjp = overlap.stage_one(model, loss_fn, plan, params, last)
     earlier = None
     if k > 1:
         first = jax.tree_util.tree_map(lambda x: x[:n - size], batch)
         earlier, m0, f0 = local_gradients(model, params, first, num_classes, label_smoothing, size, plan,
-                                          denominator=jnp.maximum(_mask(batch).sum(), 1.0))
+                                          denominator)
         head = {key: g + earlier.pop(key) for key, g in head.items()}
         metrics = jax.tree_util.tree_map(jnp.add, metrics, m0)
         factors = comm.concat_factors([f0, factors]) if factors else factors
