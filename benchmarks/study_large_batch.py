@@ -6,10 +6,13 @@ noise) at a reduced field size, with the published M-CNN branch structure (seven
 at thin widths, every recipe trains at global batches ``base x multiplier`` for the same number of epochs:
 
 - ``nesterov``: Nesterov momentum 0.9, the linear scaling rule (``lr = base_lr x batch / base``), a 5-epoch
-  linear warmup from ``warmup_init_lr``, linear decay (the published recipe, with this study's ``base_lr``);
+  linear warmup, linear decay (the published recipe, with this study's ``base_lr``);
 - ``lars``: LARS (masks as in ``mcnn_jax.optim``; trust coefficient ``--lars-trust``), the same warmup, linear
   scaling, polynomial decay (power 2);
-- ``adamw``: AdamW, the same warmup, square-root scaling (``--scaling``), cosine decay.
+- ``adamw``: AdamW, the same warmup, square-root scaling (``--scaling``), cosine decay;
+- ``lamb`` (not run by default): LAMB, the same warmup, square-root scaling, polynomial decay (power 2).
+
+Every run warms up from a tenth of its (scaled) peak learning rate and decays to a hundredth of it.
 
 Multipliers may differ per recipe (``--multipliers``). ``--powersgd RECIPE:BATCH`` reruns a run with
 ``train.comm="powersgd"`` (one process: the same arithmetic as N ranks, the compression being linear in the
@@ -24,8 +27,9 @@ mean probabilities of each (compound, concentration)'s validation images, at the
 accuracy, throughput, and the curves; ``<out>/study.png`` has the training and validation loss of all runs.
 Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the study is rerun).
 
-    python benchmarks/study_large_batch.py --out study    # the study as reported (10 runs: ~85 min of a quiet
-                                                          # 2-core machine at its ~66 images/s)
+    python benchmarks/study_large_batch.py --out study    # the study as reported (8 runs; see benchmarks/README)
+    python benchmarks/study_large_batch.py --out study --only lars_b256   # one run of it (e.g. one per process);
+                                                          # the first command then reuses it and writes the report
     python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
         --base-batch 4 --recipes nesterov,lars --ensemble-recipe nesterov --ensemble-batches 8 --cycles 1 \\
         --cycle-epochs 0.5 --powersgd ""                  # tiny
@@ -48,6 +52,7 @@ RECIPES = {
     "nesterov": dict(name="nesterov", momentum=0.9, decay="linear"),
     "lars": dict(name="lars", momentum=0.9, nesterov=False, decay="polynomial", power=2.0),
     "adamw": dict(name="adamw", decay="cosine"),
+    "lamb": dict(name="lamb", decay="polynomial", power=2.0),
 }
 
 
@@ -55,21 +60,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for study.json, study.png, runs/ and data/")
     p.add_argument("--store", default="", help="an existing store (default: generate the hard screen in --out)")
-    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--images", type=int, default=4096)
     p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--size", type=int, default=128, help="field height and width (a multiple of 128)")
-    p.add_argument("--difficulty", type=float, default=0.35)
+    p.add_argument("--size", type=int, default=64, help="field height and width (a multiple of 64 x --merge-pool)")
+    p.add_argument("--merge-pool", type=int, default=1, help="model.merge_pool (1 lets 64x64 fields through)")
+    p.add_argument("--difficulty", type=float, default=0.15)
     p.add_argument("--widths", default="2,2,2,4,4,4,4", help="the seven branches' widths")
-    p.add_argument("--epochs", type=float, default=20.0)
+    p.add_argument("--epochs", type=float, default=40.0)
     p.add_argument("--base-batch", type=int, default=16)
-    p.add_argument("--multipliers", default="nesterov=1,4,16;lars=1,16;adamw=1,4,16", help="batch multipliers of the base batch for every recipe "
+    p.add_argument("--multipliers", default="nesterov=1,16;lars=1,16;adamw=1,16", help="batch multipliers of the base batch for every recipe "
                    "(\"1,4,16\"), or per recipe (\"nesterov=1,4,16;lars=1,16\"); 1 is always run first")
     p.add_argument("--recipes", default="nesterov,lars,adamw")
-    p.add_argument("--lr", default="nesterov=0.03,lars=0.015,adamw=0.002", help="base learning rate at the base "
+    p.add_argument("--lr", default="nesterov=0.01,lars=0.00625,adamw=0.002,lamb=0.0025", help="base learning rate at the base "
                    "batch per recipe (scaled with the batch by --scaling)")
-    p.add_argument("--scaling", default="nesterov=linear,lars=linear,adamw=sqrt",
+    p.add_argument("--scaling", default="nesterov=linear,lars=linear,adamw=sqrt,lamb=sqrt",
                    help="optim.lr_scaling per recipe: linear, sqrt or none")
-    p.add_argument("--lars-trust", type=float, default=0.02, help="LARS's trust coefficient (optim.trust_coefficient)")
+    p.add_argument("--grad-clip", default="", help="optim.grad_clip (global-norm clipping before the optimizer) per "
+                   "recipe, e.g. \"nesterov=1.0\"; 0 or absent: none")
+    p.add_argument("--lars-trust", type=float, default=0.01, help="LARS's trust coefficient (optim.trust_coefficient)")
     p.add_argument("--warmup-epochs", type=float, default=5.0)
     p.add_argument("--target", type=float, default=0.0, help="target validation accuracy (0: the base batch's "
                    "best accuracy with the first recipe minus 0.01)")
@@ -77,10 +85,12 @@ def parse_args(argv=None):
     p.add_argument("--ensemble-batches", default="", help="global batches with a collapsed-ensemble run "
                    "(default: the largest)")
     p.add_argument("--cycles", type=int, default=2)
-    p.add_argument("--cycle-epochs", type=float, default=2.0)
+    p.add_argument("--cycle-epochs", type=float, default=4.0)
     p.add_argument("--powersgd", default="adamw:256", help="RECIPE:BATCH,... runs again with train.comm='powersgd' (the "
                    "lossy low-rank exchange, whose accuracy cost is the gap to the same run without it)")
     p.add_argument("--powersgd-rank", type=int, default=4)
+    p.add_argument("--only", default="", help="train only these runs of the study (names as in <out>/runs, comma-"
+                   "separated; e.g. one per process) and stop without the report")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -95,24 +105,36 @@ def multipliers(spec: str, recipe: str) -> list[int]:
     return [int(m) for m in per[recipe].split(",")]
 
 
+def per_recipe(spec: str, recipe: str, default):
+    """``recipe``'s value in a per-recipe option ("nesterov=0.03,lars=0.015"), else ``default``."""
+    return dict(item.split("=", 1) for item in spec.split(",") if item).get(recipe, default)
+
+
 def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = ""):
     """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs; ``comm``:
     ``train.comm``, "" for the default)."""
     from mcnn_jax.config import base_config
+    from mcnn_jax.optim import scaled_lr
 
     c = base_config()
     c.seed = a.seed
     c.data.store = store
     c.data.augment.rot90 = True
     c.model.input_shape = (a.size, a.size, 3)
+    c.model.merge_pool = a.merge_pool
     c.model.widths = tuple(int(w) for w in a.widths.split(","))
     c.model.merge_width, c.model.head_width = 32, 32
     lrs = dict(item.split("=") for item in a.lr.split(","))
+    if recipe not in lrs:
+        raise SystemExit(f"--lr {a.lr!r} gives no learning rate for the recipe {recipe!r}")
     c.optim.update(RECIPES[recipe])
     c.optim.trust_coefficient = a.lars_trust
-    c.optim.lr_scaling = dict(item.split("=") for item in a.scaling.split(",")).get(recipe, "linear")
+    c.optim.grad_clip = float(per_recipe(a.grad_clip, recipe, 0.0))
+    c.optim.lr_scaling = per_recipe(a.scaling, recipe, "linear")
+    # the warmup starts at a tenth of the (scaled) peak and the decay ends at a hundredth of it, at every batch
+    peak = scaled_lr(float(lrs[recipe]), batch, a.base_batch, c.optim.lr_scaling)
     c.optim.update(base_lr=float(lrs[recipe]), base_batch=a.base_batch, warmup_epochs=a.warmup_epochs,
-                   warmup_init_lr=float(lrs[recipe]) / 10, end_lr=float(lrs[recipe]) / 100,
+                   warmup_init_lr=peak / 10, end_lr=peak / 100,
                    epochs=a.epochs - cycles * a.cycle_epochs, cycles=cycles, cycle_epochs=a.cycle_epochs,
                    cycle_base_lr=float(lrs[recipe]) / 2)
     c.train.update(global_batch=batch, max_steps=0, eval_every_epochs=1.0, log_every_steps=1, progress="log",
@@ -156,12 +178,17 @@ def curves(workdir: Path) -> dict:
                 val_accuracy=[r["accuracy"] for r in val])
 
 
+def run_name(a, recipe: str, batch: int, cycles: int = 0, comm: str = "") -> str:
+    """The run's folder name under ``<out>/runs``, e.g. ``adamw_b256_ensemble2``."""
+    return f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "") + (
+        f"_{comm}{a.powersgd_rank}" if comm else "")
+
+
 def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0, comm: str = "") -> dict:
     from mcnn_jax.optim import scaled_lr
     from mcnn_jax.train import train_and_evaluate
 
-    name = f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "") + (
-        f"_{comm}{a.powersgd_rank}" if comm else "")
+    name = run_name(a, recipe, batch, cycles, comm)
     workdir = out / "runs" / name
     config = make_config(a, str(store.path), recipe, batch, cycles, comm)
     done = workdir / "summary.json"
@@ -256,8 +283,18 @@ def main(argv=None):
     path = a.store or prepare_synthetic_store(out / "data", a.images, a.classes, a.size, a.size, seed=a.seed,
                                               difficulty=a.difficulty, progress=False)
     store = open_store(path)
-    _, val_idx = split_indices(store, make_config(a, str(path), "nesterov", a.base_batch).data)
+    _, val_idx = split_indices(store, make_config(a, str(path), a.recipes.split(",")[0], a.base_batch).data)
     plan = study_plan(a)
+    if a.only:  # train just these runs (e.g. one per process or machine), then stop: no report
+        names = {run_name(a, *run): run for run in plan}
+        unknown = sorted(set(a.only.split(",")) - set(names))
+        if unknown:
+            raise SystemExit(f"--only {','.join(unknown)}: not a run of this study; its runs: {', '.join(names)}")
+        for name in a.only.split(","):
+            run_one(a, out, store, val_idx, *names[name])
+        print(f"trained {a.only} in {out / 'runs'}; the same command without --only reuses them and writes the report",
+              file=sys.stderr)
+        return None
     rows = []
     for recipe, b, cycles, comm in plan:  # study.json is rewritten after every run: a partial study is readable
         rows.append(run_one(a, out, store, val_idx, recipe, b, cycles, comm))

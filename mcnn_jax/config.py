@@ -69,7 +69,7 @@ def optim_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.trust_coefficient = 0.001  # LARS
     c.eps = 1e-8
-    c.b1 = 0.9  # AdamW
+    c.b1 = 0.9  # AdamW and LAMB
     c.b2 = 0.999
     c.power = 2.0  # decay="polynomial"
     c.step_epochs = (30.0, 60.0)  # decay="step"
@@ -124,7 +124,7 @@ def model_defaults() -> ml_collections.ConfigDict:
 
 # The published CPU recipe's optimizer keys; ``published_recipe`` applies them and ``base_config`` starts from them.
 PUBLISHED_RECIPE = dict(
-    name="nesterov",  # lars | nesterov (SGD, Nesterov momentum) | momentum (SGD, heavy ball; 0 = plain) | adamw
+    name="nesterov",  # lars | nesterov (SGD, Nesterov momentum) | momentum (SGD, heavy ball; 0 = plain) | adamw | lamb
     momentum=0.9, nesterov=True,  # optim.nesterov: LARS's momentum kind (the SGD names say theirs)
     warmup_init_lr=0.001, base_lr=0.008, base_batch=32,  # the peak base_lr at base_batch, scaled linearly
     warmup_epochs=5.0, decay="linear", end_lr=1e-4, label_smoothing=0.1, weight_decay=5e-5)

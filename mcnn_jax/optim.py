@@ -7,6 +7,10 @@
   true, as it was by default, else ``momentum``), with a warning, so old work directories still resume and
   evaluate.
 - ``adamw``: AdamW (decoupled weight decay on the kernels), for comparison.
+- ``lamb``: LAMB (You et al. 2019, "Large batch optimization for deep learning"): Adam's direction plus decoupled
+  weight decay, rescaled per layer to ``||w||`` (the trust ratio), so that a step changes every kernel by the
+  learning rate relative to its norm; biases and normalisation parameters take Adam's step without the trust
+  ratio or weight decay, as in LARS.
 
 Durations are given in epochs and converted to steps from the dataset size and the global batch; the peak
 learning rate follows ``optim.lr_scaling``: the linear scaling rule ``lr = base_lr * global_batch / base_batch``
@@ -135,7 +139,7 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     return tx
 
 
-NAMES = ("lars", "nesterov", "momentum", "adamw")
+NAMES = ("lars", "nesterov", "momentum", "adamw", "lamb")
 
 
 def optimizer_name(cfg) -> str:
@@ -160,6 +164,12 @@ def _base_optimizer(cfg, schedule):
             optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=name == "nesterov"))
     if name == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
+    if name == "lamb":  # optax.lamb applies the trust ratio to every parameter; this one masks it like LARS
+        return optax.chain(
+            optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+            optax.add_decayed_weights(wd, mask=decay_mask),
+            optax.masked(optax.scale_by_trust_ratio(), decay_mask),
+            optax.scale_by_learning_rate(schedule))
     raise ValueError(f"optim.name must be one of {', '.join(NAMES)}; got {name!r}")
 
 

@@ -52,7 +52,7 @@ def test_lars_two_steps_equal_the_formula_by_hand():
 def test_masks_leave_biases_and_norms_alone():
     mask = optim.decay_mask(_params())
     assert mask == {"conv": {"kernel": True, "bias": False}, "norm": {"scale": False}}
-    for name in ("sgd", "nesterov", "adamw", "lars"):
+    for name in ("sgd", "nesterov", "adamw", "lars", "lamb"):
         tx = optim.make_optimizer(_cfg(name=name, weight_decay=0.5), optax.constant_schedule(0.1))
         zero = jax.tree_util.tree_map(jnp.zeros_like, _params())
         u, _ = tx.update(zero, tx.init(_params()), _params())
@@ -150,3 +150,26 @@ def test_cyclic_schedule_values_at_chosen_steps():
     assert float(optim.make_schedule(no_cycles, 4, 64)(13)) == pytest.approx(1e-4)  # stays at end_lr
     with pytest.raises(ValueError, match="optim.cycle_base_lr must be positive"):
         optim.make_schedule(_cfg(cycles=1, cycle_base_lr=0.0), 4, 64)
+
+
+def test_lamb_step_equals_the_formula_by_hand():
+    lr, wd, b1, b2, eps = 0.01, 0.1, 0.9, 0.999, 1e-8
+    tx = optim.make_optimizer(_cfg(name="lamb", weight_decay=wd, b1=b1, b2=b2, eps=eps), optax.constant_schedule(lr))
+    p, g = _params(), _grads()
+    u, _ = tx.update(g, tx.init(p), p)
+
+    def by_hand(param, grad, layerwise):
+        param, grad = np.asarray(param, np.float64), np.asarray(grad, np.float64)
+        m, v = (1 - b1) * grad / (1 - b1), (1 - b2) * grad**2 / (1 - b2)  # bias-corrected first step
+        adam = m / (np.sqrt(v) + eps)
+        if not layerwise:  # bias / norm: Adam's step, no weight decay, no trust ratio
+            return -lr * adam
+        d = adam + wd * param
+        return -lr * np.linalg.norm(param) / np.linalg.norm(d) * d
+
+    for path, layerwise in ((("conv", "kernel"), True), (("conv", "bias"), False), (("norm", "scale"), False)):
+        np.testing.assert_allclose(u[path[0]][path[1]], by_hand(p[path[0]][path[1]], g[path[0]][path[1]], layerwise),
+                                   rtol=1e-5)
+    # the kernel's step is the learning rate relative to its norm, whatever the gradient's scale
+    big, _ = tx.update(jax.tree_util.tree_map(lambda x: 1e3 * x, g), tx.init(p), p)
+    assert np.linalg.norm(big["conv"]["kernel"]) == pytest.approx(lr * np.linalg.norm(p["conv"]["kernel"]), rel=1e-5)

@@ -15,7 +15,7 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
 
     args = ["--out", str(tmp_path), "--store", store, "--epochs", "1", "--warmup-epochs", "0.5", "--base-batch", "4",
             "--multipliers", "1,2", "--recipes", "nesterov,lars", "--ensemble-batches", "8", "--cycles", "1",
-            "--cycle-epochs", "0.5", "--widths", "2,2,2,4,4,4,4",
+            "--cycle-epochs", "0.5", "--widths", "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2",
             "--lr", "nesterov=0.05,lars=2.0", "--ensemble-recipe", "nesterov", "--powersgd", "nesterov:8"]
     result = study.main(args)
     saved = json.loads((tmp_path / "study.json").read_text())
@@ -39,6 +39,11 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     assert all(r["epochs_to_target"] is None or r["epochs_to_target"] <= 1.0 for r in saved["runs"])
     again = study.main(args)  # every run is finished: reused, not retrained
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in result["runs"]]
+    # --only trains (here: reuses) just the named runs and writes no report; an unknown name lists the runs
+    (tmp_path / "study.json").unlink()
+    assert study.main(args + ["--only", "lars_b8"]) is None and not (tmp_path / "study.json").exists()
+    with pytest.raises(SystemExit, match="nesterov_b4, nesterov_b8"):
+        study.main(args + ["--only", "lars_b16"])
 
 
 def test_multipliers_for_every_recipe_or_per_recipe():
@@ -48,3 +53,61 @@ def test_multipliers_for_every_recipe_or_per_recipe():
     assert study.multipliers("nesterov=1,4,16;lars=1,16", "lars") == [1, 16]
     with pytest.raises(SystemExit, match="adamw"):
         study.multipliers("nesterov=1,4,16;lars=1,16", "adamw")
+
+
+def test_per_recipe_options_reach_the_config():
+    import study_large_batch as study
+
+    a = study.parse_args(["--out", "x", "--grad-clip", "nesterov=0.5", "--size", "64", "--merge-pool", "1"])
+    nesterov, lars = study.make_config(a, "s", "nesterov", 64), study.make_config(a, "s", "lars", 64)
+    assert nesterov.optim.grad_clip == 0.5 and lars.optim.grad_clip == 0.0
+    assert nesterov.model.merge_pool == 1 and tuple(nesterov.model.input_shape) == (64, 64, 3)
+    assert study.per_recipe("nesterov=0.03,lars=0.015", "lars", None) == "0.015"
+
+
+def _study_json(tmp_path, epochs_to_target):
+    def curve(e):  # validation accuracy 0.5 until epoch e (or always), then 0.8
+        return dict(val_epoch=[1.0 * k for k in range(1, 21)],
+                    val_accuracy=[0.8 if e is not None and k >= e else 0.5 for k in range(1, 21)])
+
+    runs = [dict(name=f"nesterov_b{b}", recipe="nesterov", global_batch=b, cycles=0, comm="", best_val_accuracy=acc,
+                 **curve(e)) for b, acc, e in zip((16, 64, 256), (0.80, 0.80, 0.5), epochs_to_target)]
+    runs.append(dict(name="adamw_b16", recipe="adamw", global_batch=16, cycles=0, comm="", best_val_accuracy=0.5,
+                     **curve(None)))
+    study = dict(runs=runs, conclusions=dict(reference="nesterov_b16", target=0.79,
+                                             nesterov=dict(within_1_point=[16, 64, 256]),
+                                             adamw=dict(within_1_point=[])))
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study))
+    return path
+
+
+def test_time_to_accuracy_is_measured_epochs_times_projected_throughput(tmp_path):
+    import time_to_accuracy as tta
+
+    path = _study_json(tmp_path, (10.0, 12.0, None))
+    result = tta.main(["--study", str(path), "--node-batch", "32", "--images", "1000", "--node-image-s", "0.1",
+                       "--scheme", "allreduce"])
+    assert result["recipe"] == "nesterov"  # the one within 1 point at the largest batch
+    rows = {r["global_batch"]: r for r in result["rows"]}
+    assert (rows[16]["nodes"], rows[16]["images_per_node"]) == (1, 16)
+    assert (rows[64]["nodes"], rows[64]["images_per_node"]) == (2, 32)
+    assert (rows[256]["nodes"], rows[256]["images_per_node"]) == (8, 32)
+    assert rows[16]["images_per_s"] == pytest.approx(10.0)  # one node: no communication, 1 / 0.1 s per image
+    assert rows[64]["images_per_s"] < 2 * 10.0  # two nodes pay for the allreduce
+    for r in rows.values():
+        if r["epochs_to_target"] is not None:
+            assert r["hours_to_target"] == pytest.approx(r["epochs_to_target"] * 1000 / r["images_per_s"] / 3600)
+    assert rows[256]["hours_to_target"] is None and rows[256]["speedup"] is None  # not reached: no time
+    assert rows[16]["epochs_to_target"] == 10.0 and rows[64]["epochs_to_target"] == 12.0
+    assert rows[64]["speedup"] == pytest.approx(rows[16]["hours_to_target"] / rows[64]["hours_to_target"])
+    # a lower target is reached sooner (here at once); "own" is the recipe's base best minus 1 point
+    low = tta.main(["--study", str(path), "--target", "0.45"])
+    assert [r["epochs_to_target"] for r in low["rows"]] == [1.0, 1.0, 1.0]
+    assert tta.main(["--study", str(path), "--target", "own"])["target"] == pytest.approx(0.79)
+    with pytest.raises(SystemExit, match="--target"):
+        tta.main(["--study", str(path), "--target", "soon"])
+    with pytest.raises(SystemExit, match="lars"):
+        tta.main(["--study", str(path), "--recipe", "lars"])
+    with pytest.raises(SystemExit, match="no study JSON"):
+        tta.main(["--study", str(tmp_path / "missing.json")])

@@ -1,0 +1,158 @@
+"""Hours to a target accuracy on N nodes (issue 13): the large-batch study's MEASURED epochs to its target at
+each global batch x the per-node throughput at full resolution = hours to the target.
+
+    python benchmarks/time_to_accuracy.py                         # the committed study, Nesterov, 32 images/node
+    python benchmarks/time_to_accuracy.py --study DIR/study.json --recipe adamw --network 100 --scheme allreduce
+
+For each single run of ``--recipe`` in the study (``benchmarks/study_large_batch.py``; no ensemble, no lossy
+exchange), global batch ``G``: ``min(G, --node-batch)`` images per node on ``G / that`` nodes. Its epochs to the
+target (``--target``: the study's, the recipe's own base batch's best minus 1 point, or a number) are read from
+its measured validation curve; its images/s on that many nodes are ``bench_comm.py``'s projection (``project_row``:
+``--node-image-s`` compute seconds per 1024x1280x3 training image on one node, by default 0.092 s =
+bench_scaling.py's measured 3.67 s per image per core over 40 cores, plus the ``--scheme``'s ring collectives on a
+``--network`` Gb/s network; ``--overlap-json`` adds ``train.overlap`` as bench_comm.py does). Then
+
+    hours = epochs to target x --images (3,848: BBBC021's annotated fields) / images/s / 3600
+
+What is measured and what is assumed: the epochs to the target come from the study's synthetic screen at a reduced
+field size; using them for BBBC021 at full resolution assumes the same global batch needs the same epochs there.
+The node's compute is scaled from this VM's cores, the network is a model (see bench_comm.py). A run that never
+reached the target has no time (``null``). JSON on stdout (and ``--out``), a Markdown table on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", default=str(HERE / "results" / "study_large_batch.json"), help="a study.json")
+    p.add_argument("--recipe", default="", help="the study's recipe (default: the one within 1 point of the "
+                   "reference at the largest batch, else the reference's)")
+    p.add_argument("--target", default="study", help="the target accuracy: \"study\" (the study's: its reference "
+                   "base batch's best minus 1 point), \"own\" (the recipe's own base batch's best minus 1 point) or a "
+                   "number (0.65); the epochs to it are read from each run's validation curve")
+    p.add_argument("--node-batch", type=int, default=32, help="images per node per step (default 32)")
+    p.add_argument("--images", type=int, default=3848, help="training images per epoch (default: BBBC021's 3,848)")
+    p.add_argument("--node-image-s", type=float, default=0.092, help="compute seconds per training image on a node")
+    p.add_argument("--network", type=float, default=10.0, help="Gb/s between nodes (default 10)")
+    p.add_argument("--latency-us", type=float, default=5.0)
+    p.add_argument("--scheme", default="auto", help="train.comm: allreduce, factored, auto or powersgd")
+    p.add_argument("--powersgd-rank", type=int, default=4)
+    p.add_argument("--node-gflops", type=float, default=2920.0, help="as in bench_comm.py")
+    p.add_argument("--overlap-json", default="", help="a bench_overlap.py JSON: project with train.overlap")
+    p.add_argument("--out", default="")
+    return p.parse_args(argv)
+
+
+def choose_recipe(study: dict) -> str:
+    """The recipe that kept its accuracy at the largest batch (within 1 point of the reference), else the
+    reference's recipe."""
+    conclusions = study["conclusions"]
+    reference = next(r for r in study["runs"] if r["name"] == conclusions["reference"])
+    best = reference["recipe"], reference["global_batch"]
+    for recipe, c in conclusions.items():
+        if isinstance(c, dict) and c.get("within_1_point"):
+            largest = max(int(b) for b in c["within_1_point"])
+            if largest > best[1]:
+                best = recipe, largest
+    return best[0]
+
+
+def target_of(a, study: dict, runs: list[dict]) -> float:
+    """The target accuracy that ``--target`` names (``runs``: the recipe's single runs, the base batch first)."""
+    if a.target == "study":
+        return study["conclusions"]["target"]
+    if a.target == "own":
+        return round(runs[0]["best_val_accuracy"] - 0.01, 4)
+    try:
+        return float(a.target)
+    except ValueError:
+        raise SystemExit(f"--target must be study, own or an accuracy such as 0.65; got {a.target!r}") from None
+
+
+def epochs_to(run: dict, target: float):
+    """The first evaluation's epoch with validation accuracy >= ``target`` (None: never)."""
+    return next((e for e, acc in zip(run["val_epoch"], run["val_accuracy"]) if acc >= target), None)
+
+
+def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
+    from bench_comm import abstract_params, project_row, read_overlap
+    from mcnn_jax import comm
+
+    runs = sorted((r for r in study["runs"] if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")),
+                  key=lambda r: r["global_batch"])
+    if not runs:
+        known = sorted({r["recipe"] for r in study["runs"]})
+        raise SystemExit(f"{a.study} has no single run of the recipe {recipe!r}; its recipes: {', '.join(known)}")
+    target = target_of(a, study, runs)
+    params = abstract_params(1024, 1280)
+    ov = read_overlap(a.overlap_json) if a.overlap_json else None
+    out, base_hours = [], None
+    for r in runs:
+        g = r["global_batch"]
+        local = min(g, a.node_batch)
+        if g % local:
+            raise SystemExit(f"the global batch {g} of {r['name']} is not a multiple of --node-batch {local}")
+        nodes = g // local
+        ns = SimpleNamespace(node_batch=local, node_image_s=a.node_image_s, latency_us=a.latency_us)
+        plan = comm.make_plan(a.scheme, params, local, nodes, a.powersgd_rank)
+        proj = project_row(ns, params, plan, nodes, a.network * 1e9 / 8, a.node_gflops, ov)
+        epochs = epochs_to(r, target)
+        hours = None if epochs is None else epochs * a.images / proj["images_per_s"] / 3600
+        base_hours = hours if base_hours is None else base_hours
+        out.append(dict(run=r["name"], global_batch=g, nodes=nodes, images_per_node=local,
+                        best_val_accuracy=r["best_val_accuracy"], epochs_to_target=epochs,
+                        images_per_s=proj["images_per_s"], efficiency=proj["efficiency"], scheme=proj["scheme"],
+                        hours_to_target=hours,
+                        speedup=(base_hours / hours) if hours and base_hours else None))
+    return target, out
+
+
+def markdown(rows: list[dict], target: float) -> str:
+    lines = [f"| global batch | nodes x images | best accuracy | epochs to {100 * target:.1f}% | images/s "
+             f"(efficiency) | hours to target | speed-up |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        reached = r["hours_to_target"] is not None
+        lines.append(f"| {r['global_batch']} | {r['nodes']} x {r['images_per_node']} | "
+                     f"{100 * r['best_val_accuracy']:.1f}% | {r['epochs_to_target'] if reached else 'not reached'} | "
+                     f"{r['images_per_s']:.1f} ({100 * r['efficiency']:.1f}%) | "
+                     f"{f'{r_h:.2f}' if (r_h := r['hours_to_target']) is not None else '-'} | "
+                     f"{f'{s:.1f}x' if (s := r['speedup']) else '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    path = Path(a.study)
+    if not path.is_file():
+        raise SystemExit(f"no study JSON at {path}: run benchmarks/study_large_batch.py --out DIR first")
+    study = json.loads(path.read_text())
+    recipe = a.recipe or choose_recipe(study)
+    target, rows = rows_for(a, study, recipe)
+    result = dict(benchmark="time_to_accuracy", study=str(path), recipe=recipe, target=target, target_rule=a.target,
+                  assumptions=dict(images_per_epoch=a.images, node_image_s=a.node_image_s, network_gbit_s=a.network,
+                                   latency_us=a.latency_us, scheme=a.scheme, overlap=a.overlap_json or None,
+                                   epochs="measured in the study at the same global batch (synthetic screen, reduced "
+                                          "field size), applied to full-resolution images"),
+                  rows=rows)
+    print(f"{recipe}, target {100 * target:.1f}% (--target {a.target}), {a.network:g} Gb/s, {a.scheme}:\n"
+          + markdown(rows, target), file=sys.stderr)
+    text = json.dumps(result, indent=1)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
