@@ -1,7 +1,9 @@
 """Hours to a target accuracy on N nodes (issue 13): the large-batch study's MEASURED epochs to its target at
 each global batch x the per-node throughput at full resolution = hours to the target.
 
-    python benchmarks/time_to_accuracy.py                         # the committed study, Nesterov, 32 images/node
+    python benchmarks/time_to_accuracy.py --recipe adamw --target 0.65   # the committed study, 32 images/node
+    python benchmarks/time_to_accuracy.py                         # the recipe within 1 point at the largest batch
+                                                                  # (else the reference's), the study's target
     python benchmarks/time_to_accuracy.py --study DIR/study.json --recipe adamw --network 100 --scheme allreduce
 
 For each single run of ``--recipe`` in the study (``benchmarks/study_large_batch.py``; no ensemble, no lossy
