@@ -124,19 +124,20 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: s
     c.model.merge_pool = a.merge_pool
     c.model.widths = tuple(int(w) for w in a.widths.split(","))
     c.model.merge_width, c.model.head_width = 32, 32
-    lrs = dict(item.split("=") for item in a.lr.split(","))
-    if recipe not in lrs:
+    lr = per_recipe(a.lr, recipe, None)
+    if lr is None:
         raise SystemExit(f"--lr {a.lr!r} gives no learning rate for the recipe {recipe!r}")
+    lr = float(lr)
     c.optim.update(RECIPES[recipe])
     c.optim.trust_coefficient = a.lars_trust
     c.optim.grad_clip = float(per_recipe(a.grad_clip, recipe, 0.0))
     c.optim.lr_scaling = per_recipe(a.scaling, recipe, "linear")
     # the warmup starts at a tenth of the (scaled) peak and the decay ends at a hundredth of it, at every batch
-    peak = scaled_lr(float(lrs[recipe]), batch, a.base_batch, c.optim.lr_scaling)
-    c.optim.update(base_lr=float(lrs[recipe]), base_batch=a.base_batch, warmup_epochs=a.warmup_epochs,
+    peak = scaled_lr(lr, batch, a.base_batch, c.optim.lr_scaling)
+    c.optim.update(base_lr=lr, base_batch=a.base_batch, warmup_epochs=a.warmup_epochs,
                    warmup_init_lr=peak / 10, end_lr=peak / 100,
                    epochs=a.epochs - cycles * a.cycle_epochs, cycles=cycles, cycle_epochs=a.cycle_epochs,
-                   cycle_base_lr=float(lrs[recipe]) / 2)
+                   cycle_base_lr=lr / 2)
     c.train.update(global_batch=batch, max_steps=0, eval_every_epochs=1.0, log_every_steps=1, progress="log",
                    keep_checkpoints=1, eval_batch=64)
     if comm:

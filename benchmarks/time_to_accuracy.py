@@ -82,13 +82,9 @@ def target_of(a, study: dict, runs: list[dict]) -> float:
         raise SystemExit(f"--target must be study, own or an accuracy such as 0.65; got {a.target!r}") from None
 
 
-def epochs_to(run: dict, target: float):
-    """The first evaluation's epoch with validation accuracy >= ``target`` (None: never)."""
-    return next((e for e, acc in zip(run["val_epoch"], run["val_accuracy"]) if acc >= target), None)
-
-
 def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
     from bench_comm import abstract_params, project_row, read_overlap
+    from study_large_batch import epochs_to
     from mcnn_jax import comm
 
     runs = sorted((r for r in study["runs"] if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")),

@@ -16,18 +16,22 @@ BBBC021, not tuned on it. Time to accuracy on N nodes: `python benchmarks/time_t
         --config.data.store=/shared/bbbc021.store      # 2 ranks per node: 16 images each, 2 micro-batches of 8
 """
 
-from mcnn_jax.config import base_config
+import importlib.util
+from pathlib import Path
 
 NODES, IMAGES_PER_NODE = 8, 32
 
 
+def _bbbc021_config():
+    """configs/bbbc021.py's config (its data and model sections), loaded from beside this file."""
+    spec = importlib.util.spec_from_file_location("_mcnn_config_bbbc021", Path(__file__).with_name("bbbc021.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def get_config():
-    c = base_config()
-    c.data.store = "/data/bbbc021.store"
-    c.data.split = "random"  # or "compound" with data.holdout_compound (leave-one-compound-out)
-    c.data.val_fraction = 0.2
-    c.model.input_shape = (1024, 1280, 3)
-    c.model.num_classes = 13
+    c = _bbbc021_config()  # the data and model of configs/bbbc021.py; the optimizer and batch below
     c.optim.update(name="adamw", b1=0.9, b2=0.999, lr_scaling="sqrt", base_lr=0.002, base_batch=16,
                    warmup_epochs=5.0, decay="cosine", epochs=40.0)
     peak = 0.002 * (NODES * IMAGES_PER_NODE / 16) ** 0.5  # the sqrt rule, as mcnn_jax.optim.scaled_lr applies it
