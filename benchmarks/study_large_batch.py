@@ -22,6 +22,10 @@ Then the collapsed ensemble (``optim.cycles``): at the batches of ``--ensemble-b
 trains ``epochs - cycles x cycle_epochs`` main epochs plus the cycles (the same total epochs as the single model)
 and its snapshots are evaluated as an ensemble (mean probabilities).
 
+``--replicas 1,2`` trains the runs of ``--replicate`` (default: all) again with those initialisation seeds (the same
+store, split and schedule; ``<name>_seed<N>``); the conclusions then compare means over the seeds, and
+``groups`` in study.json has each run's mean, standard deviation and per-seed best accuracy and mean curve.
+
 Reported per run (``<out>/study.json``): final and best validation accuracy (per image; per treatment, i.e. the
 mean probabilities of each (compound, concentration)'s validation images, at the end), the epochs to the target
 accuracy, throughput, and the curves; ``<out>/study.png`` has the training and validation loss of all runs.
@@ -30,6 +34,8 @@ Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the stud
     python benchmarks/study_large_batch.py --out study    # the study as reported (8 runs; see benchmarks/README)
     python benchmarks/study_large_batch.py --out study --only lars_b256   # one run of it (e.g. one per process);
                                                           # the first command then reuses it and writes the report
+    python benchmarks/study_large_batch.py --out study --replicas 1,2 --replicate adamw_b16,adamw_b256
+                                                          # two more seeds of two runs; means in the conclusions
     python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
         --base-batch 4 --recipes nesterov,lars --ensemble-recipe nesterov --ensemble-batches 8 --cycles 1 \\
         --cycle-epochs 0.5 --powersgd ""                  # tiny
@@ -91,7 +97,12 @@ def parse_args(argv=None):
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--only", default="", help="train only these runs of the study (names as in <out>/runs, comma-"
                    "separated; e.g. one per process) and stop without the report")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the generated store's seed and the runs' initialisation seed")
+    p.add_argument("--replicas", default="", help="further initialisation seeds (\"1,2\"): the runs of --replicate "
+                   "train again with each (same store, split and schedule; run folders <name>_seed<N>) and every "
+                   "accuracy in the conclusions is the mean over the seeds")
+    p.add_argument("--replicate", default="", help="the runs to replicate (names as in <out>/runs, comma-separated; "
+                   "default: all)")
     return p.parse_args(argv)
 
 
@@ -110,14 +121,14 @@ def per_recipe(spec: str, recipe: str, default):
     return dict(item.split("=", 1) for item in spec.split(",") if item).get(recipe, default)
 
 
-def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = ""):
+def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = "", seed: int | None = None):
     """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs; ``comm``:
-    ``train.comm``, "" for the default)."""
+    ``train.comm``, "" for the default; ``seed``: the initialisation seed, default ``--seed``)."""
     from mcnn_jax.config import base_config
     from mcnn_jax.optim import scaled_lr
 
     c = base_config()
-    c.seed = a.seed
+    c.seed = a.seed if seed is None else seed
     c.data.store = store
     c.data.augment.rot90 = True
     c.model.input_shape = (a.size, a.size, 3)
@@ -179,19 +190,21 @@ def curves(workdir: Path) -> dict:
                 val_accuracy=[r["accuracy"] for r in val])
 
 
-def run_name(a, recipe: str, batch: int, cycles: int = 0, comm: str = "") -> str:
-    """The run's folder name under ``<out>/runs``, e.g. ``adamw_b256_ensemble2``."""
+def run_name(a, recipe: str, batch: int, cycles: int = 0, comm: str = "", seed: int | None = None) -> str:
+    """The run's folder name under ``<out>/runs``, e.g. ``adamw_b256_ensemble2``; a replica (``seed`` other than
+    ``--seed``) adds ``_seed<N>``."""
     return f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "") + (
-        f"_{comm}{a.powersgd_rank}" if comm else "")
+        f"_{comm}{a.powersgd_rank}" if comm else "") + (f"_seed{seed}" if seed not in (None, a.seed) else "")
 
 
-def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0, comm: str = "") -> dict:
+def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0, comm: str = "",
+            seed: int | None = None) -> dict:
     from mcnn_jax.optim import scaled_lr
     from mcnn_jax.train import train_and_evaluate
 
-    name = run_name(a, recipe, batch, cycles, comm)
+    name = run_name(a, recipe, batch, cycles, comm, seed)
     workdir = out / "runs" / name
-    config = make_config(a, str(store.path), recipe, batch, cycles, comm)
+    config = make_config(a, str(store.path), recipe, batch, cycles, comm, seed)
     done = workdir / "summary.json"
     summary = json.loads(done.read_text()) if done.is_file() else {"preempted_at_step": None}
     if "preempted_at_step" in summary:  # not started, or stopped by a signal: train (or resume)
@@ -199,10 +212,11 @@ def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int =
         if "preempted_at_step" in summary:
             raise SystemExit(f"the run {name} was stopped at step {summary['preempted_at_step']}; rerun the same "
                              f"command to resume the study")
-    row = dict(name=name, recipe=recipe, global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles, comm=comm,
-               epochs=a.epochs, lr_scaling=config.optim.lr_scaling,
-               peak_lr=scaled_lr(config.optim.base_lr, batch, a.base_batch, config.optim.lr_scaling), steps=summary["final_step"],
-               wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
+    row = dict(name=name, group=run_name(a, recipe, batch, cycles, comm), seed=config.seed, recipe=recipe,
+               global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles, comm=comm, epochs=a.epochs,
+               lr_scaling=config.optim.lr_scaling,
+               peak_lr=scaled_lr(config.optim.base_lr, batch, a.base_batch, config.optim.lr_scaling),
+               steps=summary["final_step"], wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
     row["final"] = evaluate_run(workdir, store, val_idx, "latest")
     row["best_val_accuracy"] = max(row["val_accuracy"])
     if cycles:
@@ -214,9 +228,35 @@ def epochs_to(row: dict, target: float):
     return next((e for e, acc in zip(row["val_epoch"], row["val_accuracy"]) if acc >= target), None)
 
 
+def merge_seeds(rows: list[dict]) -> list[dict]:
+    """One row per run of the study (``group``), its replicas' seeds merged: the mean and standard deviation of
+    the best validation accuracy, each seed's, and the mean validation curve (on which the epochs to the target are
+    read). A run without replicas is its own group of one."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("group", r["name"]), []).append(r)
+    merged = []
+    for name, members in groups.items():
+        first, best = members[0], [m["best_val_accuracy"] for m in members]
+        epochs = first["val_epoch"]
+        if any(m["val_epoch"] != epochs for m in members):
+            raise SystemExit(f"the replicas of {name} were evaluated at different epochs: "
+                             f"{', '.join(m['name'] for m in members)}")
+        merged.append(dict(
+            {k: first[k] for k in ("recipe", "global_batch", "multiplier", "cycles", "comm", "peak_lr")},
+            name=name, seeds=[m.get("seed") for m in members], best_val_accuracy=float(np.mean(best)),
+            best_val_accuracy_sd=float(np.std(best, ddof=1)) if len(best) > 1 else None,
+            best_val_accuracy_per_seed=best, val_epoch=epochs,
+            val_accuracy=[float(v) for v in np.mean([m["val_accuracy"] for m in members], axis=0)],
+            final_image_accuracy=float(np.mean([m["final"]["image_accuracy"] for m in members])),
+            final_treatment_accuracy=float(np.mean([m["final"]["treatment_accuracy"] for m in members]))))
+    return merged
+
+
 def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
     """Per recipe: for each batch the gap to the base batch of the first recipe (the reference) and to its own
-    base batch, and whether it is within 1 point; per PowerSGD run the gap to the same run without it."""
+    base batch, and whether it is within 1 point; per PowerSGD run the gap to the same run without it. ``rows``:
+    the runs with their replicas merged (``merge_seeds``), so every accuracy is a mean over its seeds."""
     singles = [r for r in rows if not r["cycles"] and not r.get("comm")]
     reference = next(r for r in singles if r["global_batch"] == base_batch)
     out = dict(reference=reference["name"], reference_best=reference["best_val_accuracy"], target=target)
@@ -226,6 +266,7 @@ def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
         own = {r["global_batch"]: round(mine[0]["best_val_accuracy"] - r["best_val_accuracy"], 4) for r in mine}
         within = [b for b, g in gaps.items() if g <= 0.01]
         out[recipe] = dict(gap_to_reference=gaps, within_1_point=within, gap_to_own_base=own,
+                           seeds={r["global_batch"]: len(r.get("seeds", [0])) for r in mine},
                            within_1_point_of_own_base=[b for b, g in own.items() if g <= 0.01],
                            breaks_down_at=next((b for b, g in gaps.items() if g > 0.01), None))
     for r in rows:
@@ -241,12 +282,17 @@ def plot(rows: list[dict], path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    colors: dict[str, str] = {}  # a run's replicas (other seeds) share its colour, thinner and unlabelled
     for r in rows:
+        group = r.get("group", r["name"])
         label = f"{r['recipe']} x{r['multiplier']:g} ({r['global_batch']})" + (" ens" if r["cycles"] else "") + (
             f" {r['comm']}" if r.get("comm") else "")
-        line, = axes[0].plot(r["train_epoch"], r["train_loss"], label=label)
-        axes[1].plot(r["val_epoch"], r["val_loss"], color=line.get_color(), label=label)
-        axes[2].plot(r["val_epoch"], r["val_accuracy"], color=line.get_color(), label=label)
+        style = dict(color=colors[group], lw=0.7, alpha=0.6) if group in colors else dict(label=label)
+        line, = axes[0].plot(r["train_epoch"], r["train_loss"], **style)
+        colors.setdefault(group, line.get_color())
+        style.setdefault("color", colors[group])
+        axes[1].plot(r["val_epoch"], r["val_loss"], **style)
+        axes[2].plot(r["val_epoch"], r["val_accuracy"], **style)
     for ax, title in zip(axes, ("training loss (epoch mean)", "validation loss", "validation accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -258,8 +304,9 @@ def plot(rows: list[dict], path: Path):
     plt.close(fig)
 
 
-def study_plan(a) -> list[tuple[str, int, int, str]]:
-    """The runs, in order: (recipe, global batch, cycles, train.comm or "")."""
+def study_plan(a) -> list[tuple[str, int, int, str, int]]:
+    """The runs, in order: (recipe, global batch, cycles, train.comm or "", seed); the replicas (``--replicas``)
+    come after the study's runs."""
     plan, largest = [], a.base_batch
     for recipe in a.recipes.split(","):
         batches = sorted({a.base_batch} | {a.base_batch * m for m in multipliers(a.multipliers, recipe)})
@@ -269,7 +316,16 @@ def study_plan(a) -> list[tuple[str, int, int, str]]:
     if a.cycles > 0:  # the collapsed ensemble's runs
         plan += [(a.ensemble_recipe, b, a.cycles, "") for b in [int(x) for x in a.ensemble_batches.split(",") if x]
                  or [largest]]
-    return plan + [(r, int(b), 0, "powersgd") for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
+    plan += [(r, int(b), 0, "powersgd") for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
+    names = {run_name(a, *run): run for run in plan}
+    chosen = [x for x in a.replicate.split(",") if x] or list(names)
+    unknown = [x for x in chosen if x not in names]
+    if unknown:
+        raise SystemExit(f"--replicate {','.join(unknown)}: not a run of this study; its runs: {', '.join(names)}")
+    seeds = [int(s) for s in a.replicas.split(",") if s]
+    if a.seed in seeds:
+        raise SystemExit(f"--replicas {a.replicas}: {a.seed} is --seed, the study's own runs")
+    return [run + (a.seed,) for run in plan] + [names[n] + (s,) for s in seeds for n in chosen]
 
 
 def main(argv=None):
@@ -297,22 +353,27 @@ def main(argv=None):
               file=sys.stderr)
         return None
     rows = []
-    for recipe, b, cycles, comm in plan:  # study.json is rewritten after every run: a partial study is readable
-        rows.append(run_one(a, out, store, val_idx, recipe, b, cycles, comm))
+    for run in plan:  # study.json is rewritten after every run: a partial study is readable
+        rows.append(run_one(a, out, store, val_idx, *run))
         result = report(a, out, rows, dict(store=str(path), val_images=len(val_idx), wall_s=time.perf_counter() - t0,
                                            runs_planned=len(plan), complete=len(rows) == len(plan)))
     print(json.dumps(dict(conclusions=result["conclusions"], runs=[
         {k: r[k] for k in ("name", "best_val_accuracy", "epochs_to_target", "final", "images_per_s")
-         } | ({"ensemble": r["ensemble"]} if "ensemble" in r else {}) for r in rows]), indent=1, default=float))
+         } | ({"ensemble": r["ensemble"]} if "ensemble" in r else {}) for r in rows], groups=[
+        {k: g[k] for k in ("name", "seeds", "best_val_accuracy", "best_val_accuracy_sd", "epochs_to_target")}
+        for g in result["groups"]]), indent=1, default=float))
     return result
 
 
 def report(a, out: Path, rows: list[dict], extra: dict) -> dict:
-    """Epochs to the target, the conclusions, study.json (atomically) and study.png of the runs so far."""
-    target = a.target or round(rows[0]["best_val_accuracy"] - 0.01, 4)
-    for r in rows:
+    """Epochs to the target, the conclusions, study.json (atomically) and study.png of the runs so far. ``groups``
+    in study.json: the runs with their replicas merged (``merge_seeds``), on which the conclusions are drawn."""
+    groups = merge_seeds(rows)
+    target = a.target or round(groups[0]["best_val_accuracy"] - 0.01, 4)
+    for r in rows + groups:
         r["epochs_to_target"] = epochs_to(r, target)
-    result = dict(args=vars(a), **extra, conclusions=conclusions(rows, a.base_batch, target), runs=rows)
+    result = dict(args=vars(a), **extra, conclusions=conclusions(groups, a.base_batch, target), groups=groups,
+                  runs=rows)
     tmp = out / "study.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=float))
     os.replace(tmp, out / "study.json")

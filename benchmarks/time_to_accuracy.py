@@ -9,10 +9,11 @@ each global batch x the per-node throughput at full resolution = hours to the ta
 For each single run of ``--recipe`` in the study (``benchmarks/study_large_batch.py``; no ensemble, no lossy
 exchange), global batch ``G``: ``min(G, --node-batch)`` images per node on ``G / that`` nodes. Its epochs to the
 target (``--target``: the study's, the recipe's own base batch's best minus 1 point, or a number) are read from
-its measured validation curve; its images/s on that many nodes are ``bench_comm.py``'s projection (``project_row``:
-``--node-image-s`` compute seconds per 1024x1280x3 training image on one node, by default 0.092 s =
-bench_scaling.py's measured 3.67 s per image per core over 40 cores, plus the ``--scheme``'s ring collectives on a
-``--network`` Gb/s network; ``--overlap-json`` adds ``train.overlap`` as bench_comm.py does). Then
+its measured validation curve (the mean over its seeds if the study has replicas); its images/s on that many nodes
+are ``bench_comm.py``'s projection (``project_row``: ``--node-image-s`` compute seconds per 1024x1280x3 training
+image on one node, by default 0.092 s = bench_scaling.py's measured 3.67 s per image per core over 40 cores, plus
+the ``--scheme``'s ring collectives on a ``--network`` Gb/s network; ``--overlap-json`` adds ``train.overlap`` as
+bench_comm.py does). Then
 
     hours = epochs to target x --images (3,848: BBBC021's annotated fields) / images/s / 3600
 
@@ -56,11 +57,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def runs_of(study: dict) -> list[dict]:
+    """The study's runs with their replicas merged (mean best accuracy, mean validation curve), as its conclusions
+    use them; a study.json from before replicas has only ``runs``."""
+    return study.get("groups", study["runs"])
+
+
 def choose_recipe(study: dict) -> str:
     """The recipe that kept its accuracy at the largest batch (within 1 point of the reference), else the
     reference's recipe."""
     conclusions = study["conclusions"]
-    reference = next(r for r in study["runs"] if r["name"] == conclusions["reference"])
+    reference = next(r for r in runs_of(study) if r["name"] == conclusions["reference"])
     best = reference["recipe"], reference["global_batch"]
     for recipe, c in conclusions.items():
         if isinstance(c, dict) and c.get("within_1_point"):
@@ -87,10 +94,10 @@ def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
     from study_large_batch import epochs_to
     from mcnn_jax import comm
 
-    runs = sorted((r for r in study["runs"] if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")),
+    runs = sorted((r for r in runs_of(study) if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")),
                   key=lambda r: r["global_batch"])
     if not runs:
-        known = sorted({r["recipe"] for r in study["runs"]})
+        known = sorted({r["recipe"] for r in runs_of(study)})
         raise SystemExit(f"{a.study} has no single run of the recipe {recipe!r}; its recipes: {', '.join(known)}")
     target = target_of(a, study, runs)
     params = abstract_params(1024, 1280)

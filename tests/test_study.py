@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -44,6 +45,52 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     assert study.main(args + ["--only", "lars_b8"]) is None and not (tmp_path / "study.json").exists()
     with pytest.raises(SystemExit, match="nesterov_b4, nesterov_b8"):
         study.main(args + ["--only", "lars_b16"])
+
+
+def test_replicas_train_again_with_other_seeds_and_the_conclusions_use_the_means(store, tmp_path):
+    import study_large_batch as study
+
+    args = ["--out", str(tmp_path), "--store", store, "--epochs", "1", "--warmup-epochs", "0.5", "--base-batch", "4",
+            "--multipliers", "1,2", "--recipes", "nesterov", "--cycles", "0", "--powersgd", "", "--widths",
+            "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2", "--lr", "nesterov=0.05", "--seed", "3",
+            "--replicas", "5", "--replicate", "nesterov_b4"]
+    saved = study.main(args)
+    runs = {r["name"]: r for r in saved["runs"]}
+    assert list(runs) == ["nesterov_b4", "nesterov_b8", "nesterov_b4_seed5"]
+    assert [runs[n]["seed"] for n in runs] == [3, 3, 5] and runs["nesterov_b4_seed5"]["group"] == "nesterov_b4"
+    assert runs["nesterov_b4"]["train_loss"] != runs["nesterov_b4_seed5"]["train_loss"]  # another initialisation
+    base = next(g for g in saved["groups"] if g["name"] == "nesterov_b4")
+    pair = [runs["nesterov_b4"]["best_val_accuracy"], runs["nesterov_b4_seed5"]["best_val_accuracy"]]
+    assert base["seeds"] == [3, 5] and base["best_val_accuracy_per_seed"] == pair
+    assert base["best_val_accuracy"] == pytest.approx(np.mean(pair))
+    assert base["best_val_accuracy_sd"] == pytest.approx(np.std(pair, ddof=1))
+    c = saved["conclusions"]
+    assert c["reference_best"] == pytest.approx(np.mean(pair)) and c["nesterov"]["seeds"] == {4: 2, 8: 1}
+    assert c["nesterov"]["gap_to_reference"][8] == pytest.approx(
+        np.mean(pair) - runs["nesterov_b8"]["best_val_accuracy"], abs=1e-4)
+    with pytest.raises(SystemExit, match="nesterov_b4, nesterov_b8"):
+        study.main(args[:-1] + ["nesterov_b16"])
+    with pytest.raises(SystemExit, match="--seed"):
+        study.main(args[:-3] + ["3", "--replicate", "nesterov_b4"])
+
+
+def test_merged_replicas_average_the_validation_curves():
+    import study_large_batch as study
+
+    def row(name, seed, acc):
+        return dict(name=name + (f"_seed{seed}" if seed else ""), group=name, seed=seed, recipe="adamw",
+                    global_batch=16, multiplier=1.0, cycles=0, comm="", peak_lr=0.002, val_epoch=[1.0, 2.0],
+                    val_accuracy=acc, best_val_accuracy=max(acc), final=dict(image_accuracy=acc[-1],
+                                                                             treatment_accuracy=1.0))
+
+    (merged,) = study.merge_seeds([row("adamw_b16", 0, [0.5, 0.7]), row("adamw_b16", 1, [0.6, 0.6])])
+    assert merged["val_accuracy"] == pytest.approx([0.55, 0.65]) and merged["best_val_accuracy"] == pytest.approx(0.65)
+    assert study.epochs_to(merged, 0.6) == 2.0  # read on the mean curve: one seed alone reaches 0.6 at epoch 1
+    assert merged["final_image_accuracy"] == pytest.approx(0.65)
+    late = row("adamw_b16", 2, [0.5, 0.7])
+    late["val_epoch"] = [1.0, 3.0]
+    with pytest.raises(SystemExit, match="adamw_b16_seed2"):
+        study.merge_seeds([row("adamw_b16", 0, [0.5, 0.7]), late])
 
 
 def test_multipliers_for_every_recipe_or_per_recipe():
@@ -109,5 +156,10 @@ def test_time_to_accuracy_is_measured_epochs_times_projected_throughput(tmp_path
         tta.main(["--study", str(path), "--target", "soon"])
     with pytest.raises(SystemExit, match="lars"):
         tta.main(["--study", str(path), "--recipe", "lars"])
+    # a study with replicas: its merged runs ("groups", mean curves) are the ones used
+    study = json.loads(path.read_text())
+    study["groups"] = [dict(r, val_accuracy=[0.8] * 20) for r in study["runs"]]
+    path.write_text(json.dumps(study))
+    assert [r["epochs_to_target"] for r in tta.main(["--study", str(path)])["rows"]] == [1.0, 1.0, 1.0]
     with pytest.raises(SystemExit, match="no study JSON"):
         tta.main(["--study", str(tmp_path / "missing.json")])
