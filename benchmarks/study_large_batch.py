@@ -9,7 +9,8 @@ at thin widths, every recipe trains at global batches ``base x multiplier`` for 
   linear warmup, linear decay (the published recipe, with this study's ``base_lr``);
 - ``lars``: LARS (masks as in ``mcnn_jax.optim``; trust coefficient ``--lars-trust``), the same warmup, linear
   scaling, polynomial decay (power 2);
-- ``adamw``: AdamW, the same warmup, square-root scaling (``--scaling``), cosine decay;
+- ``adamw``: AdamW, the same warmup, linear scaling (``--scaling``; ``sqrt`` is the other usual rule), cosine
+  decay;
 - ``lamb`` (not run by default): LAMB, the same warmup, square-root scaling, polynomial decay (power 2).
 
 Every run warms up from a tenth of its (scaled) peak learning rate and decays to a hundredth of it.
@@ -31,11 +32,11 @@ mean probabilities of each (compound, concentration)'s validation images, at the
 accuracy, throughput, and the curves; ``<out>/study.png`` has the training and validation loss of all runs.
 Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the study is rerun).
 
-    python benchmarks/study_large_batch.py --out study    # the study as reported (8 runs; see benchmarks/README)
+    python benchmarks/study_large_batch.py --out study    # the study (9 runs, ~50 min here; see benchmarks/README)
     python benchmarks/study_large_batch.py --out study --only lars_b256   # one run of it (e.g. one per process);
                                                           # the first command then reuses it and writes the report
-    python benchmarks/study_large_batch.py --out study --replicas 1,2 --replicate adamw_b16,adamw_b256
-                                                          # two more seeds of two runs; means in the conclusions
+    python benchmarks/study_large_batch.py --out study --replicas 1,2,3,4 \\
+        --replicate nesterov_b16,adamw_b16,adamw_b64,adamw_b256   # as reported: 4 more seeds of 4 runs (means)
     python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
         --base-batch 4 --recipes nesterov,lars --ensemble-recipe nesterov --ensemble-batches 8 --cycles 1 \\
         --cycle-epochs 0.5 --powersgd ""                  # tiny
@@ -74,12 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--widths", default="2,2,2,4,4,4,4", help="the seven branches' widths")
     p.add_argument("--epochs", type=float, default=40.0)
     p.add_argument("--base-batch", type=int, default=16)
-    p.add_argument("--multipliers", default="nesterov=1,16;lars=1,16;adamw=1,16", help="batch multipliers of the base batch for every recipe "
+    p.add_argument("--multipliers", default="nesterov=1,16;lars=1,16;adamw=1,4,16", help="batch multipliers of the base batch for every recipe "
                    "(\"1,4,16\"), or per recipe (\"nesterov=1,4,16;lars=1,16\"); 1 is always run first")
     p.add_argument("--recipes", default="nesterov,lars,adamw")
     p.add_argument("--lr", default="nesterov=0.01,lars=0.00625,adamw=0.002,lamb=0.0025", help="base learning rate at the base "
                    "batch per recipe (scaled with the batch by --scaling)")
-    p.add_argument("--scaling", default="nesterov=linear,lars=linear,adamw=sqrt,lamb=sqrt",
+    p.add_argument("--scaling", default="nesterov=linear,lars=linear,adamw=linear,lamb=sqrt",
                    help="optim.lr_scaling per recipe: linear, sqrt or none")
     p.add_argument("--grad-clip", default="", help="optim.grad_clip (global-norm clipping before the optimizer) per "
                    "recipe, e.g. \"nesterov=1.0\"; 0 or absent: none")

@@ -1,9 +1,10 @@
 """BBBC021 at full resolution on 8 nodes x 32 images (global batch 256, 16x the study's base batch of 16), with
 the recipe that came closest to its base batch's accuracy at 16x in the large-batch study
-(benchmarks/study_large_batch.py; README: "Large global batches"; 1.2 points below its own base batch and 2.8
-below the best one, Nesterov's, so short of the 1-point goal): AdamW with the square-root scaling rule (base_lr 0.002 at a batch of 16, so a peak of
-0.008 at 256), a 5-epoch linear warmup from a tenth of the peak, cosine decay to a hundredth of it, over 40
-epochs; label smoothing 0.1 and (decoupled) weight decay 5e-5 on the kernels, as in the published recipe.
+(benchmarks/study_large_batch.py; README: "Large global batches"): AdamW with the linear scaling rule (base_lr
+0.002 at a batch of 16, so a peak of 0.032 at 256), a 5-epoch linear warmup from a tenth of the peak, cosine decay
+to a hundredth of it, over 40 epochs; label smoothing 0.1 and (decoupled) weight decay 5e-5 on the kernels, as in
+the published recipe. It did NOT meet the 1-point goal: over five seeds it was 3.0 points below its own base batch
+on average (66.3% against 69.3%), and its seeds varied more (62.4-70.8%).
 
 Each rank takes its 32 images in micro-batches of 8 (7.2 GB peak at 1024x1280x3, benchmarks/bench_microbatch.py)
 and the ranks exchange gradients once per step ("auto": per dense layer the exact scheme that sends fewer bytes).
@@ -32,9 +33,9 @@ def _bbbc021_config():
 
 def get_config():
     c = _bbbc021_config()  # the data and model of configs/bbbc021.py; the optimizer and batch below
-    c.optim.update(name="adamw", b1=0.9, b2=0.999, lr_scaling="sqrt", base_lr=0.002, base_batch=16,
+    c.optim.update(name="adamw", b1=0.9, b2=0.999, lr_scaling="linear", base_lr=0.002, base_batch=16,
                    warmup_epochs=5.0, decay="cosine", epochs=40.0)
-    peak = 0.002 * (NODES * IMAGES_PER_NODE / 16) ** 0.5  # the sqrt rule, as mcnn_jax.optim.scaled_lr applies it
+    peak = 0.002 * NODES * IMAGES_PER_NODE / 16  # the linear rule, as mcnn_jax.optim.scaled_lr applies it
     c.optim.update(warmup_init_lr=peak / 10, end_lr=peak / 100)
     c.train.global_batch = NODES * IMAGES_PER_NODE
     c.train.microbatch = 8
