@@ -27,7 +27,7 @@ and its snapshots are evaluated as an ensemble (mean probabilities).
 store, split and schedule; ``<name>_seed<N>``); the conclusions then compare means over the seeds, and
 ``groups`` in study.json has each run's mean, standard deviation and per-seed best accuracy and mean curve.
 
-Reported per run (``<out>/study.json``): final and best validation accuracy (per image; per treatment, i.e. the
+Reported per run (``<out>/study.json``; ``<out>/study.md`` is its table): final and best validation accuracy (per image; per treatment, i.e. the
 mean probabilities of each (compound, concentration)'s validation images, at the end), the epochs to the target
 accuracy, throughput, and the curves; ``<out>/study.png`` has the training and validation loss of all runs.
 Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the study is rerun).
@@ -244,14 +244,52 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
             raise SystemExit(f"the replicas of {name} were evaluated at different epochs: "
                              f"{', '.join(m['name'] for m in members)}")
         merged.append(dict(
-            {k: first[k] for k in ("recipe", "global_batch", "multiplier", "cycles", "comm", "peak_lr")},
+            {k: first[k] for k in ("recipe", "global_batch", "multiplier", "cycles", "comm", "peak_lr", "steps")},
             name=name, seeds=[m.get("seed") for m in members], best_val_accuracy=float(np.mean(best)),
             best_val_accuracy_sd=float(np.std(best, ddof=1)) if len(best) > 1 else None,
             best_val_accuracy_per_seed=best, val_epoch=epochs,
             val_accuracy=[float(v) for v in np.mean([m["val_accuracy"] for m in members], axis=0)],
             final_image_accuracy=float(np.mean([m["final"]["image_accuracy"] for m in members])),
-            final_treatment_accuracy=float(np.mean([m["final"]["treatment_accuracy"] for m in members]))))
+            final_treatment_accuracy=float(np.mean([m["final"]["treatment_accuracy"] for m in members])),
+            **({"ensemble_image_accuracy": float(np.mean([m["ensemble"]["image_accuracy"] for m in members])),
+                "ensemble_treatment_accuracy": float(np.mean([m["ensemble"]["treatment_accuracy"] for m in members]))}
+               if "ensemble" in first else {})))
     return merged
+
+
+def markdown(result: dict) -> str:
+    """The study's table (one row per run, replicas merged): what ``<out>/study.md`` holds."""
+    c = result["conclusions"]
+    lines = ["| run | global batch | peak lr | updates | seeds | best val acc (image): mean, sd, range | final "
+             "(image) | final (treatment) | gap to own base | gap to best base |", "| --- " * 10 + "|"]
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    for g in result["groups"]:
+        per = g["best_val_accuracy_per_seed"]
+        best = pct(g["best_val_accuracy"]) + (f", {100 * g['best_val_accuracy_sd']:.1f}, {pct(min(per))}-{pct(max(per))}"
+                                              if len(per) > 1 else "")
+        mine = c.get(g["recipe"], {}) if not g["cycles"] and not g["comm"] else {}
+        own, ref = mine.get("gap_to_own_base", {}).get(g["global_batch"]), mine.get("gap_to_reference", {}).get(
+            g["global_batch"])
+        if g["comm"]:
+            own = c.get("powersgd_cost", {}).get(g["name"])
+        if g["global_batch"] == result["args"]["base_batch"] and not g["comm"]:
+            own = None  # a base batch is its own base
+        gaps = ["" if x is None or g["name"] == c["reference"] else f"{100 * x:.1f}" for x in (own, ref)]
+        if g["comm"] and gaps[0]:
+            gaps[0] += " (to the same run without it)"
+        lines.append(f"| {g['name']} | {g['global_batch']} | {g['peak_lr']:g} | {g['steps']:,} | {len(per)} | {best} | "
+                     f"{pct(g['final_image_accuracy'])} | {pct(g['final_treatment_accuracy'])} | {gaps[0]} | "
+                     f"{gaps[1]} |")
+        if "ensemble_image_accuracy" in g:
+            lines.append(f"| its collapsed ensemble | | | | {len(per)} | | {pct(g['ensemble_image_accuracy'])} | "
+                         f"{pct(g['ensemble_treatment_accuracy'])} | | |")
+    lines.append(f"\nTarget {pct(c['target'])} (epochs to it on the mean curve): " + ", ".join(
+        f"{g['name']} {g['epochs_to_target']:g}" for g in result["groups"] if g["epochs_to_target"] is not None)
+        + (" (no other run reached it)" if any(g["epochs_to_target"] is None for g in result["groups"]) else ""))
+    return "\n".join(lines) + "\n"
 
 
 def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
@@ -379,6 +417,7 @@ def report(a, out: Path, rows: list[dict], extra: dict) -> dict:
     tmp.write_text(json.dumps(result, indent=1, default=float))
     os.replace(tmp, out / "study.json")
     plot(rows, out / "study.png")
+    (out / "study.md").write_text(markdown(result))
     return result
 
 

@@ -21,6 +21,9 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     result = study.main(args)
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["complete"] and (tmp_path / "study.png").stat().st_size > 10_000
+    table = (tmp_path / "study.md").read_text()  # the table: a row per run, the ensemble's own row
+    assert all(f"| {r['name']} | {r['global_batch']} |" in table for r in saved["runs"])
+    assert "| its collapsed ensemble |" in table
     names = [r["name"] for r in saved["runs"]]
     assert names == ["nesterov_b4", "nesterov_b8", "lars_b4", "lars_b8", "nesterov_b8_ensemble1",
                      "nesterov_b8_powersgd4"]
@@ -64,6 +67,7 @@ def test_replicas_train_again_with_other_seeds_and_the_conclusions_use_the_means
     assert base["seeds"] == [3, 5] and base["best_val_accuracy_per_seed"] == pair
     assert base["best_val_accuracy"] == pytest.approx(np.mean(pair))
     assert base["best_val_accuracy_sd"] == pytest.approx(np.std(pair, ddof=1))
+    assert f"| nesterov_b4 | 4 | 0.05 | 10 | 2 | {100 * np.mean(pair):.1f}%, " in (tmp_path / "study.md").read_text()
     c = saved["conclusions"]
     assert c["reference_best"] == pytest.approx(np.mean(pair)) and c["nesterov"]["seeds"] == {4: 2, 8: 1}
     assert c["nesterov"]["gap_to_reference"][8] == pytest.approx(
@@ -79,7 +83,7 @@ def test_merged_replicas_average_the_validation_curves():
 
     def row(name, seed, acc):
         return dict(name=name + (f"_seed{seed}" if seed else ""), group=name, seed=seed, recipe="adamw",
-                    global_batch=16, multiplier=1.0, cycles=0, comm="", peak_lr=0.002, val_epoch=[1.0, 2.0],
+                    global_batch=16, multiplier=1.0, cycles=0, comm="", peak_lr=0.002, steps=10, val_epoch=[1.0, 2.0],
                     val_accuracy=acc, best_val_accuracy=max(acc), final=dict(image_accuracy=acc[-1],
                                                                              treatment_accuracy=1.0))
 
