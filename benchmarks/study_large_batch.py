@@ -266,7 +266,9 @@ def markdown(result: dict) -> str:
     def pct(x):
         return f"{100 * x:.1f}%"
 
-    for g in result["groups"]:
+    recipes = list(dict.fromkeys(g["recipe"] for g in result["groups"]))
+    for g in sorted(result["groups"], key=lambda g: (recipes.index(g["recipe"]), g["cycles"], bool(g["comm"]),
+                                                     g["global_batch"])):
         per = g["best_val_accuracy_per_seed"]
         best = pct(g["best_val_accuracy"]) + (f", {100 * g['best_val_accuracy_sd']:.1f}, {pct(min(per))}-{pct(max(per))}"
                                               if len(per) > 1 else "")
@@ -277,9 +279,10 @@ def markdown(result: dict) -> str:
             own = c.get("powersgd_cost", {}).get(g["name"])
         if g["global_batch"] == result["args"]["base_batch"] and not g["comm"]:
             own = None  # a base batch is its own base
-        gaps = ["" if x is None or g["name"] == c["reference"] else f"{100 * x:.1f}" for x in (own, ref)]
+        gaps = ["" if x is None or g["name"] == c["reference"] else f"{100 * x + 0.0:.1f}".replace("-0.0", "0.0")
+                for x in (own, ref)]
         if g["comm"] and gaps[0]:
-            gaps[0] += " (to the same run without it)"
+            gaps[0] += " (to the same run and seed without it)"
         lines.append(f"| {g['name']} | {g['global_batch']} | {g['peak_lr']:g} | {g['steps']:,} | {len(per)} | {best} | "
                      f"{pct(g['final_image_accuracy'])} | {pct(g['final_treatment_accuracy'])} | {gaps[0]} | "
                      f"{gaps[1]} |")
@@ -292,10 +295,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
+def conclusions(rows: list[dict], base_batch: int, target: float, runs: list[dict] | None = None) -> dict:
     """Per recipe: for each batch the gap to the base batch of the first recipe (the reference) and to its own
     base batch, and whether it is within 1 point; per PowerSGD run the gap to the same run without it. ``rows``:
-    the runs with their replicas merged (``merge_seeds``), so every accuracy is a mean over its seeds."""
+    the runs with their replicas merged (``merge_seeds``), so every accuracy is a mean over its seeds; a PowerSGD
+    run is compared with the plain run of the same seed(s) among ``runs`` (the unmerged runs) when there is one."""
     singles = [r for r in rows if not r["cycles"] and not r.get("comm")]
     reference = next(r for r in singles if r["global_batch"] == base_batch)
     out = dict(reference=reference["name"], reference_best=reference["best_val_accuracy"], target=target)
@@ -311,7 +315,10 @@ def conclusions(rows: list[dict], base_batch: int, target: float) -> dict:
     for r in rows:
         plain = next((p for p in singles if (p["recipe"], p["global_batch"]) == (r["recipe"], r["global_batch"])), None)
         if r.get("comm") and plain:
-            out.setdefault("powersgd_cost", {})[r["name"]] = round(plain["best_val_accuracy"] - r["best_val_accuracy"], 4)
+            same_seed = [p for p in runs or [] if p.get("group") == plain["name"] and p.get("seed") in r.get("seeds", [])]
+            base = np.mean([p["best_val_accuracy"] for p in same_seed]) if len(same_seed) == len(r.get("seeds", [])) \
+                else plain["best_val_accuracy"]
+            out.setdefault("powersgd_cost", {})[r["name"]] = round(float(base) - r["best_val_accuracy"], 4)
     return out
 
 
@@ -411,7 +418,7 @@ def report(a, out: Path, rows: list[dict], extra: dict) -> dict:
     target = a.target or round(groups[0]["best_val_accuracy"] - 0.01, 4)
     for r in rows + groups:
         r["epochs_to_target"] = epochs_to(r, target)
-    result = dict(args=vars(a), **extra, conclusions=conclusions(groups, a.base_batch, target), groups=groups,
+    result = dict(args=vars(a), **extra, conclusions=conclusions(groups, a.base_batch, target, rows), groups=groups,
                   runs=rows)
     tmp = out / "study.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=float))

@@ -152,6 +152,20 @@ def find_config_file(path: str) -> Path:
     raise FileNotFoundError(f"no config file {path}" + (f"; the project's configs are {known}" if known else ""))
 
 
+def config_module(path: str | Path):
+    """The module of a config file, loaded by its path: how a config builds on another one beside it
+    (``config_module(Path(__file__).with_name("bbbc021.py")).get_config()``), configs being files, not a package."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {path}")
+    spec = importlib.util.spec_from_file_location(f"_mcnn_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def parse_config_flags(argv: Sequence[str], flag_values=None):
     """Parses ``argv`` (program name first) with absl flags and ``ml_collections.config_flags``: ``--config``
     is a config file (or the name of one in ``configs/``), ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``)

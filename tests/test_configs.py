@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mcnn_jax.config import base_config, load_config, published_recipe
+from mcnn_jax.config import base_config, config_module, load_config, published_recipe
 from mcnn_jax.models import from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -43,23 +43,28 @@ def test_overrides_are_typed():
         load_config("nope")
 
 
-def test_large_batch_config_is_the_study_recipe_at_16x():
-    """configs/bbbc021_large_batch.py is the large-batch study's AdamW recipe (its defaults) at 16x its base."""
+@pytest.mark.parametrize("name,multiplier,ranks", [("bbbc021_large_batch", 16, 8), ("bbbc021_batch64", 4, 4)])
+def test_large_batch_configs_are_the_study_recipe(name, multiplier, ranks):
+    """configs/bbbc021_large_batch.py (16x) and bbbc021_batch64.py (4x) are the large-batch study's AdamW recipe
+    (its defaults) at that multiple of its base batch."""
     import sys
 
     from mcnn_jax.optim import make_schedule, scaled_lr
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import study_large_batch as study
 
-    c = load_config("bbbc021_large_batch")
+    c = load_config(name)
     a = study.parse_args(["--out", "x"])
-    ref = study.make_config(a, "s", "adamw", 16 * a.base_batch)
-    assert c.train.global_batch == 16 * a.base_batch == 256
+    ref = study.make_config(a, "s", "adamw", multiplier * a.base_batch)
+    assert c.train.global_batch == multiplier * a.base_batch
     for key in ("name", "lr_scaling", "base_lr", "base_batch", "warmup_epochs", "decay", "epochs", "b1", "b2",
                 "warmup_init_lr", "end_lr", "label_smoothing", "weight_decay"):
         assert c.optim[key] == pytest.approx(ref.optim[key]) if isinstance(c.optim[key], float) else \
             c.optim[key] == ref.optim[key], key
     peak = scaled_lr(c.optim.base_lr, c.train.global_batch, c.optim.base_batch, c.optim.lr_scaling)
+    assert peak == pytest.approx(0.002 * multiplier)  # the linear rule
     schedule = make_schedule(c.optim, 12, c.train.global_batch)
     assert float(schedule(60)) == pytest.approx(peak, rel=1e-5)  # the end of the 5-epoch warmup
-    assert (c.train.global_batch // 8) % c.train.microbatch == 0  # 8 nodes: 32 images per rank in micro-batches
+    assert (c.train.global_batch // ranks) % c.train.microbatch == 0  # one rank per node, in micro-batches
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        config_module(Path("configs/nope.py"))
