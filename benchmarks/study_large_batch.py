@@ -295,11 +295,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def conclusions(rows: list[dict], base_batch: int, target: float, runs: list[dict] | None = None) -> dict:
+def conclusions(rows: list[dict], base_batch: int, target: float, runs: list[dict]) -> dict:
     """Per recipe: for each batch the gap to the base batch of the first recipe (the reference) and to its own
     base batch, and whether it is within 1 point; per PowerSGD run the gap to the same run without it. ``rows``:
     the runs with their replicas merged (``merge_seeds``), so every accuracy is a mean over its seeds; a PowerSGD
-    run is compared with the plain run of the same seed(s) among ``runs`` (the unmerged runs) when there is one."""
+    run is compared with the plain run of the same seed(s) among ``runs`` (the unmerged runs) when every seed has
+    one, else with the plain run's mean."""
     singles = [r for r in rows if not r["cycles"] and not r.get("comm")]
     reference = next(r for r in singles if r["global_batch"] == base_batch)
     out = dict(reference=reference["name"], reference_best=reference["best_val_accuracy"], target=target)
@@ -315,7 +316,7 @@ def conclusions(rows: list[dict], base_batch: int, target: float, runs: list[dic
     for r in rows:
         plain = next((p for p in singles if (p["recipe"], p["global_batch"]) == (r["recipe"], r["global_batch"])), None)
         if r.get("comm") and plain:
-            same_seed = [p for p in runs or [] if p.get("group") == plain["name"] and p.get("seed") in r.get("seeds", [])]
+            same_seed = [p for p in runs if p.get("group") == plain["name"] and p.get("seed") in r.get("seeds", [])]
             base = np.mean([p["best_val_accuracy"] for p in same_seed]) if len(same_seed) == len(r.get("seeds", [])) \
                 else plain["best_val_accuracy"]
             out.setdefault("powersgd_cost", {})[r["name"]] = round(float(base) - r["best_val_accuracy"], 4)
@@ -350,6 +351,16 @@ def plot(rows: list[dict], path: Path):
     plt.close(fig)
 
 
+def named_runs(flag: str, spec: str, names) -> list[str]:
+    """The run names of ``spec`` (comma-separated) for the option ``flag``; an unknown one is an error that lists
+    the study's runs (``names``)."""
+    chosen = [x for x in spec.split(",") if x]
+    unknown = [x for x in chosen if x not in names]
+    if unknown:
+        raise SystemExit(f"{flag} {','.join(unknown)}: not a run of this study; its runs: {', '.join(names)}")
+    return chosen
+
+
 def study_plan(a) -> list[tuple[str, int, int, str, int]]:
     """The runs, in order: (recipe, global batch, cycles, train.comm or "", seed); the replicas (``--replicas``)
     come after the study's runs."""
@@ -364,10 +375,7 @@ def study_plan(a) -> list[tuple[str, int, int, str, int]]:
                  or [largest]]
     plan += [(r, int(b), 0, "powersgd") for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
     names = {run_name(a, *run): run for run in plan}
-    chosen = [x for x in a.replicate.split(",") if x] or list(names)
-    unknown = [x for x in chosen if x not in names]
-    if unknown:
-        raise SystemExit(f"--replicate {','.join(unknown)}: not a run of this study; its runs: {', '.join(names)}")
+    chosen = named_runs("--replicate", a.replicate, names) or list(names)
     seeds = [int(s) for s in a.replicas.split(",") if s]
     if a.seed in seeds:
         raise SystemExit(f"--replicas {a.replicas}: {a.seed} is --seed, the study's own runs")
@@ -390,10 +398,7 @@ def main(argv=None):
     plan = study_plan(a)
     if a.only:  # train just these runs (e.g. one per process or machine), then stop: no report
         names = {run_name(a, *run): run for run in plan}
-        unknown = sorted(set(a.only.split(",")) - set(names))
-        if unknown:
-            raise SystemExit(f"--only {','.join(unknown)}: not a run of this study; its runs: {', '.join(names)}")
-        for name in a.only.split(","):
+        for name in named_runs("--only", a.only, names):
             run_one(a, out, store, val_idx, *names[name])
         print(f"trained {a.only} in {out / 'runs'}; the same command without --only reuses them and writes the report",
               file=sys.stderr)

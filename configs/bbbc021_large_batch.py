@@ -21,6 +21,7 @@ BBBC021, not tuned on it. Time to accuracy on N nodes: `python benchmarks/time_t
 from pathlib import Path
 
 from mcnn_jax.config import config_module
+from mcnn_jax.optim import scaled_lr
 
 
 def get_config(nodes: int = 8, images_per_node: int = 32):
@@ -28,9 +29,9 @@ def get_config(nodes: int = 8, images_per_node: int = 32):
     c = config_module(Path(__file__).with_name("bbbc021.py")).get_config()  # its data and model; optimizer below
     c.optim.update(name="adamw", b1=0.9, b2=0.999, lr_scaling="linear", base_lr=0.002, base_batch=16,
                    warmup_epochs=5.0, decay="cosine", epochs=40.0)
-    peak = 0.002 * nodes * images_per_node / 16  # the linear rule, as mcnn_jax.optim.scaled_lr applies it
-    c.optim.update(warmup_init_lr=peak / 10, end_lr=peak / 100)
     c.train.global_batch = nodes * images_per_node
+    peak = scaled_lr(c.optim.base_lr, c.train.global_batch, c.optim.base_batch, c.optim.lr_scaling)
+    c.optim.update(warmup_init_lr=peak / 10, end_lr=peak / 100)
     c.train.microbatch = 8
     c.train.comm = "auto"
     c.train.eval_every_epochs = 1.0
