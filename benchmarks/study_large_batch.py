@@ -37,6 +37,8 @@ Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the stud
                                                           # the first command then reuses it and writes the report
     python benchmarks/study_large_batch.py --out study --replicas 1,2,3,4 \\
         --replicate nesterov_b16,adamw_b16,adamw_b64,adamw_b256   # as reported: 4 more seeds of 4 runs (means)
+    python benchmarks/study_large_batch.py --out study2 --store study/data/store --seed 3 \\
+        --set optim.b2=0.984 --only adamw_b256             # one run with a config key changed (its own --out)
     python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
         --base-batch 4 --recipes nesterov,lars --ensemble-recipe nesterov --ensemble-batches 8 --cycles 1 \\
         --cycle-epochs 0.5 --powersgd ""                  # tiny
@@ -104,6 +106,9 @@ def parse_args(argv=None):
                    "accuracy in the conclusions is the mean over the seeds")
     p.add_argument("--replicate", default="", help="the runs to replicate (names as in <out>/runs, comma-separated; "
                    "default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (repeatable; e.g. optim.b2=0.984). Run names do not "
+                        "show it: give such a study its own --out (--store can share the data)")
     return p.parse_args(argv)
 
 
@@ -125,7 +130,7 @@ def per_recipe(spec: str, recipe: str, default):
 def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = "", seed: int | None = None):
     """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs; ``comm``:
     ``train.comm``, "" for the default; ``seed``: the initialisation seed, default ``--seed``)."""
-    from mcnn_jax.config import base_config
+    from mcnn_jax.config import apply_overrides, base_config
     from mcnn_jax.optim import scaled_lr
 
     c = base_config()
@@ -154,7 +159,7 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: s
                    keep_checkpoints=1, eval_batch=64)
     if comm:
         c.train.update(comm=comm, powersgd_rank=a.powersgd_rank)
-    return c
+    return apply_overrides(c, a.set)
 
 
 def evaluate_run(workdir: Path, store, val_idx, which: str) -> dict:

@@ -243,3 +243,38 @@ def all_keys(config, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{k}")
     return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Sets ``KEY=VALUE`` overrides (e.g. ``optim.b2=0.984``) on ``config`` in place, as ``--config.KEY=VALUE``
+    would: VALUE is read as a Python literal (a number, a tuple, True) or else taken as a string, and must suit the
+    key's current type (``true``/``false`` as the flags read them). An unknown key or a section is a ValueError naming the key (with close matches)."""
+    import ast
+
+    valid = all_keys(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override {item!r} must be KEY=VALUE")
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+            close = difflib.get_close_matches(key, valid, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown config key {key!r} in the override {item!r}.{hint}")
+        if isinstance(node[last], ml_collections.ConfigDict):
+            raise ValueError(f"config key {key!r} is a section; set one of its keys: "
+                             f"{', '.join(all_keys(node[last], key + '.'))}")
+        try:
+            value = {"true": True, "false": False}.get(text.strip().lower()) if text.strip().lower() in (
+                "true", "false") else ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        try:
+            node[last] = value
+        except TypeError as e:
+            raise ValueError(f"config key {key!r} takes a {type(node[last]).__name__} (now {node[last]!r}); got "
+                             f"{text!r}: {e}") from None
+    return config

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mcnn_jax.config import base_config, config_module, load_config, published_recipe
+from mcnn_jax.config import apply_overrides, base_config, config_module, load_config, published_recipe
 from mcnn_jax.models import from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -41,6 +41,21 @@ def test_overrides_are_typed():
         load_config("tiny", ["optim=1"])
     with pytest.raises(FileNotFoundError, match="the project's configs are"):
         load_config("nope")
+
+
+def test_overrides_on_a_built_config_read_as_the_flags_do():
+    c = apply_overrides(base_config(), ["optim.b2=0.984", "train.global_batch=16", "optim.base_lr=1",
+                                        "model.widths=(1,2,3,4,5,6,7)", "data.augment.flips=false", "optim.name=lars"])
+    assert c.optim.b2 == 0.984 and c.train.global_batch == 16 and c.optim.base_lr == 1.0
+    assert tuple(c.model.widths) == (1, 2, 3, 4, 5, 6, 7) and c.data.augment.flips is False and c.optim.name == "lars"
+    with pytest.raises(ValueError, match="unknown config key 'optim.b3'.*Did you mean optim.b2"):
+        apply_overrides(base_config(), ["optim.b3=0.9"])
+    with pytest.raises(ValueError, match="'optim' is a section"):
+        apply_overrides(base_config(), ["optim=1"])
+    with pytest.raises(ValueError, match="'optim.b2' takes a float .* got 'fast'"):
+        apply_overrides(base_config(), ["optim.b2=fast"])
+    with pytest.raises(ValueError, match="must be KEY=VALUE"):
+        apply_overrides(base_config(), ["optim.b2"])
 
 
 @pytest.mark.parametrize("name,multiplier,ranks", [("bbbc021_large_batch", 16, 8), ("bbbc021_batch64", 4, 4)])

@@ -114,6 +114,12 @@ def test_per_recipe_options_reach_the_config():
     assert nesterov.optim.grad_clip == 0.5 and lars.optim.grad_clip == 0.0
     assert nesterov.model.merge_pool == 1 and tuple(nesterov.model.input_shape) == (64, 64, 3)
     assert study.per_recipe("nesterov=0.03,lars=0.015", "lars", None) == "0.015"
+    # --set: config overrides for every run, after the recipe's own settings
+    a = study.parse_args(["--out", "x", "--set", "optim.b2=0.984", "--set", "train.keep_checkpoints=50"])
+    adamw = study.make_config(a, "s", "adamw", 256)
+    assert adamw.optim.b2 == 0.984 and adamw.train.keep_checkpoints == 50 and adamw.optim.name == "adamw"
+    with pytest.raises(ValueError, match="unknown config key 'optim.b22'"):
+        study.make_config(study.parse_args(["--out", "x", "--set", "optim.b22=1"]), "s", "adamw", 256)
 
 
 def _study_json(tmp_path, epochs_to_target):
