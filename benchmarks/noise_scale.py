@@ -1,7 +1,7 @@
 """The gradient noise scale B_simple (``mcnn_jax.noise_scale``) of runs' checkpoints: the global batch beyond which
 a larger batch stops keeping its accuracy at the same number of epochs (McCandlish et al. 2018).
 
-    python benchmarks/noise_scale.py --run study/runs/adamw_b16                   # at initialisation and every kept checkpoint
+    python benchmarks/noise_scale.py --run study/runs/adamw_b16    # at initialisation and every kept checkpoint
     python benchmarks/noise_scale.py --run A --run B --checkpoints latest --chunk 8 --out ns.json
 
 For each run (a training workdir) and each of ``--checkpoints`` (``init``: the run's initial parameters, from its
@@ -67,6 +67,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     from mcnn_jax.evaluate import load_ensemble
     from mcnn_jax.models import from_config, init_params
     from mcnn_jax.noise_scale import gradient_noise_scale
+    from mcnn_jax.optim import steps_per_epoch
 
     ckpt = Checkpointer(workdir, write=False)
     try:
@@ -82,7 +83,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     idx = train_idx if split == "train" else val_idx
     if max_images:
         idx = idx[:max_images]
-    spe = len(train_idx) // config.train.global_batch
+    spe = steps_per_epoch(len(train_idx), config.train.global_batch)
     numbered = [s for s in steps if s != "init"]
     model, members, _ = (load_ensemble(workdir, ",".join(map(str, numbered))) if numbered
                          else (from_config(config.model, num_classes=meta["num_classes"]), [], []))
@@ -99,7 +100,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
         finally:
             reader.close()
         step = 0 if s == "init" else int(s)
-        rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=step / spe if spe else None,
+        rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=step / spe,
                          split=split, seconds=time.perf_counter() - t0,
                          **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}))
         print(f"{workdir.name} {s}: B_simple {r['b_simple']:.1f} (tr Sigma {r['trace_sigma']:.4g}, |G|^2 "

@@ -247,8 +247,9 @@ def all_keys(config, prefix: str = "") -> list[str]:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Sets ``KEY=VALUE`` overrides (e.g. ``optim.b2=0.984``) on ``config`` in place, as ``--config.KEY=VALUE``
-    would: VALUE is read as a Python literal (a number, a tuple, True) or else taken as a string, and must suit the
-    key's current type (``true``/``false`` as the flags read them). An unknown key or a section is a ValueError naming the key (with close matches)."""
+    would: VALUE is read as a Python literal (a number, a tuple; ``true``/``false`` as the flags read them) or
+    else taken as a string, and must suit the key's current type. An unknown key or a section is a ValueError
+    naming the key (with close matches)."""
     import ast
 
     valid = all_keys(config)
@@ -267,11 +268,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if isinstance(node[last], ml_collections.ConfigDict):
             raise ValueError(f"config key {key!r} is a section; set one of its keys: "
                              f"{', '.join(all_keys(node[last], key + '.'))}")
-        try:
-            value = {"true": True, "false": False}.get(text.strip().lower()) if text.strip().lower() in (
-                "true", "false") else ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
+        word = text.strip().lower()
+        if word in ("true", "false"):
+            value = word == "true"
+        else:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
         try:
             node[last] = value
         except TypeError as e:
