@@ -36,7 +36,7 @@ Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the stud
     python benchmarks/study_large_batch.py --out study --only lars_b256   # one run of it (e.g. one per process);
                                                           # the first command then reuses it and writes the report
     python benchmarks/study_large_batch.py --out study --replicas 1,2,3,4 \\
-        --replicate nesterov_b16,adamw_b16,adamw_b64,adamw_b256   # as reported: 4 more seeds of 4 runs (means)
+        --replicate nesterov_b16,adamw_b16,adamw_b64,adamw_b256,adamw_b256_powersgd4   # as reported (means)
     python benchmarks/study_large_batch.py --out study2 --store study/data/store --seed 3 \\
         --set optim.b2=0.984 --only adamw_b256             # one run with a config key changed (its own --out)
     python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
