@@ -15,12 +15,13 @@ from the chunks. JSON on stdout (and ``--out``): one row per (run, checkpoint) w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 
 def parse_args(argv=None):
@@ -91,32 +92,28 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     if "init" in steps:
         params["init"] = init_params(model, jax.random.key(config.seed), tuple(config.model.input_shape))
     rows = []
-    for s in steps:
-        t0 = time.perf_counter()
-        reader = Reader(store, idx, chunk, augment=None, train=False)
-        try:
+    with Reader(store, idx, chunk, augment=None, train=False) as reader:  # one pass of it per checkpoint
+        for s in steps:
+            t0 = time.perf_counter()
             r = gradient_noise_scale(model, params[s], (b for _, b in reader.iterate()), meta["num_classes"],
                                      config.optim.label_smoothing)
-        finally:
-            reader.close()
-        step = 0 if s == "init" else int(s)
-        rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=step / spe,
-                         split=split, seconds=time.perf_counter() - t0,
-                         **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}))
-        print(f"{workdir.name} {s}: B_simple {r['b_simple']:.1f} (tr Sigma {r['trace_sigma']:.4g}, |G|^2 "
-              f"{r['grad_norm_sq']:.4g}; {r['images']} images)", file=sys.stderr, flush=True)
+            step = 0 if s == "init" else int(s)
+            rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=step / spe,
+                             split=split, seconds=time.perf_counter() - t0,
+                             **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}))
+            print(f"{workdir.name} {s}: B_simple {r['b_simple']:.1f} (tr Sigma {r['trace_sigma']:.4g}, |G|^2 "
+                  f"{r['grad_norm_sq']:.4g}; {r['images']} images)", file=sys.stderr, flush=True)
     return rows
 
 
 def main(argv=None):
+    from bench_train import emit
+
     a = parse_args(argv)
     rows = []
     for run in a.run:
         rows += measure_run(Path(run), a.checkpoints, a.chunk, a.split, a.max_images)
-    text = json.dumps(dict(args=vars(a), rows=rows), indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    emit(dict(args=vars(a), rows=rows), a.out)
     return rows
 
 

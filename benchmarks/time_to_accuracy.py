@@ -137,6 +137,8 @@ def markdown(rows: list[dict], target: float) -> str:
 
 
 def main(argv=None):
+    from bench_train import emit
+
     a = parse_args(argv)
     path = Path(a.study)
     if not path.is_file():
@@ -152,10 +154,7 @@ def main(argv=None):
                   rows=rows)
     print(f"{recipe}, target {100 * target:.1f}% (--target {a.target}), {a.network:g} Gb/s, {a.scheme}:\n"
           + markdown(rows, target), file=sys.stderr)
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    emit(result, a.out)
     return result
 
 

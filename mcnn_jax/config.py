@@ -214,25 +214,34 @@ def _explain(argv: list[str], error: Exception) -> Exception:
     if not overrides or not paths:
         return ValueError(str(error))
     config = parse_config_flags(["mcnn", f"--config={paths[-1]}"]).config
-    valid = all_keys(config)
     for key in overrides:
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) and part in node else None
-            if node is None:
-                close = difflib.get_close_matches(key, valid, n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                return ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
-        if isinstance(node, ml_collections.ConfigDict):
-            return ValueError(f"config key {key!r} is a section; set one of its keys: "
-                              f"{', '.join(all_keys(node, key + '.'))}")
+        if (problem := _key_error(config, key)) is not None:
+            return problem
     bad = re.search(r"--config\.([\w.]+)=(.*?): (.*)", str(error))
     if bad:
         key, value, why = bad.groups()
-        current = functools.reduce(lambda n, part: n[part], key.split("."), config)
-        return ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {value!r}: "
-                          f"{why}")
+        return _type_error(key, functools.reduce(lambda n, part: n[part], key.split("."), config), value, why)
     return ValueError(f"bad config override: {error}")
+
+
+def _key_error(config, key: str) -> ValueError | None:
+    """Why ``key`` cannot be set on ``config`` (an unknown key, with close matches, or a section), or None."""
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) and part in node else None
+        if node is None:
+            valid = all_keys(config)
+            close = difflib.get_close_matches(key, valid, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            return ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+    if isinstance(node, ml_collections.ConfigDict):
+        return ValueError(f"config key {key!r} is a section; set one of its keys: "
+                          f"{', '.join(all_keys(node, key + '.'))}")
+    return None
+
+
+def _type_error(key: str, current, value: str, why) -> ValueError:
+    return ValueError(f"config key {key!r} takes a {type(current).__name__} (now {current!r}); got {value!r}: {why}")
 
 
 def all_keys(config, prefix: str = "") -> list[str]:
@@ -252,22 +261,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     naming the key (with close matches)."""
     import ast
 
-    valid = all_keys(config)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"config override {item!r} must be KEY=VALUE")
+        if (problem := _key_error(config, key)) is not None:
+            raise problem
         *parents, last = key.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
-            close = difflib.get_close_matches(key, valid, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown config key {key!r} in the override {item!r}.{hint}")
-        if isinstance(node[last], ml_collections.ConfigDict):
-            raise ValueError(f"config key {key!r} is a section; set one of its keys: "
-                             f"{', '.join(all_keys(node[last], key + '.'))}")
+        node = functools.reduce(lambda n, part: n[part], parents, config)
         word = text.strip().lower()
         if word in ("true", "false"):
             value = word == "true"
@@ -279,6 +280,5 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         try:
             node[last] = value
         except TypeError as e:
-            raise ValueError(f"config key {key!r} takes a {type(node[last]).__name__} (now {node[last]!r}); got "
-                             f"{text!r}: {e}") from None
+            raise _type_error(key, node[last], text, e) from None
     return config
