@@ -68,7 +68,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     from mcnn_jax.evaluate import load_ensemble
     from mcnn_jax.models import from_config, init_params
     from mcnn_jax.noise_scale import gradient_noise_scale
-    from mcnn_jax.optim import steps_per_epoch
+    from mcnn_jax.batch_schedule import from_config as batch_schedule
 
     ckpt = Checkpointer(workdir, write=False)
     try:
@@ -84,7 +84,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     idx = train_idx if split == "train" else val_idx
     if max_images:
         idx = idx[:max_images]
-    spe = steps_per_epoch(len(train_idx), config.train.global_batch)
+    epochs = batch_schedule(config, len(train_idx)).epoch  # steps -> epochs (train.batch_schedule too)
     numbered = [s for s in steps if s != "init"]
     model, members, _ = (load_ensemble(workdir, ",".join(map(str, numbered))) if numbered
                          else (from_config(config.model, num_classes=meta["num_classes"]), [], []))
@@ -98,7 +98,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
             r = gradient_noise_scale(model, params[s], (b for _, b in reader.iterate()), meta["num_classes"],
                                      config.optim.label_smoothing)
             step = 0 if s == "init" else int(s)
-            rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=step / spe,
+            rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=epochs(step),
                              split=split, seconds=time.perf_counter() - t0,
                              **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}))
             print(f"{workdir.name} {s}: B_simple {r['b_simple']:.1f} (tr Sigma {r['trace_sigma']:.4g}, |G|^2 "

@@ -19,6 +19,11 @@ Multipliers may differ per recipe (``--multipliers``). ``--powersgd RECIPE:BATCH
 ``train.comm="powersgd"`` (one process: the same arithmetic as N ranks, the compression being linear in the
 summed gradient) to measure the lossy exchange's accuracy cost.
 
+``--ramp RECIPE:EPOCH=BATCH,...`` adds a run whose global batch grows (``train.batch_schedule``; default
+``adamw:0=16,10=64,20=256``: 10 epochs at the base batch, 10 at 4x, the last 20 at 16x, following the gradient noise
+scale measured along the study's runs); it is named ``<recipe>_b<last batch>_ramp`` and compared with the base
+batch as the 16x runs are.
+
 Then the collapsed ensemble (``optim.cycles``): at the batches of ``--ensemble-batches``, the ``--ensemble-recipe``
 trains ``epochs - cycles x cycle_epochs`` main epochs plus the cycles (the same total epochs as the single model)
 and its snapshots are evaluated as an ensemble (mean probabilities).
@@ -32,16 +37,16 @@ mean probabilities of each (compound, concentration)'s validation images, at the
 accuracy, throughput, and the curves; ``<out>/study.png`` has the training and validation loss of all runs.
 Each run trains in ``<out>/runs/<name>`` (a finished run is reused when the study is rerun).
 
-    python benchmarks/study_large_batch.py --out study    # the study (9 runs, ~50 min here; see benchmarks/README)
+    python benchmarks/study_large_batch.py --out study    # the study (10 runs, ~55 min here; see benchmarks/README)
     python benchmarks/study_large_batch.py --out study --only lars_b256   # one run of it (e.g. one per process);
                                                           # the first command then reuses it and writes the report
     python benchmarks/study_large_batch.py --out study --replicas 1,2,3,4 \\
-        --replicate nesterov_b16,adamw_b16,adamw_b64,adamw_b256,adamw_b256_powersgd4   # as reported (means)
+        --replicate nesterov_b16,adamw_b16,adamw_b64,adamw_b256,adamw_b256_powersgd4,adamw_b256_ramp   # as reported (means)
     python benchmarks/study_large_batch.py --out study2 --store study/data/store --seed 3 \\
         --set optim.b2=0.984 --only adamw_b256             # one run with a config key changed (its own --out)
     python benchmarks/study_large_batch.py --out /tmp/s --images 48 --classes 4 --epochs 2 --multipliers 1,2 \\
         --base-batch 4 --recipes nesterov,lars --ensemble-recipe nesterov --ensemble-batches 8 --cycles 1 \\
-        --cycle-epochs 0.5 --powersgd ""                  # tiny
+        --cycle-epochs 0.5 --powersgd "" --ramp ""        # tiny
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--powersgd", default="adamw:256", help="RECIPE:BATCH,... runs again with train.comm='powersgd' (the "
                    "lossy low-rank exchange, whose accuracy cost is the gap to the same run without it)")
     p.add_argument("--powersgd-rank", type=int, default=4)
+    p.add_argument("--ramp", default="adamw:0=16,10=64,20=256", help="RECIPE:EPOCH=BATCH,... a run whose global "
+                   "batch grows (train.batch_schedule: from each start epoch on, that batch); \"\" for none")
     p.add_argument("--only", default="", help="train only these runs of the study (names as in <out>/runs, comma-"
                    "separated; e.g. one per process) and stop without the report")
     p.add_argument("--seed", type=int, default=0, help="the generated store's seed and the runs' initialisation seed")
@@ -127,9 +134,23 @@ def per_recipe(spec: str, recipe: str, default):
     return dict(item.split("=", 1) for item in spec.split(",") if item).get(recipe, default)
 
 
-def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = "", seed: int | None = None):
+def ramp_schedule(spec: str) -> tuple[str, tuple]:
+    """``--ramp`` (``adamw:0=16,10=64,20=256``) as (recipe, ``train.batch_schedule``); ("", ()) for none."""
+    if not spec:
+        return "", ()
+    try:
+        recipe, phases = spec.split(":")
+        pairs = tuple((int(e), int(b)) for e, b in (x.split("=") for x in phases.split(",")))
+    except ValueError:
+        raise SystemExit(f"--ramp {spec!r}: expected RECIPE:EPOCH=BATCH,... such as adamw:0=16,10=64,20=256") from None
+    return recipe, pairs
+
+
+def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: str = "", seed: int | None = None,
+                ramp: bool = False):
     """The config of one run (``cycles`` > 0: the collapsed ensemble, within the same total epochs; ``comm``:
-    ``train.comm``, "" for the default; ``seed``: the initialisation seed, default ``--seed``)."""
+    ``train.comm``, "" for the default; ``seed``: the initialisation seed, default ``--seed``; ``ramp``: the
+    growing batch of ``--ramp``, ending at ``batch``)."""
     from mcnn_jax.config import apply_overrides, base_config
     from mcnn_jax.optim import scaled_lr
 
@@ -159,6 +180,8 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: s
                    keep_checkpoints=1, eval_batch=64)
     if comm:
         c.train.update(comm=comm, powersgd_rank=a.powersgd_rank)
+    if ramp:
+        c.train.batch_schedule = ramp_schedule(a.ramp)[1]
     return apply_overrides(c, a.set)
 
 
@@ -196,21 +219,23 @@ def curves(workdir: Path) -> dict:
                 val_accuracy=[r["accuracy"] for r in val])
 
 
-def run_name(a, recipe: str, batch: int, cycles: int = 0, comm: str = "", seed: int | None = None) -> str:
+def run_name(a, recipe: str, batch: int, cycles: int = 0, comm: str = "", ramp: bool = False,
+             seed: int | None = None) -> str:
     """The run's folder name under ``<out>/runs``, e.g. ``adamw_b256_ensemble2``; a replica (``seed`` other than
     ``--seed``) adds ``_seed<N>``."""
     return f"{recipe}_b{batch}" + (f"_ensemble{cycles}" if cycles else "") + (
-        f"_{comm}{a.powersgd_rank}" if comm else "") + (f"_seed{seed}" if seed not in (None, a.seed) else "")
+        f"_{comm}{a.powersgd_rank}" if comm else "") + ("_ramp" if ramp else "") + (
+        f"_seed{seed}" if seed not in (None, a.seed) else "")
 
 
 def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int = 0, comm: str = "",
-            seed: int | None = None) -> dict:
+            ramp: bool = False, seed: int | None = None) -> dict:
     from mcnn_jax.optim import scaled_lr
     from mcnn_jax.train import train_and_evaluate
 
-    name = run_name(a, recipe, batch, cycles, comm, seed)
+    name = run_name(a, recipe, batch, cycles, comm, ramp, seed)
     workdir = out / "runs" / name
-    config = make_config(a, str(store.path), recipe, batch, cycles, comm, seed)
+    config = make_config(a, str(store.path), recipe, batch, cycles, comm, seed, ramp)
     done = workdir / "summary.json"
     summary = json.loads(done.read_text()) if done.is_file() else {"preempted_at_step": None}
     if "preempted_at_step" in summary:  # not started, or stopped by a signal: train (or resume)
@@ -218,8 +243,9 @@ def run_one(a, out: Path, store, val_idx, recipe: str, batch: int, cycles: int =
         if "preempted_at_step" in summary:
             raise SystemExit(f"the run {name} was stopped at step {summary['preempted_at_step']}; rerun the same "
                              f"command to resume the study")
-    row = dict(name=name, group=run_name(a, recipe, batch, cycles, comm), seed=config.seed, recipe=recipe,
+    row = dict(name=name, group=run_name(a, recipe, batch, cycles, comm, ramp), seed=config.seed, recipe=recipe,
                global_batch=batch, multiplier=batch / a.base_batch, cycles=cycles, comm=comm, epochs=a.epochs,
+               batch_schedule=[list(p) for p in config.train.batch_schedule] or None,
                lr_scaling=config.optim.lr_scaling,
                peak_lr=scaled_lr(config.optim.base_lr, batch, a.base_batch, config.optim.lr_scaling),
                steps=summary["final_step"], wall_s=summary["wall_s"], images_per_s=summary["images_per_s"], **curves(workdir))
@@ -250,6 +276,7 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
                              f"{', '.join(m['name'] for m in members)}")
         merged.append(dict(
             {k: first[k] for k in ("recipe", "global_batch", "multiplier", "cycles", "comm", "peak_lr", "steps")},
+            batch_schedule=first.get("batch_schedule"),
             name=name, seeds=[m.get("seed") for m in members], best_val_accuracy=float(np.mean(best)),
             best_val_accuracy_sd=float(np.std(best, ddof=1)) if len(best) > 1 else None,
             best_val_accuracy_per_seed=best, val_epoch=epochs,
@@ -273,7 +300,7 @@ def markdown(result: dict) -> str:
 
     recipes = list(dict.fromkeys(g["recipe"] for g in result["groups"]))
     for g in sorted(result["groups"], key=lambda g: (recipes.index(g["recipe"]), g["cycles"], bool(g["comm"]),
-                                                     g["global_batch"])):
+                                                     bool(g.get("batch_schedule")), g["global_batch"])):
         per = g["best_val_accuracy_per_seed"]
         best = pct(g["best_val_accuracy"]) + (f", {100 * g['best_val_accuracy_sd']:.1f}, {pct(min(per))}-{pct(max(per))}"
                                               if len(per) > 1 else "")
@@ -282,13 +309,17 @@ def markdown(result: dict) -> str:
             g["global_batch"])
         if g["comm"]:
             own = c.get("powersgd_cost", {}).get(g["name"])
+        if g.get("batch_schedule"):
+            own, ref = (c.get("ramp", {}).get(g["name"], {}).get(k) for k in ("gap_to_own_base", "gap_to_reference"))
         if g["global_batch"] == result["args"]["base_batch"] and not g["comm"]:
             own = None  # a base batch is its own base
         gaps = ["" if x is None or g["name"] == c["reference"] else f"{100 * x + 0.0:.1f}".replace("-0.0", "0.0")
                 for x in (own, ref)]
         if g["comm"] and gaps[0]:
             gaps[0] += " (to the same run and seed without it)"
-        lines.append(f"| {g['name']} | {g['global_batch']} | {g['peak_lr']:g} | {g['steps']:,} | {len(per)} | {best} | "
+        batch = (" -> ".join(f"{b} (epoch {e})" for e, b in g["batch_schedule"]) if g.get("batch_schedule")
+                 else g["global_batch"])
+        lines.append(f"| {g['name']} | {batch} | {g['peak_lr']:g} | {g['steps']:,} | {len(per)} | {best} | "
                      f"{pct(g['final_image_accuracy'])} | {pct(g['final_treatment_accuracy'])} | {gaps[0]} | "
                      f"{gaps[1]} |")
         if "ensemble_image_accuracy" in g:
@@ -306,7 +337,7 @@ def conclusions(rows: list[dict], base_batch: int, target: float, runs: list[dic
     the runs with their replicas merged (``merge_seeds``), so every accuracy is a mean over its seeds; a PowerSGD
     run is compared with the plain run of the same seed(s) among ``runs`` (the unmerged runs) when every seed has
     one, else with the plain run's mean."""
-    singles = [r for r in rows if not r["cycles"] and not r.get("comm")]
+    singles = [r for r in rows if not r["cycles"] and not r.get("comm") and not r.get("batch_schedule")]
     reference = next(r for r in singles if r["global_batch"] == base_batch)
     out = dict(reference=reference["name"], reference_best=reference["best_val_accuracy"], target=target)
     for recipe in dict.fromkeys(r["recipe"] for r in singles):
@@ -319,6 +350,14 @@ def conclusions(rows: list[dict], base_batch: int, target: float, runs: list[dic
                            within_1_point_of_own_base=[b for b, g in own.items() if g <= 0.01],
                            breaks_down_at=next((b for b, g in gaps.items() if g > 0.01), None))
     for r in rows:
+        own = next((p for p in singles if (p["recipe"], p["global_batch"]) == (r["recipe"], base_batch)), None)
+        if r.get("batch_schedule") and own:  # a growing batch: against the base batch, as the constant runs
+            gaps = dict(gap_to_own_base=round(own["best_val_accuracy"] - r["best_val_accuracy"], 4),
+                        gap_to_reference=round(reference["best_val_accuracy"] - r["best_val_accuracy"], 4))
+            out.setdefault("ramp", {})[r["name"]] = dict(
+                gaps, batch_schedule=r["batch_schedule"], seeds=len(r.get("seeds", [0])),
+                within_1_point_of_own_base=gaps["gap_to_own_base"] <= 0.01,
+                within_1_point=gaps["gap_to_reference"] <= 0.01)
         plain = next((p for p in singles if (p["recipe"], p["global_batch"]) == (r["recipe"], r["global_batch"])), None)
         if r.get("comm") and plain:
             same_seed = [p for p in runs if p.get("group") == plain["name"] and p.get("seed") in r.get("seeds", [])]
@@ -338,7 +377,8 @@ def plot(rows: list[dict], path: Path):
     for r in rows:
         group = r.get("group", r["name"])
         label = f"{r['recipe']} x{r['multiplier']:g} ({r['global_batch']})" + (" ens" if r["cycles"] else "") + (
-            f" {r['comm']}" if r.get("comm") else "")
+            f" {r['comm']}" if r.get("comm") else "") + (
+            f" growing from {r['batch_schedule'][0][1]}" if r.get("batch_schedule") else "")
         style = dict(color=colors[group], lw=0.7, alpha=0.6) if group in colors else dict(label=label)
         line, = axes[0].plot(r["train_epoch"], r["train_loss"], **style)
         colors.setdefault(group, line.get_color())
@@ -366,19 +406,24 @@ def named_runs(flag: str, spec: str, names) -> list[str]:
     return chosen
 
 
-def study_plan(a) -> list[tuple[str, int, int, str, int]]:
-    """The runs, in order: (recipe, global batch, cycles, train.comm or "", seed); the replicas (``--replicas``)
-    come after the study's runs."""
+def study_plan(a) -> list[tuple[str, int, int, str, bool, int]]:
+    """The runs, in order: (recipe, global batch, cycles, train.comm or "", the --ramp run or not, seed); the
+    replicas (``--replicas``) come after the study's runs."""
     plan, largest = [], a.base_batch
     for recipe in a.recipes.split(","):
         batches = sorted({a.base_batch} | {a.base_batch * m for m in multipliers(a.multipliers, recipe)})
         largest = max(largest, batches[-1])
         # the base batch, then the largest first: the key comparison comes early
-        plan += [(recipe, b, 0, "") for b in batches[:1] + batches[:0:-1]]
+        plan += [(recipe, b, 0, "", False) for b in batches[:1] + batches[:0:-1]]
     if a.cycles > 0:  # the collapsed ensemble's runs
-        plan += [(a.ensemble_recipe, b, a.cycles, "") for b in [int(x) for x in a.ensemble_batches.split(",") if x]
-                 or [largest]]
-    plan += [(r, int(b), 0, "powersgd") for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
+        plan += [(a.ensemble_recipe, b, a.cycles, "", False)
+                 for b in [int(x) for x in a.ensemble_batches.split(",") if x] or [largest]]
+    plan += [(r, int(b), 0, "powersgd", False) for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
+    ramp_recipe, ramp = ramp_schedule(a.ramp)
+    if ramp:
+        if ramp[0][1] != a.base_batch:
+            raise SystemExit(f"--ramp {a.ramp}: it must start at the base batch ({a.base_batch}), its own base")
+        plan.append((ramp_recipe, ramp[-1][1], 0, "", True))
     names = {run_name(a, *run): run for run in plan}
     chosen = named_runs("--replicate", a.replicate, names) or list(names)
     seeds = [int(s) for s in a.replicas.split(",") if s]

@@ -17,6 +17,11 @@ bench_comm.py does). Then
 
     hours = epochs to target x --images (3,848: BBBC021's annotated fields) / images/s / 3600
 
+A run whose global batch grows (the study's ``--ramp``, ``train.batch_schedule``) trains on the nodes of its last
+batch throughout (``G_last / min(G_last, --node-batch)``, fewer if a phase's batch would leave a node without a
+whole number of images), each phase at its own images per node; its hours are the
+sum over the phases of the epochs it spent in each before reaching the target x images / that phase's images/s.
+
 What is measured and what is assumed: the epochs to the target come from the study's synthetic screen at a reduced
 field size; using them for BBBC021 at full resolution assumes the same global batch needs the same epochs there.
 The node's compute is scaled from this VM's cores, the network is a model (see bench_comm.py). A run that never
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,33 +100,62 @@ def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
     from study_large_batch import epochs_to
     from mcnn_jax import comm
 
-    runs = sorted((r for r in runs_of(study) if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")),
-                  key=lambda r: r["global_batch"])
+    mine = [r for r in runs_of(study) if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")]
+    runs = sorted((r for r in mine if not r.get("batch_schedule")), key=lambda r: r["global_batch"])
+    ramps = [r for r in mine if r.get("batch_schedule")]
     if not runs:
         known = sorted({r["recipe"] for r in runs_of(study)})
         raise SystemExit(f"{a.study} has no single run of the recipe {recipe!r}; its recipes: {', '.join(known)}")
     target = target_of(a, study, runs)
     params = abstract_params(1024, 1280)
     ov = read_overlap(a.overlap_json) if a.overlap_json else None
+
+    def project(name, g, nodes):
+        if g % nodes:
+            raise SystemExit(f"the global batch {g} of {name} is not a multiple of its {nodes} node(s)")
+        local = g // nodes
+        ns = SimpleNamespace(node_batch=local, node_image_s=a.node_image_s, latency_us=a.latency_us)
+        plan = comm.make_plan(a.scheme, params, local, nodes, a.powersgd_rank)
+        return local, project_row(ns, params, plan, nodes, a.network * 1e9 / 8, a.node_gflops, ov)
+
     out, base_hours = [], None
     for r in runs:
         g = r["global_batch"]
-        local = min(g, a.node_batch)
-        if g % local:
-            raise SystemExit(f"the global batch {g} of {r['name']} is not a multiple of --node-batch {local}")
-        nodes = g // local
-        ns = SimpleNamespace(node_batch=local, node_image_s=a.node_image_s, latency_us=a.latency_us)
-        plan = comm.make_plan(a.scheme, params, local, nodes, a.powersgd_rank)
-        proj = project_row(ns, params, plan, nodes, a.network * 1e9 / 8, a.node_gflops, ov)
+        local, proj = project(r["name"], g, g // min(g, a.node_batch))
         epochs = epochs_to(r, target)
         hours = None if epochs is None else epochs * a.images / proj["images_per_s"] / 3600
         base_hours = hours if base_hours is None else base_hours
-        out.append(dict(run=r["name"], global_batch=g, nodes=nodes, images_per_node=local,
+        out.append(dict(run=r["name"], global_batch=g, nodes=g // local, images_per_node=local,
                         best_val_accuracy=r["best_val_accuracy"], epochs_to_target=epochs,
                         images_per_s=proj["images_per_s"], efficiency=proj["efficiency"], scheme=proj["scheme"],
                         hours_to_target=hours,
                         speedup=(base_hours / hours) if hours and base_hours else None))
+    for r in ramps:
+        schedule, last = r["batch_schedule"], r["batch_schedule"][-1][1]
+        nodes = math.gcd(last // min(last, a.node_batch), *(g for _, g in schedule))  # >= 1 image/node per phase
+        epochs = epochs_to(r, target)
+        phases, hours = [], 0.0
+        for i, (start, g) in enumerate(schedule):
+            end = schedule[i + 1][0] if i + 1 < len(schedule) else float("inf")
+            local, proj = project(r["name"], g, nodes)
+            spent = None if epochs is None else max(0.0, min(epochs, end) - start)
+            phases.append(dict(start_epoch=start, global_batch=g, images_per_node=local, epochs_to_target=spent,
+                               images_per_s=proj["images_per_s"], efficiency=proj["efficiency"]))
+            hours = None if spent is None else hours + spent * a.images / proj["images_per_s"] / 3600
+        out.append(dict(run=r["name"], global_batch=" -> ".join(str(g) for _, g in schedule), nodes=nodes,
+                        images_per_node=" -> ".join(str(p["images_per_node"]) for p in phases),
+                        best_val_accuracy=r["best_val_accuracy"], epochs_to_target=epochs,
+                        images_per_s=None if not hours else epochs * a.images / hours / 3600,
+                        efficiency=None, scheme=a.scheme, hours_to_target=hours, phases=phases,
+                        speedup=(base_hours / hours) if hours and base_hours else None))
     return target, out
+
+
+def _rate(r: dict) -> str:
+    if r["efficiency"] is not None:
+        return f"{r['images_per_s']:.1f} ({100 * r['efficiency']:.1f}%)"
+    per = ", ".join(f"{p['images_per_s']:.1f} ({100 * p['efficiency']:.1f}%)" for p in r["phases"])
+    return per + (f"; {r['images_per_s']:.1f} overall" if r["images_per_s"] else "")
 
 
 def markdown(rows: list[dict], target: float) -> str:
@@ -130,7 +165,7 @@ def markdown(rows: list[dict], target: float) -> str:
         reached = r["hours_to_target"] is not None
         lines.append(f"| {r['global_batch']} | {r['nodes']} x {r['images_per_node']} | "
                      f"{100 * r['best_val_accuracy']:.1f}% | {r['epochs_to_target'] if reached else 'not reached'} | "
-                     f"{r['images_per_s']:.1f} ({100 * r['efficiency']:.1f}%) | "
+                     f"{_rate(r)} | "
                      f"{f'{r_h:.2f}' if (r_h := r['hours_to_target']) is not None else '-'} | "
                      f"{f'{s:.1f}x' if (s := r['speedup']) else '-'} |")
     return "\n".join(lines)

@@ -83,3 +83,25 @@ def test_large_batch_configs_are_the_study_recipe(name, multiplier, ranks):
     assert (c.train.global_batch // ranks) % c.train.microbatch == 0  # one rank per node, in micro-batches
     with pytest.raises(FileNotFoundError, match="nope.py"):
         config_module(Path("configs/nope.py"))
+
+
+def test_the_growing_batch_config_is_the_study_ramp():
+    """configs/bbbc021_growing_batch.py is the large-batch study's --ramp run (its defaults) on 16 nodes."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import study_large_batch as study
+    from mcnn_jax import batch_schedule
+
+    c = load_config("bbbc021_growing_batch")
+    a = study.parse_args(["--out", "x"])
+    ref = study.make_config(a, "s", "adamw", 256, ramp=True)
+    assert tuple(map(tuple, c.train.batch_schedule)) == tuple(map(tuple, ref.train.batch_schedule))
+    assert c.train.global_batch == ref.train.global_batch == 256
+    for key in ("name", "lr_scaling", "base_lr", "base_batch", "warmup_epochs", "decay", "epochs", "b1", "b2",
+                "warmup_init_lr", "end_lr", "label_smoothing", "weight_decay"):
+        assert c.optim[key] == pytest.approx(ref.optim[key]) if isinstance(c.optim[key], float) else \
+            c.optim[key] == ref.optim[key], key
+    sched = batch_schedule.from_config(c, 3848)  # BBBC021's fields
+    assert [p.global_batch % 16 for p in sched.phases] == [0, 0, 0]  # one rank on each of 16 nodes
+    assert c.train.microbatch == 0

@@ -78,6 +78,18 @@ def test_checkpoint_of_two_ranks_resumes_on_one(store, one_rank, tmp_path):
     assert max_rel_diff(load_model(tmp_path, "latest")[1], load_model(one_rank, "latest")[1]) < 1e-5
 
 
+def test_a_growing_batch_on_two_ranks_equals_one_rank(store, tmp_path):
+    """train.batch_schedule 4 -> 8 images: 2 ranks x 2 then x 4 = 1 rank x 4 then x 8, across the phase change."""
+    keys = ("train.max_steps=0", "optim.epochs=2.0", "train.batch_schedule=((0, 4), (1, 8))",
+            "train.checkpoint_every_steps=1")
+    train(tmp_path / "one", store, 1, *keys)
+    proc = train(tmp_path / "two", store, 2, *keys)
+    assert "global batch 4 from epoch 0" in proc.stdout and "the global batch grows to 8" in proc.stdout
+    one, two = load_model(tmp_path / "one", "latest"), load_model(tmp_path / "two", "latest")
+    assert two[2]["step"] == one[2]["step"] > 10 and two[2]["ranks"] == 2
+    assert max_rel_diff(two[1], one[1]) < 1e-5
+
+
 def test_global_batch_not_divisible_by_ranks_is_a_clear_error(store, tmp_path):
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir",
            str(tmp_path), f"--config.data.store={store}", "--config.train.global_batch=7"]

@@ -17,7 +17,8 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     args = ["--out", str(tmp_path), "--store", store, "--epochs", "1", "--warmup-epochs", "0.5", "--base-batch", "4",
             "--multipliers", "1,2", "--recipes", "nesterov,lars", "--ensemble-batches", "8", "--cycles", "1",
             "--cycle-epochs", "0.5", "--widths", "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2",
-            "--lr", "nesterov=0.05,lars=2.0", "--ensemble-recipe", "nesterov", "--powersgd", "nesterov:8"]
+            "--lr", "nesterov=0.05,lars=2.0", "--ensemble-recipe", "nesterov", "--powersgd", "nesterov:8",
+            "--ramp", ""]
     result = study.main(args)
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["complete"] and (tmp_path / "study.png").stat().st_size > 10_000
@@ -56,7 +57,7 @@ def test_replicas_train_again_with_other_seeds_and_the_conclusions_use_the_means
     args = ["--out", str(tmp_path), "--store", store, "--epochs", "1", "--warmup-epochs", "0.5", "--base-batch", "4",
             "--multipliers", "1,2", "--recipes", "nesterov", "--cycles", "0", "--powersgd", "", "--widths",
             "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2", "--lr", "nesterov=0.05", "--seed", "3",
-            "--replicas", "5", "--replicate", "nesterov_b4"]
+            "--ramp", "", "--replicas", "5", "--replicate", "nesterov_b4"]
     saved = study.main(args)
     runs = {r["name"]: r for r in saved["runs"]}
     assert list(runs) == ["nesterov_b4", "nesterov_b8", "nesterov_b4_seed5"]
@@ -76,6 +77,30 @@ def test_replicas_train_again_with_other_seeds_and_the_conclusions_use_the_means
         study.main(args[:-1] + ["nesterov_b16"])
     with pytest.raises(SystemExit, match="--seed"):
         study.main(args[:-3] + ["3", "--replicate", "nesterov_b4"])
+
+
+def test_a_growing_batch_run_is_compared_with_the_base_batch(store, tmp_path):
+    """--ramp: a run whose global batch grows (train.batch_schedule) from the base batch, with its gaps."""
+    import study_large_batch as study
+
+    args = ["--out", str(tmp_path), "--store", store, "--epochs", "2", "--warmup-epochs", "0.5", "--base-batch", "4",
+            "--multipliers", "1", "--recipes", "nesterov", "--cycles", "0", "--powersgd", "", "--widths",
+            "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2", "--lr", "nesterov=0.05",
+            "--ramp", "nesterov:0=4,1=8"]
+    saved = study.main(args)
+    base, ramp = saved["runs"]
+    assert ramp["name"] == "nesterov_b8_ramp" and ramp["batch_schedule"] == [[0, 4], [1, 8]]
+    assert ramp["steps"] == base["steps"] // 2 + base["steps"] // 4  # one epoch at 4 images, one at 8
+    assert ramp["val_epoch"] == base["val_epoch"] == [1.0, 2.0]
+    c = saved["conclusions"]["ramp"]["nesterov_b8_ramp"]
+    assert c["gap_to_own_base"] == pytest.approx(base["best_val_accuracy"] - ramp["best_val_accuracy"], abs=1e-4)
+    assert c["within_1_point_of_own_base"] == (c["gap_to_own_base"] <= 0.01)
+    assert "nesterov" not in saved["conclusions"] or 8 not in saved["conclusions"]["nesterov"]["gap_to_reference"]
+    assert "| nesterov_b8_ramp | 4 (epoch 0) -> 8 (epoch 1) |" in (tmp_path / "study.md").read_text()
+    with pytest.raises(SystemExit, match="must start at the base batch"):
+        study.main(args[:-1] + ["nesterov:0=8,1=16"])
+    with pytest.raises(SystemExit, match="RECIPE:EPOCH=BATCH"):
+        study.main(args[:-1] + ["nesterov:0-4"])
 
 
 def test_merged_replicas_average_the_validation_curves():
@@ -173,3 +198,30 @@ def test_time_to_accuracy_is_measured_epochs_times_projected_throughput(tmp_path
     assert [r["epochs_to_target"] for r in tta.main(["--study", str(path)])["rows"]] == [1.0, 1.0, 1.0]
     with pytest.raises(SystemExit, match="no study JSON"):
         tta.main(["--study", str(tmp_path / "missing.json")])
+
+
+def test_time_to_accuracy_of_a_growing_batch_sums_its_phases(tmp_path):
+    """A --ramp run trains on its last batch's nodes throughout: each phase's epochs before the target at that
+    phase's images per node, whose throughput is the constant run's on the same nodes."""
+    import time_to_accuracy as tta
+
+    path = _study_json(tmp_path, (10.0, 12.0, None))
+    study = json.loads(path.read_text())
+    ramp = dict(name="nesterov_b256_ramp", recipe="nesterov", global_batch=256, cycles=0, comm="",
+                batch_schedule=[[0, 16], [10, 64], [20, 256]], best_val_accuracy=0.8,
+                val_epoch=[1.0 * k for k in range(1, 21)], val_accuracy=[0.8 if k >= 15 else 0.5 for k in range(1, 21)])
+    study["runs"].append(ramp)
+    path.write_text(json.dumps(study))
+    common = ["--study", str(path), "--images", "1000", "--node-image-s", "0.1", "--scheme", "allreduce"]
+    rows = {r["run"]: r for r in tta.main(common + ["--node-batch", "32"])["rows"]}
+    assert "nesterov_b256_ramp" not in [r["run"] for r in rows.values() if r["efficiency"] is not None]
+    r = rows["nesterov_b256_ramp"]
+    assert r["nodes"] == 8 and r["images_per_node"] == "2 -> 8 -> 32" and r["epochs_to_target"] == 15.0
+    assert [p["epochs_to_target"] for p in r["phases"]] == [10.0, 5.0, 0.0]
+    # the same 8 nodes at 2 and 8 images each: the constant runs at 16 (--node-batch 2) and 64 (--node-batch 8)
+    at2 = {x["global_batch"]: x for x in tta.main(common + ["--node-batch", "2"])["rows"] if x["efficiency"]}
+    at8 = {x["global_batch"]: x for x in tta.main(common + ["--node-batch", "8"])["rows"] if x["efficiency"]}
+    assert at2[16]["nodes"] == at8[64]["nodes"] == 8
+    assert r["hours_to_target"] == pytest.approx(
+        (10 * 1000 / at2[16]["images_per_s"] + 5 * 1000 / at8[64]["images_per_s"]) / 3600)
+    assert r["speedup"] == pytest.approx(rows["nesterov_b16"]["hours_to_target"] / r["hours_to_target"])

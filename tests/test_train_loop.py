@@ -75,6 +75,20 @@ def test_itstime_and_chrono():
     assert chrono.images_per_s == pytest.approx(16 / 2.0)
     assert chrono.summary()["first_step_s"] == 10.0
     assert chrono.summary()["data_wait_fraction"] == pytest.approx(0.6 / 12.0)
+    # a later step that compiles (the first of a new train.batch_schedule phase, 32 images) counts as compile time
+    # and is left out of the steady rate; compilation between steps (an evaluation's) is not the step's
+    from mcnn_jax import train as train_module
+
+    compiled = chrono.compile_s
+    chrono.begin()
+    train_module._compile_seconds[0] += 4.0
+    chrono.record(0.0, 5.0, images=32)
+    assert chrono.compile_s == pytest.approx(compiled + 4.0) and chrono.images_per_s == pytest.approx(8.0)
+    train_module._compile_seconds[0] += 2.0  # e.g. the evaluation's step, compiled between two training steps
+    chrono.begin()
+    chrono.record(0.0, 1.0, images=32)
+    assert chrono.compile_s == pytest.approx(compiled + 4.0)
+    assert chrono.images_per_s == pytest.approx((16 + 32) / 3.0)
 
 
 def test_each_rank_logs_to_its_own_file_and_warnings_reach_stderr(tmp_path, capsys):

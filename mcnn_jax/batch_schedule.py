@@ -1,0 +1,176 @@
+"""A global batch that grows during training (``train.batch_schedule``).
+
+The gradient noise scale (``noise_scale.py``) grows as training proceeds: early on a batch far above it wastes
+images, later the same batch keeps its accuracy. ``train.batch_schedule = ((0, 16), (5, 64), (15, 256))`` trains
+epochs 0-5 at a global batch of 16, epochs 5-15 at 64 and the rest at 256 (Smith et al. 2018, "Don't decay the
+learning rate, increase the batch size"; Devarakonda et al. 2017, "AdaBatch"). Each entry is (the whole epoch
+the phase starts at, its global batch); the first starts at epoch 0 and the last batch is ``train.global_batch``,
+the batch the run scales to.
+
+Durations stay in epochs: warmup, decay, evaluations and the collapsed ensemble's cycles happen at the same epochs
+as at a constant batch. The learning rate at every step is the one the run at ``train.global_batch`` would have
+at that epoch, scaled to the phase's batch by ``optim.lr_scaling`` (by the linear rule: times batch /
+global_batch), so every phase follows the learning-rate rule of its own batch.
+
+``BatchSchedule`` maps steps to phases, epochs and the training reader's steps: phase ``i`` reads epoch ``e`` of
+its own reader (``Reader`` at that batch) as a run at that batch would, so the order of the images in an epoch
+depends only on the seed, the epoch and the batch. Resuming needs nothing but the state's step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from . import optim
+
+KEY = "train.batch_schedule"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    start_epoch: int
+    global_batch: int
+    steps_per_epoch: int
+    start_step: int  # steps taken before the phase
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSchedule:
+    phases: tuple  # Phase, by start
+
+    @property
+    def constant(self) -> bool:
+        return len(self.phases) == 1
+
+    @property
+    def final_batch(self) -> int:
+        return self.phases[-1].global_batch
+
+    def index(self, step: int) -> int:
+        """The phase of the step taken after ``step`` steps."""
+        return sum(step >= p.start_step for p in self.phases[1:])
+
+    def phase(self, step: int) -> Phase:
+        return self.phases[self.index(step)]
+
+    def epoch(self, step: int) -> float:
+        """Epochs trained after ``step`` steps."""
+        p = self.phase(step)
+        return p.start_epoch + (step - p.start_step) / p.steps_per_epoch
+
+    def steps(self, epoch: float) -> float:
+        """Steps that train ``epoch`` epochs (fractional; the inverse of ``epoch``)."""
+        p = [q for q in self.phases if q.start_epoch <= epoch][-1]
+        return p.start_step + (epoch - p.start_epoch) * p.steps_per_epoch
+
+    def reader_step(self, step: int) -> int:
+        """The step of the phase's training reader (at the phase's batch) that the run's ``step`` reads."""
+        p = self.phase(step)
+        return p.start_epoch * p.steps_per_epoch + step - p.start_step
+
+    def total_steps(self, cfg) -> int:
+        """All training steps of ``cfg`` (the ``optim`` section): its main epochs and cycles."""
+        if self.constant:
+            return optim.total_steps(cfg, self.phases[0].steps_per_epoch)
+        snapshots = self.snapshot_steps(cfg)
+        return snapshots[-1] if snapshots else math.ceil(self.steps(cfg.epochs) - 1e-9)
+
+    def snapshot_steps(self, cfg) -> list[int]:
+        """The collapsed ensemble's snapshot steps (``optim.snapshot_steps``) at the same epochs."""
+        if self.constant:
+            return optim.snapshot_steps(cfg, self.phases[0].steps_per_epoch)
+        cycles = cfg.get("cycles", 0)
+        if cycles <= 0:
+            return []
+        return [max(1, round(self.steps(cfg.epochs + i * cfg.cycle_epochs))) for i in range(cycles + 1)]
+
+    def eval_steps(self, every_epochs: float, total: int) -> set[int]:
+        """The steps after which the run evaluates: every ``every_epochs`` epochs and at the end."""
+        if self.constant:
+            every = max(1, round(every_epochs * self.phases[0].steps_per_epoch))
+            return set(range(every, total + 1, every)) | {total}
+        out, k = {total}, 1
+        while every_epochs > 0 and (s := round(self.steps(k * every_epochs))) < total:
+            out.add(max(1, s))
+            k += 1
+        return out
+
+    def lr_schedule(self, cfg):
+        """The learning-rate schedule (an optax schedule of the step) of ``cfg`` (the ``optim`` section): at a
+        constant batch ``optim.make_schedule``'s; else the final batch's schedule at each step's epoch, scaled to
+        the phase's batch by ``optim.lr_scaling``."""
+        last = self.phases[-1]
+        final = optim.make_schedule(cfg, last.steps_per_epoch, last.global_batch)
+        if self.constant:
+            return final
+        rule = cfg.get("lr_scaling", "linear")
+        starts = jnp.asarray([p.start_step for p in self.phases[1:]], jnp.int32)
+        first_step = jnp.asarray([p.start_step for p in self.phases], jnp.float32)
+        first_epoch = jnp.asarray([p.start_epoch for p in self.phases], jnp.float32)
+        spe = jnp.asarray([p.steps_per_epoch for p in self.phases], jnp.float32)
+        factor = jnp.asarray([optim.scaled_lr(1.0, p.global_batch, last.global_batch, rule) for p in self.phases],
+                             jnp.float32)
+
+        def schedule(count):
+            i = jnp.sum(jnp.asarray(count) >= starts)
+            epoch = first_epoch[i] + (count - first_step[i]) / spe[i]
+            return final(epoch * last.steps_per_epoch) * factor[i]
+
+        return schedule
+
+    def describe(self) -> str:
+        if self.constant:
+            p = self.phases[0]
+            return f"global batch {p.global_batch}; {p.steps_per_epoch} steps/epoch"
+        return "global batch " + ", ".join(
+            f"{p.global_batch} from epoch {p.start_epoch} (step {p.start_step}, {p.steps_per_epoch} steps/epoch)"
+            for p in self.phases)
+
+
+def parse(spec, global_batch: int) -> list[tuple[int, int]]:
+    """``train.batch_schedule`` as (start epoch, global batch) pairs, checked; ``()`` is ``global_batch`` alone."""
+    if not spec:
+        return [(0, int(global_batch))]
+    pairs = []
+    for item in spec:
+        if (not isinstance(item, (tuple, list)) or len(item) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise ValueError(f"{KEY} entries are (start epoch, global batch) pairs of whole numbers, e.g. "
+                             f"((0, 16), (5, 64), (15, 256)); got {item!r} in {tuple(spec)!r}")
+        pairs.append((int(item[0]), int(item[1])))
+    epochs = [e for e, _ in pairs]
+    if epochs[0] != 0:
+        raise ValueError(f"{KEY} must start at epoch 0; its first entry is {pairs[0]}")
+    if any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise ValueError(f"{KEY}'s start epochs must increase; got {epochs}")
+    if any(b < 1 for _, b in pairs):
+        raise ValueError(f"{KEY}'s global batches must be positive; got {[b for _, b in pairs]}")
+    if pairs[-1][1] != global_batch:
+        raise ValueError(f"{KEY} ends at a global batch of {pairs[-1][1]} but train.global_batch is {global_batch}: "
+                         f"set train.global_batch={pairs[-1][1]}, the batch the run scales to")
+    return pairs
+
+
+def from_config(config, num_train: int) -> BatchSchedule:
+    """The run's batch schedule: ``config.train.batch_schedule`` (or the constant ``train.global_batch``) over
+    ``num_train`` training images; a phase that would start after the run's last epoch is an error."""
+    pairs = parse(config.train.get("batch_schedule", ()), config.train.global_batch)
+    total_epochs = config.optim.epochs + max(0, config.optim.get("cycles", 0)) * config.optim.get("cycle_epochs", 0.0)
+    if len(pairs) > 1 and pairs[-1][0] >= total_epochs:
+        raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but training ends at epoch "
+                         f"{total_epochs:g} (optim.epochs and the cycles)")
+    phases, step = [], 0
+    for i, (epoch, batch) in enumerate(pairs):
+        try:
+            spe = optim.steps_per_epoch(num_train, batch)
+        except ValueError as e:
+            if len(pairs) == 1:
+                raise
+            raise ValueError(f"{KEY}: {e}") from None
+        phases.append(Phase(epoch, batch, spe, step))
+        if i + 1 < len(pairs):
+            step += (pairs[i + 1][0] - epoch) * spe
+    return BatchSchedule(tuple(phases))
