@@ -1,8 +1,8 @@
 """A global batch that grows during training (``train.batch_schedule``).
 
 The gradient noise scale (``noise_scale.py``) grows as training proceeds: early on a batch far above it wastes
-images, later the same batch keeps its accuracy. ``train.batch_schedule = ((0, 16), (5, 64), (15, 256))`` trains
-epochs 0-5 at a global batch of 16, epochs 5-15 at 64 and the rest at 256 (Smith et al. 2018, "Don't decay the
+images, later the same batch keeps its accuracy. ``train.batch_schedule = ((0, 16), (10, 64), (20, 256))`` trains
+epochs 0-10 at a global batch of 16, epochs 10-20 at 64 and the rest at 256 (Smith et al. 2018, "Don't decay the
 learning rate, increase the batch size"; Devarakonda et al. 2017, "AdaBatch"). Each entry is (the whole epoch
 the phase starts at, its global batch); the first starts at epoch 0 and the last batch is ``train.global_batch``,
 the batch the run scales to.
@@ -20,7 +20,6 @@ depends only on the seed, the epoch and the batch. Resuming needs nothing but th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 
@@ -71,29 +70,29 @@ class BatchSchedule:
         p = self.phase(step)
         return p.start_epoch * p.steps_per_epoch + step - p.start_step
 
+    @property
+    def shift(self) -> int:
+        """Steps of the last phase's step k = steps of a run at its batch throughout, plus ``shift``: the main run
+        ends and the cycles run in the last phase (``from_config`` checks), so its steps are the constant run's."""
+        last = self.phases[-1]
+        return last.start_step - last.start_epoch * last.steps_per_epoch
+
     def total_steps(self, cfg) -> int:
         """All training steps of ``cfg`` (the ``optim`` section): its main epochs and cycles."""
-        if self.constant:
-            return optim.total_steps(cfg, self.phases[0].steps_per_epoch)
-        snapshots = self.snapshot_steps(cfg)
-        return snapshots[-1] if snapshots else math.ceil(self.steps(cfg.epochs) - 1e-9)
+        return optim.total_steps(cfg, self.phases[-1].steps_per_epoch) + self.shift
 
     def snapshot_steps(self, cfg) -> list[int]:
-        """The collapsed ensemble's snapshot steps (``optim.snapshot_steps``) at the same epochs."""
-        if self.constant:
-            return optim.snapshot_steps(cfg, self.phases[0].steps_per_epoch)
-        cycles = cfg.get("cycles", 0)
-        if cycles <= 0:
-            return []
-        return [max(1, round(self.steps(cfg.epochs + i * cfg.cycle_epochs))) for i in range(cycles + 1)]
+        """The collapsed ensemble's snapshot steps: ``optim.snapshot_steps`` at the last batch, shifted."""
+        return [s + self.shift for s in optim.snapshot_steps(cfg, self.phases[-1].steps_per_epoch)]
 
     def eval_steps(self, every_epochs: float, total: int) -> set[int]:
-        """The steps after which the run evaluates: every ``every_epochs`` epochs and at the end."""
-        if self.constant:
+        """The steps after which the run evaluates: every ``every_epochs`` epochs (every step if it is 0) and at
+        the end."""
+        if self.constant or every_epochs <= 0:
             every = max(1, round(every_epochs * self.phases[0].steps_per_epoch))
             return set(range(every, total + 1, every)) | {total}
         out, k = {total}, 1
-        while every_epochs > 0 and (s := round(self.steps(k * every_epochs))) < total:
+        while (s := round(self.steps(k * every_epochs))) < total:
             out.add(max(1, s))
             k += 1
         return out
@@ -108,16 +107,20 @@ class BatchSchedule:
             return final
         rule = cfg.get("lr_scaling", "linear")
         starts = jnp.asarray([p.start_step for p in self.phases[1:]], jnp.int32)
-        first_step = jnp.asarray([p.start_step for p in self.phases], jnp.float32)
-        first_epoch = jnp.asarray([p.start_epoch for p in self.phases], jnp.float32)
-        spe = jnp.asarray([p.steps_per_epoch for p in self.phases], jnp.float32)
+        # step k of phase i is its reader's step k + offset (whole numbers): epoch (k + offset) / spe_i, i.e. the
+        # final batch's step (k + offset) x spe_last / spe_i, computed as a quotient and remainder of integers so
+        # that whole steps (the last phase; epoch boundaries) come out exact and a boundary such as the end of the
+        # warmup, a step decay or a cycle is crossed at the same step as at a constant batch
+        offset = jnp.asarray([p.start_epoch * p.steps_per_epoch - p.start_step for p in self.phases], jnp.int32)
+        spe = jnp.asarray([p.steps_per_epoch for p in self.phases], jnp.int32)
         factor = jnp.asarray([optim.scaled_lr(1.0, p.global_batch, last.global_batch, rule) for p in self.phases],
                              jnp.float32)
 
         def schedule(count):
-            i = jnp.sum(jnp.asarray(count) >= starts)
-            epoch = first_epoch[i] + (count - first_step[i]) / spe[i]
-            return final(epoch * last.steps_per_epoch) * factor[i]
+            count = jnp.asarray(count, jnp.int32)
+            i = jnp.sum(count >= starts)
+            q, r = jnp.divmod((count + offset[i]) * last.steps_per_epoch, spe[i])
+            return final(q.astype(jnp.float32) + r.astype(jnp.float32) / spe[i].astype(jnp.float32)) * factor[i]
 
         return schedule
 
@@ -158,10 +161,10 @@ def from_config(config, num_train: int) -> BatchSchedule:
     """The run's batch schedule: ``config.train.batch_schedule`` (or the constant ``train.global_batch``) over
     ``num_train`` training images; a phase that would start after the run's last epoch is an error."""
     pairs = parse(config.train.get("batch_schedule", ()), config.train.global_batch)
-    total_epochs = config.optim.epochs + max(0, config.optim.get("cycles", 0)) * config.optim.get("cycle_epochs", 0.0)
-    if len(pairs) > 1 and pairs[-1][0] >= total_epochs:
-        raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but training ends at epoch "
-                         f"{total_epochs:g} (optim.epochs and the cycles)")
+    if len(pairs) > 1 and pairs[-1][0] >= config.optim.epochs:
+        raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but the main run ends at epoch "
+                         f"{config.optim.epochs:g} (optim.epochs; any optim.cycles follow it in the last phase): "
+                         f"start the last phase earlier")
     phases, step = [], 0
     for i, (epoch, batch) in enumerate(pairs):
         try:

@@ -93,7 +93,7 @@ def train_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
     # a batch that grows during training (mcnn_jax.batch_schedule): ((start epoch, global batch), ...) from epoch 0,
-    # ending at global_batch, e.g. ((0, 16), (5, 64), (15, 256)); the lr follows each phase's batch; () = constant
+    # ending at global_batch, e.g. ((0, 16), (10, 64), (20, 256)); the lr follows each phase's batch; () = constant
     c.batch_schedule = ()
     # images per micro-batch on each rank (0 = the whole local batch): the local batch runs in micro-batches
     # inside the one step (gradients accumulated), then one allreduce and one update; memory follows the micro-batch

@@ -91,7 +91,7 @@ class Chrono:
         compiled = _compile_seconds[0] - self._compiled
         if self.steps == 1:
             self.first_step_s = wait_s + step_s
-            self._first_images = images or self.global_batch
+            self._first_images, self._first_compile_s = images or self.global_batch, compiled
         self.compile_s += compiled
         if self.steps > 1 and compiled == 0:
             self.steady_s += wait_s + step_s
@@ -102,7 +102,7 @@ class Chrono:
         if self.steady_images:
             return self.steady_images / max(self.steady_s, 1e-9)
         if self.steps:  # no steady step yet: the first one's time without the compilation
-            return self._first_images / max(self.first_step_s - self.compile_s, 1e-9)
+            return self._first_images / max(self.first_step_s - self._first_compile_s, 1e-9)
         return None
 
     def summary(self) -> dict:

@@ -73,6 +73,43 @@ def test_each_phase_follows_the_constant_run_at_its_batch(decay):
         assert float(lr(p.start_step)) > 1.5 * float(lr(p.start_step - 1)), p
 
 
+def test_boundaries_are_crossed_at_the_same_step_as_at_a_constant_batch():
+    """The last phase's learning rates are the final batch's schedule at the same steps, exactly (shifted by the
+    earlier phases' steps): a step decay between whole epochs (here at the final batch's step 26) is crossed at
+    the same step, not one later by float rounding."""
+    import jax
+    import jax.numpy as jnp
+
+    c = _config(((0, 16), (1, 64)), 64, epochs=4.0, warmup_epochs=0.0, decay="step", step_epochs=(26 / 12,),
+                step_gamma=0.1, base_lr=0.01, base_batch=64)
+    sched = batch_schedule.from_config(c, num_train=768)  # 48 then 12 steps per epoch
+    final = optim.make_schedule(c.optim, 12, 64)
+    lr = jax.jit(jax.vmap(sched.lr_schedule(c.optim)))
+    last = np.arange(sched.phases[1].start_step, sched.total_steps(c.optim))
+    assert sched.shift == 36 and len(last) == 36
+    assert np.array_equal(np.asarray(lr(jnp.asarray(last))), np.asarray(jax.vmap(final)(jnp.asarray(last - 36))))
+    assert float(lr(jnp.asarray([62]))[0]) == pytest.approx(0.001) and float(lr(jnp.asarray([61]))[0]) == pytest.approx(0.01)
+
+
+def test_a_growing_batch_with_cycles_snapshots_at_the_cycle_ends():
+    """optim.cycles after a growing batch: each snapshot is taken after the last step of its cycle (at end_lr),
+    and the next step restarts at the cycle's peak, as at a constant batch."""
+    c = _config(((0, 16), (1, 64)), 64, epochs=3.5, warmup_epochs=0.5, decay="cosine", cycles=2, cycle_epochs=2.0,
+                base_lr=0.008, base_batch=64, end_lr=1e-5, cycle_base_lr=0.008)
+    sched = batch_schedule.from_config(c, num_train=1000)  # 62 then 15 steps per epoch
+    lr = sched.lr_schedule(c.optim)
+    snapshots = sched.snapshot_steps(c.optim)
+    # the main run ends at step round(3.5 x 15) = 52 of a batch-64 run, which takes 15 steps for the first epoch
+    # where this one took 62: step 99; each cycle is 2 x 15 = 30 steps
+    assert snapshots == [99, 129, 159] and sched.total_steps(c.optim) == snapshots[-1]
+    for s in snapshots[1:]:  # a cycle's last step (the s-th, taken at count s - 1) is at end_lr ...
+        assert float(lr(s - 1)) == pytest.approx(1e-5, rel=1e-4), s
+    for s in snapshots[:-1]:  # ... and the next cycle's first at its peak
+        assert float(lr(s)) == pytest.approx(0.008, rel=1e-6), s
+    final = optim.make_schedule(c.optim, 15, 64)  # the main run's end: the batch-64 run's, 47 steps later
+    assert float(lr(98)) == float(final(51)) and float(lr(98)) > float(lr(99 + 29))
+
+
 def test_the_warmup_scales_with_the_batch_too():
     c = _config(((0, 16), (5, 256)), 256, epochs=10.0, warmup_epochs=5.0, warmup_init_lr=0.0032, end_lr=0.00032,
                 base_lr=0.002, base_batch=16, decay="cosine")
@@ -90,7 +127,8 @@ def test_the_warmup_scales_with_the_batch_too():
     (((0, 16), (2.5, 64)), 64, "pairs of whole numbers"),
     (((0, 16), (5,)), 64, "pairs of whole numbers"),
     (((0, 0), (5, 64)), 64, "must be positive"),
-    (((0, 16), (50, 64)), 64, "starting at epoch 50, but training ends at epoch 10"),
+    (((0, 16), (50, 64)), 64, "starting at epoch 50, but the main run ends at epoch 10"),
+    (((0, 16), (10, 64)), 64, "starting at epoch 10, but the main run ends at epoch 10"),
     (((0, 16), (5, 512)), 512, "train.batch_schedule: the training set has 300 images, fewer than one global"),
 ])
 def test_bad_schedules_are_clear_errors(spec, global_batch, message):

@@ -101,6 +101,12 @@ def test_a_growing_batch_run_is_compared_with_the_base_batch(store, tmp_path):
         study.main(args[:-1] + ["nesterov:0=8,1=16"])
     with pytest.raises(SystemExit, match="RECIPE:EPOCH=BATCH"):
         study.main(args[:-1] + ["nesterov:0-4"])
+    fresh = ["--out", str(tmp_path / "fresh")] + args[2:-1]
+    with pytest.raises(SystemExit, match="start epochs must increase"):
+        study.main(fresh + ["nesterov:0=4,1=8,1=16"])
+    assert not (tmp_path / "fresh" / "runs").exists()  # checked before any run trains
+    with pytest.raises(SystemExit, match="not before the last epoch"):
+        study.main(args[:-1] + ["nesterov:0=4,2=8"])
 
 
 def test_merged_replicas_average_the_validation_curves():
