@@ -142,7 +142,7 @@ def parse(spec, global_batch: int) -> list[tuple[int, int]]:
         if (not isinstance(item, (tuple, list)) or len(item) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
             raise ValueError(f"{KEY} entries are (start epoch, global batch) pairs of whole numbers, e.g. "
-                             f"((0, 16), (5, 64), (15, 256)); got {item!r} in {tuple(spec)!r}")
+                             f"((0, 16), (10, 64), (20, 256)); got {item!r} in {tuple(spec)!r}")
         pairs.append((int(item[0]), int(item[1])))
     epochs = [e for e, _ in pairs]
     if epochs[0] != 0:
@@ -159,7 +159,8 @@ def parse(spec, global_batch: int) -> list[tuple[int, int]]:
 
 def from_config(config, num_train: int) -> BatchSchedule:
     """The run's batch schedule: ``config.train.batch_schedule`` (or the constant ``train.global_batch``) over
-    ``num_train`` training images; a phase that would start after the run's last epoch is an error."""
+    ``num_train`` training images. The last phase must start before ``optim.epochs`` (the main run ends, and any
+    cycles run, in it); a batch larger than the training set is an error naming the key."""
     pairs = parse(config.train.get("batch_schedule", ()), config.train.global_batch)
     if len(pairs) > 1 and pairs[-1][0] >= config.optim.epochs:
         raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but the main run ends at epoch "
