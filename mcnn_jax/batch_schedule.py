@@ -127,7 +127,7 @@ class BatchSchedule:
     def describe(self) -> str:
         if self.constant:
             p = self.phases[0]
-            return f"global batch {p.global_batch}; {p.steps_per_epoch} steps/epoch"
+            return f"{p.steps_per_epoch} steps/epoch"
         return "global batch " + ", ".join(
             f"{p.global_batch} from epoch {p.start_epoch} (step {p.start_step}, {p.steps_per_epoch} steps/epoch)"
             for p in self.phases)
