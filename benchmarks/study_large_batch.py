@@ -426,12 +426,9 @@ def study_plan(a) -> list[tuple[str, int, int, str, bool, int]]:
         if ramp[0][1] != a.base_batch:
             raise SystemExit(f"--ramp {a.ramp}: it must start at the base batch ({a.base_batch}), its own base")
         try:
-            parse(ramp, ramp[-1][1])
+            parse(ramp, ramp[-1][1], a.epochs)  # the ramp run has no cycles: its main run is all --epochs
         except ValueError as e:
             raise SystemExit(f"--ramp {a.ramp}: {e}") from None
-        if ramp[-1][0] >= a.epochs:
-            raise SystemExit(f"--ramp {a.ramp}: its last phase starts at epoch {ramp[-1][0]}, not before the last "
-                             f"epoch (--epochs {a.epochs:g})")
         plan.append((ramp_recipe, ramp[-1][1], 0, "", True))
     names = {run_name(a, *run): run for run in plan}
     chosen = named_runs("--replicate", a.replicate, names) or list(names)

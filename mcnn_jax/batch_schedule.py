@@ -133,8 +133,10 @@ class BatchSchedule:
             for p in self.phases)
 
 
-def parse(spec, global_batch: int) -> list[tuple[int, int]]:
-    """``train.batch_schedule`` as (start epoch, global batch) pairs, checked; ``()`` is ``global_batch`` alone."""
+def parse(spec, global_batch: int, main_epochs: float | None = None) -> list[tuple[int, int]]:
+    """``train.batch_schedule`` as (start epoch, global batch) pairs, checked; ``()`` is ``global_batch`` alone.
+    ``main_epochs`` (``optim.epochs``): the last phase must start before it, since the main run ends,
+    and any cycles run, in the last phase."""
     if not spec:
         return [(0, int(global_batch))]
     pairs = []
@@ -154,6 +156,10 @@ def parse(spec, global_batch: int) -> list[tuple[int, int]]:
     if pairs[-1][1] != global_batch:
         raise ValueError(f"{KEY} ends at a global batch of {pairs[-1][1]} but train.global_batch is {global_batch}: "
                          f"set train.global_batch={pairs[-1][1]}, the batch the run scales to")
+    if main_epochs is not None and len(pairs) > 1 and pairs[-1][0] >= main_epochs:
+        raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but the main run ends at epoch "
+                         f"{main_epochs:g} (optim.epochs; any optim.cycles follow it in the last phase): a last phase "
+                         f"not before the last epoch never runs as planned; start it earlier")
     return pairs
 
 
@@ -161,11 +167,7 @@ def from_config(config, num_train: int) -> BatchSchedule:
     """The run's batch schedule: ``config.train.batch_schedule`` (or the constant ``train.global_batch``) over
     ``num_train`` training images. The last phase must start before ``optim.epochs`` (the main run ends, and any
     cycles run, in it); a batch larger than the training set is an error naming the key."""
-    pairs = parse(config.train.get("batch_schedule", ()), config.train.global_batch)
-    if len(pairs) > 1 and pairs[-1][0] >= config.optim.epochs:
-        raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but the main run ends at epoch "
-                         f"{config.optim.epochs:g} (optim.epochs; any optim.cycles follow it in the last phase): "
-                         f"start the last phase earlier")
+    pairs = parse(config.train.get("batch_schedule", ()), config.train.global_batch, config.optim.epochs)
     phases, step = [], 0
     for i, (epoch, batch) in enumerate(pairs):
         try:

@@ -176,7 +176,7 @@ def _open_data(config, workdir, world):
     from .data import split_indices
     from .data.prepare import prepare_store
 
-    pairs = batch_schedule.parse(config.train.batch_schedule, config.train.global_batch)
+    pairs = batch_schedule.parse(config.train.batch_schedule, config.train.global_batch, config.optim.epochs)
     for _, gb in pairs:
         key = f"the global batch {gb} of train.batch_schedule" if len(pairs) > 1 else f"train.global_batch={gb}"
         if gb % world.size:
