@@ -337,17 +337,15 @@ def parse_args(argv):
 
 
 def open_loco_store(config, workdir):
-    """The config's store; a synthetic screen is generated once into WORKDIR/data and shared by all folds."""
-    from .data import open_store, prepare_synthetic_store
+    """The config's store, prepared as the trainer prepares it (``data.prepare.prepare_store``: ``data.store``, or
+    the config's synthetic screen, camera and difficulty included, generated once into ``WORKDIR/data``), so
+    every fold trains on the store that ``mcnn-train`` with the same config would."""
+    from .data.prepare import prepare_store
+    from .distributed import World
 
-    syn = config.data.synthetic
-    if config.data.store:
-        return open_store(config.data.store)
-    if not syn.enabled:
-        raise LocoError("the config names no store (data.store) and no synthetic screen")
-    return open_store(prepare_synthetic_store(Path(workdir) / "data", num_images=syn.num_images,
-                                              num_classes=syn.num_classes, height=syn.height, width=syn.width,
-                                              seed=syn.seed))
+    if not config.data.store and not config.data.synthetic.enabled:
+        raise LocoError("the config names no store (data.store) and no synthetic screen (data.synthetic.enabled)")
+    return prepare_store(config, workdir, World())
 
 
 def main(argv=None):
