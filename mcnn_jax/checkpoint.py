@@ -14,6 +14,7 @@ process). Rank 0 also reads, and broadcasts the state to the other ranks, so onl
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -39,8 +40,26 @@ def _manager(directory: Path, keep: int = 3, read_only: bool = False, keep_steps
     policy = cm.AnyPreservationPolicy(policies)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
+        save_interval_steps=0 if read_only else 1)  # read-only: what Orbax would set, with a warning
+    if not read_only:
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    # Orbax warns that a read-only manager's directory is read only, which is what was asked for: that notice
+    # alone is dropped, so that evaluating a finished run (mcnn-eval, mcnn-embed, mcnn-loco) is quiet
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_READ_ONLY_NOTICE)
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    finally:
+        absl_logger.removeFilter(_READ_ONLY_NOTICE)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE = _DropReadOnlyNotice()
 
 
 class Checkpointer:

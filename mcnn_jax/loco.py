@@ -51,6 +51,9 @@ import numpy as np
 import pandas as pd
 
 from . import profiling as P
+from .profile_eval import MODES, ProfileOptions, options_from_args, profile_parts, summarize_parts, to_json
+from .profile_eval import add_options as add_profile_options
+from .profile_eval import format_report as format_profiles
 
 MARKER = "FOLD_COMPLETE.json"
 
@@ -170,33 +173,23 @@ def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "lat
 
 
 def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,
-                  normalize: bool = False, checkpoint: str = "latest") -> dict:
+                  checkpoint: str = "latest") -> dict:
     """The fold's latest model (or the ensemble ``checkpoint`` names: the mean of its members' probabilities,
     its members' features side by side) on its held-out compound (predictions) and on every image
-    (embeddings, NSC/NSCB)."""
+    (embeddings, from which the report computes NSC / NSCB and mAP)."""
     from .embed import write_image_table
 
     model, members, metas, st, val = open_fold(fold_path, store_path, compound, checkpoint)
     pred = write_image_table(model, members, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
     emb = write_image_table(model, members, st, np.arange(st.num_images), fold_path / "embeddings.parquet",
                             "embeddings", layer, batch)
-    nn = P.nsc_nscb(P.read_table(fold_path / "embeddings.parquet"), normalize, control, query_compounds=[compound])
     summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
     conf = pred["confusion"]
     return dict(compound=compound, step=metas[-1]["step"], checkpoint=checkpoint, members=[m["step"] for m in metas],
                 images=int(conf.sum()), accuracy=float(conf.trace() / max(conf.sum(), 1)),
                 treatment_accuracy=summary["treatment_accuracy"],
                 treatments=summary["treatments"], moa=str(summary["per_compound"][P.MOA].iloc[0]),
-                confusion=conf.tolist(), embed_images_per_s=emb["images_per_s"],
-                nsc={k: v for k, v in nn["nsc"].items() if k != "matches"},
-                nscb={k: v for k, v in nn["nscb"].items() if k != "matches"},
-                matches={m: json.loads(nn[m]["matches"].to_json(orient="records")) for m in ("nsc", "nscb")})
-
-
-def _atomic_json(path: Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+                confusion=conf.tolist(), embed_images_per_s=emb["images_per_s"])
 
 
 def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
@@ -218,11 +211,9 @@ def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
         train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
         train = dict(train_wall_s=earlier_s + train_s, train_attempts=attempts + 1)
     t0 = time.perf_counter()
-    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control, args.normalize,
-                        args.checkpoint)
-    res.update(train, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides), layer=args.layer,
-               normalize=args.normalize)
-    _atomic_json(path / MARKER, res)
+    res = evaluate_fold(path, store.path, compound, args.layer, args.batch, args.control, args.checkpoint)
+    res.update(train, eval_wall_s=time.perf_counter() - t0, overrides=list(overrides), layer=args.layer)
+    P.write_json(res, path / MARKER)
     log(f"fold {path.name}: accuracy {res['accuracy']:.4f} on {res['images']} images of {compound!r}")
     return res
 
@@ -241,22 +232,27 @@ def _finished(workdir, compounds, only=None):
     return done, missing
 
 
-def merged_report(workdir, store, compounds, control: str = P.CONTROL, only=None) -> dict:
+def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptions(), only=None) -> dict:
     """Pools the finished folds of ``only`` (default: all ``compounds``; see the module docstring); writes the
-    report files into ``workdir``."""
+    report files into ``workdir``. NSC / NSCB and mAP are computed here from each fold's embeddings, with
+    ``opts`` (normalisation, level, NSCB rule), so a finished run can be reported with other options."""
     workdir = Path(workdir)
+    control = opts.control
     done, missing = _finished(workdir, compounds, only)
     preds = pd.concat([P.read_table(p / "predictions.parquet") for p, _ in done], ignore_index=True)
     summary = P.prediction_summary(preds, control=control)
-    matches = {m: pd.DataFrame([r for _, f in done for r in f["matches"][m]], columns=P.MATCH_COLUMNS)
-               for m in ("nsc", "nscb")}
+    parts = [profile_parts(P.read_table(p / "embeddings.parquet"), opts, str(p / "embeddings.parquet"),
+                           query_compounds=[f["compound"]]) for p, f in done]
+    profiles = summarize_parts(parts, opts)
     single = single_compound_classes(store, control)
     per_fold = [dict(fold=p.name, compound=f["compound"], moa=f["moa"], images=f["images"], accuracy=f["accuracy"],
-                     treatment_accuracy=f["treatment_accuracy"], nsc=f["nsc"]["accuracy"],
-                     nscb=f["nscb"]["accuracy"], step=f["step"], checkpoint=f.get("checkpoint", "latest"),
+                     treatment_accuracy=f["treatment_accuracy"],
+                     **{m: P.nn_accuracy(part["matches"][m])["accuracy"] for m in MODES},
+                     step=f["step"], checkpoint=f.get("checkpoint", "latest"),
                      members=f.get("members", [f["step"]]), train_wall_s=f["train_wall_s"],
                      train_attempts=f.get("train_attempts"),
-                     eval_wall_s=f["eval_wall_s"], single_compound_class=f["moa"] in single) for p, f in done]
+                     eval_wall_s=f["eval_wall_s"], single_compound_class=f["moa"] in single)
+                for (p, f), part in zip(done, parts)]
     multi = preds[~preds[P.MOA].isin(list(single))]
     report = dict(
         folds_total=len(only or compounds), folds_finished=len(done), folds_missing=missing, images=len(preds),
@@ -264,16 +260,20 @@ def merged_report(workdir, store, compounds, control: str = P.CONTROL, only=None
         treatment_accuracy=summary["treatment_accuracy"],
         image_accuracy_without_single_compound_classes=float((multi[P.MOA] == multi[P.PREDICTED]).mean())
         if len(multi) else None,
-        nsc=P.nn_accuracy(matches["nsc"]), nscb=P.nn_accuracy(matches["nscb"]),
+        **{k: v for k, v in to_json(profiles).items() if k not in MODES},
+        **{m: {k: v for k, v in profiles[m].items() if k != "matches"} for m in MODES},
         single_compound_classes=single, class_names=list(store.class_names),
         checkpoint=sorted({f["checkpoint"] for f in per_fold}),
         confusion=np.sum([np.asarray(f["confusion"]) for _, f in done], axis=0).tolist(),
         wall_s=sum(f["train_wall_s"] + f["eval_wall_s"] for _, f in done), per_fold=per_fold,
         per_compound=json.loads(summary["per_compound"].to_json(orient="records")))
     P.write_table(preds, workdir / "loco_predictions.parquet")
-    P.write_table(pd.concat([m.assign(mode=k) for k, m in matches.items()], ignore_index=True),
+    P.write_table(pd.concat([profiles[m]["matches"].assign(mode=m) for m in MODES], ignore_index=True),
                   workdir / "loco_neighbours.csv")
-    _atomic_json(workdir / "loco_report.json", report)
+    if opts.map:
+        P.write_table(pd.concat([pd.concat([part["ap"][k] for part in parts], ignore_index=True).assign(metric=k)
+                                 for k in ("activity", *MODES)], ignore_index=True), workdir / "loco_ap.csv")
+    P.write_json(report, workdir / "loco_report.json")
     return report
 
 
@@ -293,9 +293,7 @@ def format_report(r: dict) -> str:
     lines += [f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
               f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
               f"treatment-level accuracy {pct(r['treatment_accuracy'])} over {r['treatments']} treatments",
-              f"NSC {pct(r['nsc']['accuracy'])} over {r['nsc']['treatments']} treatments; NSCB "
-              f"{pct(r['nscb']['accuracy'])} over {r['nscb']['treatments']} (without an allowed neighbour: "
-              f"{r['nscb']['without_neighbour']})",
+              format_profiles(r, matches=False),
               "classes with a single compound (their fold has no other compound of the class to learn from): "
               + (", ".join(f"{k} ({v})" for k, v in r["single_compound_classes"].items()) or "none"),
               f"wall time {r['wall_s']:.1f} s (training + evaluation of the finished folds)",
@@ -317,14 +315,12 @@ def parse_args(argv):
     p.add_argument("--no-report", action="store_true", help="run the fold(s) only (SLURM array tasks)")
     p.add_argument("--launcher", default="", help="prefix of each fold's training command, e.g. 'mpiexec -n 2'")
     p.add_argument("--layer", default="hidden", choices=("hidden", "merge"), help="embedding layer for NSC/NSCB")
-    p.add_argument("--normalize", action="store_true",
-                   help="NSC/NSCB: standardise features per plate against its DMSO images first")
     p.add_argument("--checkpoint", default="latest", help="what each fold evaluates: latest (default), snapshots "
                    "(the collapsed ensemble: needs --config.optim.cycles=N) or a comma-separated list of steps; an "
                    "ensemble predicts with the mean of its members' probabilities and embeds with their features "
                    "side by side. Not best: it is picked by accuracy on the held-out compound, the test set")
     p.add_argument("--batch", type=int, default=8, help="evaluation batch")
-    p.add_argument("--control", default=P.CONTROL, help="the control compound (not a fold; default DMSO)")
+    add_profile_options(p)  # --normalize, --level, --nscb-rule, --control (also not a fold), mAP options
     args, rest = p.parse_known_args(argv)
     if "best" in [w.strip() for w in args.checkpoint.split(",")]:
         p.error("--checkpoint best is refused: the best checkpoint is the one with the highest accuracy on the "
@@ -356,6 +352,7 @@ def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     enable_compilation_cache()
     try:
+        opts = options_from_args(args)
         config = load_config(args.config, overrides)
         if args.checkpoint == "snapshots" and not config.optim.cycles and not (args.list or args.report):
             raise LocoError("--checkpoint snapshots evaluates the collapsed ensemble's snapshots, which a fold's "
@@ -372,7 +369,7 @@ def main(argv=None):
                 run_fold(args, overrides, store, compounds, c, log=lambda m: print(f"mcnn-loco: {m}", flush=True))
         if not args.no_report:
             chosen = select(compounds, args.compounds, None, store.path) if args.compounds else None
-            print(format_report(merged_report(args.workdir, store, compounds, args.control, chosen)))
+            print(format_report(merged_report(args.workdir, store, compounds, opts, chosen)))
     except (LocoError, P.TableError, FileNotFoundError, StoreError, ValueError) as e:
         print(f"mcnn-loco: error: {e}", file=sys.stderr)
         sys.exit(2)

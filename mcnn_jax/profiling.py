@@ -10,25 +10,25 @@ prediction table with these columns, not only mcnn-jax's:
 - features: every numeric column whose name does not start with ``Metadata_``;
 - predictions: ``Metadata_Predicted_MoA`` and one ``P_<class>`` column of probabilities per class.
 
-``treatment_profiles`` takes the median of every feature over a treatment's images (after an optional
-per-plate standardisation against the plate's control wells). ``nearest_neighbours`` matches every query
-treatment (controls are never queries) to its most cosine-similar treatment under
+``treatment_profiles`` takes the median of every feature over a treatment's rows (images, or the wells of
+``well_profiles``). ``nearest_neighbours`` matches every query treatment (controls are never queries) to its
+most cosine-similar treatment under
 
 - **NSC** (not-same-compound): the neighbour is a treatment of another compound;
 - **NSCB** (not-same-compound-or-batch): another compound, and none of the neighbour's batches is one of the
-  query's batches,
+  query's batches; MoAs whose treatments all lie in one batch are left out, and treatments imaged in every
+  batch follow a stated rule (``nscb_plan``: the field's protocol, as published BBBC021 figures are computed),
 
 and the MoA accuracy is the fraction of queries whose neighbour has the query's MoA (Ljosa et al. 2013;
-Ando et al. 2017). ``mcnn-profile-eval FILE`` runs both on a Parquet or CSV table.
+Ando et al. 2017). Normalisations are in ``profile_norm``, mAP in ``profile_map``, and ``profile_eval`` puts
+them together (``mcnn-profile-eval FILE``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,16 @@ def write_table(df: pd.DataFrame, path) -> Path:
     return path
 
 
+def write_json(doc, path) -> Path:
+    """Writes ``doc`` as JSON, atomically (a temp file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
 def require_columns(df: pd.DataFrame, columns, what: str, source: str = "the table") -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -104,30 +114,30 @@ def batches(df: pd.DataFrame) -> pd.Series:
 
 
 # --- profiles ----------------------------------------------------------------------------------------------
-def normalize_to_control(df: pd.DataFrame, features, control: str = CONTROL, source="the table") -> pd.DataFrame:
-    """Standardises every feature per plate against the plate's control images: (x - mean) / std."""
-    require_columns(df, [PLATE, COMPOUND], "per-plate normalisation", source)
-    out = df.copy()
-    x = df[features].to_numpy(np.float64)
-    is_ctrl = (df[COMPOUND] == control).to_numpy()
-    for plate, rows in df.groupby(PLATE).indices.items():
-        ctrl = rows[is_ctrl[rows]]
-        if len(ctrl) == 0:
-            raise TableError(f"{source}: plate {plate!r} has no {control} (control) images to normalise against")
-        mu, sd = x[ctrl].mean(0), x[ctrl].std(0)
-        x[rows] = (x[rows] - mu) / np.where(sd > 1e-12, sd, 1.0)
-    out[features] = x
-    return out
+def well_profiles(df: pd.DataFrame, features=None, source: str = "the table") -> pd.DataFrame:
+    """One row per well (plate, well): the mean of every feature over the well's rows (its sites), with the
+    well's compound, concentration and MoA (and batch, if the table has one); ``Metadata_Images`` counts them."""
+    require_columns(df, [PLATE, WELL, COMPOUND, CONCENTRATION, MOA], "well-level profiles", source)
+    features = list(features) if features is not None else feature_columns(df, source)
+    keys = [PLATE, WELL]
+    meta = [c for c in (COMPOUND, CONCENTRATION, MOA, BATCH) if c in df.columns]
+    mixed = df.groupby(keys)[[COMPOUND, CONCENTRATION]].nunique().max(axis=1)
+    if (mixed > 1).any():
+        bad = mixed[mixed > 1].index[0]
+        raise TableError(f"{source}: well {bad} holds more than one treatment ({COMPOUND}, {CONCENTRATION})")
+    g = df.groupby(keys, sort=True)
+    prof = g[features].mean()
+    for c in reversed(meta):
+        prof.insert(0, c, g[c].first())
+    prof.insert(len(meta), "Metadata_Images", g.size())
+    return prof.reset_index()
 
 
-def treatment_profiles(df: pd.DataFrame, features=None, normalize: bool = False, control: str = CONTROL,
-                       source: str = "the table") -> pd.DataFrame:
+def treatment_profiles(df: pd.DataFrame, features=None, source: str = "the table") -> pd.DataFrame:
     """One row per treatment: compound, concentration, MoA, the batches it was imaged in (sorted, joined by
-    ``;``), its number of images and the median of every feature."""
+    ``;``), its number of rows and the median of every feature over them (its images, or its wells)."""
     require_columns(df, [COMPOUND, CONCENTRATION, MOA], "treatment profiles", source)
     features = list(features) if features is not None else feature_columns(df, source)
-    if normalize:
-        df = normalize_to_control(df, features, control, source)
     df = df.assign(_batch=batches(df) if (BATCH in df.columns or PLATE in df.columns) else "")
     moas = df.groupby(TREATMENT)[MOA].nunique()
     if (moas > 1).any():
@@ -146,9 +156,49 @@ def _cosine(a: np.ndarray) -> np.ndarray:
     return a @ a.T
 
 
+# --- NSCB: which treatments take part --------------------------------------------------------------------------
+NSCB_RULES = ("field", "strict")
+
+
+def batch_sets(profiles: pd.DataFrame) -> list[set]:
+    return [set(str(b).split(";")) for b in profiles["Metadata_Batches"]]
+
+
+def nscb_plan(profiles: pd.DataFrame, control: str = CONTROL, rule: str = "field") -> dict:
+    """Which treatments NSCB leaves out, and why, under the field's protocol (DeepProfiler's BBBC021 ``nscb``):
+
+    - ``left_out_moas`` {MoA: reason}: an MoA whose treatments all lie in one batch cannot have a correct
+      neighbour of another compound in another batch, so it is left out of NSCB, as queries and as
+      neighbours (BBBC021: Cholesterol-lowering, all in Week9, and Kinase inhibitors, all in Week7: NSCB is
+      then over 92 of the 103 treatments);
+    - ``every_batch`` [(compound, concentration)]: treatments imaged in every batch of the screen (BBBC021's
+      taxol @ 0.3, a control on every plate) have no neighbour in another batch. Rule ``field`` (default)
+      waives the batch condition for them, as and against them, so they stay in (the reference code compares
+      a treatment's whole list of batches, which is unique to such a treatment); rule ``strict`` leaves them
+      out (queries and neighbours), which makes NSCB over 91 on BBBC021.
+    """
+    if rule not in NSCB_RULES:
+        raise ValueError(f"the NSCB rule must be one of {', '.join(NSCB_RULES)}, got {rule!r}")
+    treated = (profiles[COMPOUND] != control).to_numpy()
+    sets = batch_sets(profiles)
+    screen = set().union(*sets) if sets else set()
+    left_out = {}
+    for moa, rows in profiles[treated].groupby(MOA).indices.items():
+        rows = np.flatnonzero(treated)[rows]
+        moa_batches = set().union(*(sets[i] for i in rows))
+        if len(moa_batches) == 1:
+            left_out[str(moa)] = (f"its {len(rows)} treatment(s) all lie in batch {next(iter(moa_batches))}: no "
+                                  f"treatment of another compound in another batch shares its MoA")
+    every = [i for i in np.flatnonzero(treated) if len(screen) > 1 and sets[i] == screen]
+    return dict(rule=rule, left_out_moas=left_out,
+                every_batch=[(str(profiles[COMPOUND].iat[i]), float(profiles[CONCENTRATION].iat[i])) for i in every],
+                every_batch_rows=every)
+
+
 def nearest_neighbours(profiles: pd.DataFrame, features=None, mode: str = "nsc", control: str = CONTROL,
-                       queries=None) -> pd.DataFrame:
-    """For every query treatment, its most cosine-similar allowed treatment (see the module docstring).
+                       queries=None, rule: str = "field") -> pd.DataFrame:
+    """For every query treatment, its most cosine-similar allowed treatment (see the module docstring and
+    ``nscb_plan`` for what NSCB leaves out and ``rule``).
 
     ``queries``: a boolean mask over ``profiles`` (default: every non-control treatment). Controls are never
     queries nor neighbours. Returns one row per query: compound, concentration, MoA, the neighbour's compound,
@@ -158,13 +208,23 @@ def nearest_neighbours(profiles: pd.DataFrame, features=None, mode: str = "nsc",
         raise ValueError(f"mode must be 'nsc' or 'nscb', got {mode!r}")
     features = list(features) if features is not None else feature_columns(profiles)
     treated = (profiles[COMPOUND] != control).to_numpy()
-    q = treated if queries is None else treated & np.asarray(queries, bool)
-    sim = _cosine(profiles[features].to_numpy(np.float64))
     comp = profiles[COMPOUND].to_numpy()
     allowed = treated[None, :] & (comp[None, :] != comp[:, None])
+    taking_part = treated.copy()
     if mode == "nscb":
-        bsets = [set(str(b).split(";")) for b in profiles["Metadata_Batches"]]
-        allowed &= np.array([[not (a & b) for b in bsets] for a in bsets])
+        plan = nscb_plan(profiles, control, rule)
+        taking_part &= ~profiles[MOA].astype(str).isin(list(plan["left_out_moas"])).to_numpy()
+        sets = batch_sets(profiles)
+        allowed &= np.array([[not (a & b) for b in sets] for a in sets], dtype=bool)
+        every = np.zeros(len(profiles), bool)
+        every[plan["every_batch_rows"]] = True
+        if rule == "field":  # the batch condition is waived for treatments imaged in every batch
+            allowed |= treated[None, :] & (comp[None, :] != comp[:, None]) & (every[None, :] | every[:, None])
+        else:
+            taking_part &= ~every
+        allowed &= taking_part[None, :]
+    q = taking_part if queries is None else taking_part & np.asarray(queries, bool)
+    sim = _cosine(profiles[features].to_numpy(np.float64))
     rows = []
     for i in np.flatnonzero(q):
         row = {COMPOUND: comp[i], CONCENTRATION: profiles[CONCENTRATION].iat[i], MOA: profiles[MOA].iat[i]}
@@ -191,19 +251,6 @@ def nn_accuracy(matches: pd.DataFrame) -> dict:
     n = int(has.sum())
     return dict(accuracy=float(matches.loc[has, "correct"].astype(bool).mean()) if n else None,
                 treatments=n, without_neighbour=int((~has).sum()))
-
-
-def nsc_nscb(df: pd.DataFrame, normalize: bool = False, control: str = CONTROL, source: str = "the table",
-             query_compounds=None) -> dict:
-    """NSC and NSCB accuracy of an image-level embedding table: {'nsc': {...}, 'nscb': {...}, 'matches': ...}.
-    ``query_compounds``: only these compounds' treatments are queries (leave-one-compound-out folds)."""
-    prof = treatment_profiles(df, normalize=normalize, control=control, source=source)
-    queries = None if query_compounds is None else prof[COMPOUND].isin(list(query_compounds)).to_numpy()
-    out = {}
-    for mode in ("nsc", "nscb"):
-        m = nearest_neighbours(prof, mode=mode, control=control, queries=queries)
-        out[mode] = dict(nn_accuracy(m), matches=m)
-    return out
 
 
 # --- predictions: treatment and compound level ---------------------------------------------------------------
@@ -259,49 +306,3 @@ def prediction_summary(df: pd.DataFrame, control: str = CONTROL, source: str = "
     return dict(images=len(df), image_accuracy=float((df[MOA].astype(str) == df[PREDICTED].astype(str)).mean()),
                 treatments=len(tr), treatment_accuracy=float(tr["correct"].mean()) if len(tr) else None,
                 per_compound=comp, per_treatment=tr)
-
-
-# --- mcnn-profile-eval -------------------------------------------------------------------------------------
-def _print_matches(mode: str, res: dict, out) -> None:
-    acc = "n/a" if res["accuracy"] is None else f"{res['accuracy']:.4f}"
-    print(f"{mode.upper()}: 1-NN MoA accuracy {acc} over {res['treatments']} treatments"
-          + (f" ({res['without_neighbour']} without an allowed neighbour)" if res["without_neighbour"] else ""),
-          file=out)
-    for r in res["matches"].itertuples(index=False):
-        mark = "-" if pd.isna(r.correct) else ("ok" if r.correct else "x")
-        print(f"  {mark:>2} {r[0]} @ {r[1]:g} ({r[2]}) -> {r.neighbour_compound} @ {r.neighbour_concentration:g} "
-              f"({r.neighbour_moa})", file=out)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="mcnn-profile-eval", description="NSC / NSCB 1-nearest-neighbour MoA accuracy of an image-level "
-        "embedding table (Parquet or CSV with Metadata_Compound, Metadata_Concentration, Metadata_MoA, "
-        "Metadata_Plate and numeric feature columns).")
-    p.add_argument("table")
-    p.add_argument("--normalize", action="store_true",
-                   help="standardise features per plate against its control images first")
-    p.add_argument("--control", default=CONTROL, help="the control compound (never a query; default DMSO)")
-    p.add_argument("--json", default="", help="also write the result (and every match) to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="print the accuracies only, not every match")
-    args = p.parse_args(argv)
-    try:
-        res = nsc_nscb(read_table(args.table), args.normalize, args.control, source=args.table)
-    except (TableError, FileNotFoundError) as e:
-        print(f"mcnn-profile-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    for mode in ("nsc", "nscb"):
-        r = res[mode]
-        if args.quiet:
-            r = dict(r, matches=r["matches"].iloc[:0])
-        _print_matches(mode, r, sys.stdout)
-    if args.json:
-        doc = {m: dict(res[m], matches=json.loads(res[m]["matches"].to_json(orient="records")))
-               for m in ("nsc", "nscb")}
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, args.json)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,7 @@
 """The collapsed ensemble (issue 13): cosine-restart cycles after the main run keep a snapshot at the end of
 each cycle; evaluating the snapshots averages their probabilities."""
 
+import logging
 from pathlib import Path
 
 import jax
@@ -41,7 +42,7 @@ def test_cycles_keep_a_snapshot_at_the_end_of_each(store, cycled):
     ckpt.close()
 
 
-def test_ensemble_evaluation_is_the_mean_of_the_members_probabilities(store, cycled, capsys):
+def test_ensemble_evaluation_is_the_mean_of_the_members_probabilities(store, cycled, capsys, caplog):
     workdir, config, _ = cycled
     result = evaluate_checkpoint(workdir, "snapshots", batch=4)
     model, members, metas = load_ensemble(workdir, "snapshots")
@@ -67,8 +68,11 @@ def test_ensemble_evaluation_is_the_mean_of_the_members_probabilities(store, cyc
     # members differ, so the ensemble is not one of them
     single = [evaluate_checkpoint(workdir, str(m["step"]), batch=4)["loss"] for m in metas]
     assert all(abs(s - result["loss"]) > 1e-6 for s in single)
+    caplog.set_level(logging.INFO, logger="absl")
     eval_cli(["--workdir", str(workdir), "--checkpoint", ",".join(str(m["step"]) for m in metas)])
     assert "ensemble of 3 checkpoints" in capsys.readouterr().out
+    # reading a finished run is quiet: no warning about the read-only checkpoint folder it asked for
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
 
 
 def test_embed_and_predictions_tables_of_an_ensemble(store, cycled, tmp_path, capsys):

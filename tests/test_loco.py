@@ -172,3 +172,23 @@ def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
     assert latest["members"] == done["members"][-1:] and latest["train_wall_s"] == done["train_wall_s"]
     emb = pd.read_parquet(fold / "embeddings.parquet")
     assert [c for c in emb.columns if not c.startswith("Metadata_")] == feature_names("hidden", 16)
+
+
+def test_a_fold_trains_on_the_trainers_store(tmp_path):
+    """mcnn-loco prepares the config's store with the trainer's function: the synthetic screen's camera and
+    difficulty reach the folds (a copy of the preparation once dropped them)."""
+    from mcnn_jax.data.prepare import prepare_store
+    from mcnn_jax.distributed import World
+
+    cfg = load_config(TINY, ["data.synthetic.num_images=24", "data.synthetic.background=offset",
+                             "data.synthetic.saturation=3000", "data.synthetic.bits=12",
+                             "data.synthetic.difficulty=0.5"])
+    fold_store = loco.open_loco_store(cfg, tmp_path / "loco")
+    train_store = prepare_store(cfg, tmp_path / "train", World())
+    info = fold_store.info["synthetic"]
+    assert info == train_store.info["synthetic"]
+    assert info["camera"] == {"background": "offset", "saturation": 3000, "bits": 12} and info["difficulty"] == 0.5
+    idx = np.arange(fold_store.num_images)
+    np.testing.assert_array_equal(fold_store.read(idx), train_store.read(idx))
+    with pytest.raises(loco.LocoError, match="names no store"):
+        loco.open_loco_store(load_config(TINY, ["data.synthetic.enabled=false"]), tmp_path / "none")

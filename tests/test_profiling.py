@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mcnn_jax import profile_eval as E
+from mcnn_jax import profile_norm as N
 from mcnn_jax import profiling as P
 
 # (compound, concentration, MoA, plate, angle in degrees) of hand-placed 2-d treatment profiles
@@ -57,7 +59,7 @@ def test_profiles_are_medians_per_treatment(table):
 
 @pytest.mark.parametrize("mode,expected,accuracy", [("nsc", NSC, 5 / 7), ("nscb", NSCB, 2 / 7)])
 def test_nsc_nscb_on_a_worked_example(table, mode, expected, accuracy):
-    res = P.nsc_nscb(table)[mode]
+    res = E.profile_report(table, E.ProfileOptions(map=False))[mode]
     m = res["matches"]
     assert dict(zip(zip(m.Metadata_Compound, m.Metadata_Concentration), m.neighbour_compound)) == expected
     assert "DMSO" not in set(m.Metadata_Compound) | set(m.neighbour_compound)
@@ -65,21 +67,31 @@ def test_nsc_nscb_on_a_worked_example(table, mode, expected, accuracy):
 
 
 def test_query_compounds_and_missing_neighbours(table):
-    res = P.nsc_nscb(table, query_compounds=["E"])
+    no_map = E.ProfileOptions(map=False)
+    res = E.profile_report(table, no_map, query_compounds=["E"])
     assert list(res["nsc"]["matches"].Metadata_Compound) == ["E"] and res["nsc"]["accuracy"] == 1.0
     one_week = table[table.Metadata_Plate.str.startswith("Week1")]
-    nscb = P.nsc_nscb(one_week)["nscb"]  # one batch: no query has an allowed neighbour
-    assert nscb["accuracy"] is None and nscb["without_neighbour"] == 4
+    res = E.profile_report(one_week, no_map)  # one batch: both MoAs lie in it, so NSCB leaves them out
+    assert res["nscb"]["accuracy"] is None and res["nscb"]["treatments"] == 0
+    assert set(res["nscb_plan"]["left_out_moas"]) == {"m1", "m2"} and res["nsc"]["treatments"] == 4
+    assert "all lie in batch Week1" in res["nscb_plan"]["left_out_moas"]["m1"]
+    # without D and F, m2 is E alone, in Week1: left out, as query (it would have no allowed neighbour) and as
+    # neighbour; m1 (A, B in Week1; C in Week2) stays, and its treatments can only match each other across weeks
+    some = table[~table.Metadata_Compound.isin(["D", "F"])]
+    res = E.profile_report(some, no_map)
+    assert list(res["nscb_plan"]["left_out_moas"]) == ["m2"]
+    assert res["nscb"]["treatments"] == 4 and res["nscb"]["accuracy"] == 1.0 and res["nscb"]["without_neighbour"] == 0
+    assert set(res["nscb"]["matches"].neighbour_compound) == {"B", "C"}  # A, A, B -> C (52 deg); C -> B (10)
 
 
 def test_per_plate_normalisation_against_controls():
     df = pd.DataFrame(dict(Metadata_Plate=["p1"] * 3 + ["p2"] * 3, Metadata_Compound=["DMSO", "DMSO", "X"] * 2,
                            f0=[1.0, 3.0, 4.0, 10.0, 30.0, 40.0]))
-    out = P.normalize_to_control(df, ["f0"])
+    out = N.standardize_per_plate(df, ["f0"])
     # p1: DMSO mean 2, std 1 -> X = 2; p2: mean 20, std 10 -> X = 2
     assert list(out.f0) == pytest.approx([-1, 1, 2, -1, 1, 2])
     with pytest.raises(P.TableError, match="plate 'p3' has no DMSO"):
-        P.normalize_to_control(pd.concat([df, df.assign(Metadata_Plate="p3", Metadata_Compound="X")]), ["f0"])
+        N.standardize_per_plate(pd.concat([df, df.assign(Metadata_Plate="p3", Metadata_Compound="X")]), ["f0"])
 
 
 def test_treatment_level_accuracy_averages_probabilities():
@@ -117,14 +129,14 @@ def test_bad_tables_name_what_is_missing(table, tmp_path):
     path = tmp_path / "bad.csv"
     table.drop(columns=["Metadata_Concentration"]).to_csv(path, index=False)
     with pytest.raises(SystemExit) as e:
-        P.main([str(path)])
+        E.main([str(path)])
     assert e.value.code == 2
 
 
 def test_cli_on_parquet_and_csv(table, tmp_path, capsys):
     for name in ("emb.parquet", "emb.csv"):
         P.write_table(table, tmp_path / name)
-        P.main([str(tmp_path / name), "--json", str(tmp_path / "res.json")])
+        E.main([str(tmp_path / name), "--json", str(tmp_path / "res.json"), "--no-map"])
         out = capsys.readouterr().out
         assert "NSC: 1-NN MoA accuracy 0.7143 over 7 treatments" in out
         assert "NSCB: 1-NN MoA accuracy 0.2857" in out and "A @ 1 (m1) -> D @ 1 (m2)" in out

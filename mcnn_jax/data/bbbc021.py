@@ -110,6 +110,20 @@ def read_metadata(metadata_dir) -> list[Row]:
     return rows
 
 
+def metadata_table(metadata_dir):
+    """The MoA-annotated fields of ``read_metadata`` as a table with the cytomining column names
+    (``Metadata_Plate``, ``_Well``, ``_Site``, ``_Replicate``, ``_Compound``, ``_Concentration``, ``_MoA``),
+    one row per field in CSV order: the layout to join features to (``mcnn_jax.profiling``)."""
+    import pandas as pd
+
+    rows = read_metadata(metadata_dir)
+    return pd.DataFrame(dict(
+        Metadata_Plate=[r.plate for r in rows], Metadata_Well=[r.well for r in rows],
+        Metadata_Site=[r.site for r in rows], Metadata_Replicate=[r.replicate for r in rows],
+        Metadata_Compound=[r.compound for r in rows], Metadata_Concentration=[r.concentration for r in rows],
+        Metadata_MoA=[r.moa for r in rows]))
+
+
 def _check_unique(rows: list[Row], image_csv: Path) -> None:
     """No (plate, well, site) twice (the DAPI file stands in for a site when the file names have none)."""
     seen: dict = {}
