@@ -110,7 +110,10 @@ def _pct(x) -> str:
 
 def format_report(res: dict, matches: bool = True) -> str:
     """The report as text: NSC, NSCB with what it left out, mAP; every match unless ``matches`` is False."""
-    lines = []
+    o = res["options"]
+    lines = [f"profiles: {res['level']} level, normalisation {','.join(o['normalize']) or 'none'}"
+             + (f" (reg {o['reg']:g})" if {"tvn", "coral"} & set(o["normalize"]) else "")
+             + f", NSCB rule {o['nscb_rule']}, control {o['control']}"]
     plan = res["nscb_plan"]
     for m in MODES:
         r = res[m]
