@@ -69,13 +69,13 @@ def abstract_params(height: int, width: int, num_classes: int = 13):
     import jax
     import jax.numpy as jnp
 
-    from mcnn_jax.models import MCNN
+    from mcnn_jax.model.mcnn import MCNN
     model = MCNN(num_classes=num_classes)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, height, width, 3))))["params"]
 
 
 def plans(params, batches, ranks, rank):
-    from mcnn_jax import comm
+    from mcnn_jax.parallel import exchange as comm
     return {(s, b): comm.make_plan(s, params, b, ranks, rank) for s in SCHEMES for b in batches}
 
 
@@ -87,7 +87,7 @@ def plan_row(plan) -> dict:
 
 
 def worker(args):
-    from mcnn_jax.distributed import fail_fast, init_world
+    from mcnn_jax.parallel.world import fail_fast, init_world
     world = init_world()
     fail_fast(world)
     params = abstract_params(args.height, args.width)
@@ -145,7 +145,7 @@ def ring_allreduce_s(floats: int, nodes: int, bw: float, lat: float) -> float:
 def overlap_split(plan, params) -> tuple[int, int]:
     """float32 elements of the overlapped head buffer (the summed dense kernels, every dense bias) and of the
     rest of the plan's allreduce."""
-    from mcnn_jax import comm
+    from mcnn_jax.parallel import exchange as comm
     head = sum(la.fan_out + (0 if la in plan.factored else la.fan_in * la.fan_out) for la in comm.dense_layers(params))
     return head, plan.sizes()["allreduce"] - head
 
@@ -161,7 +161,7 @@ def read_overlap(path: str) -> dict:
 
 
 def head_floats_at(image_shape) -> int:
-    from mcnn_jax import comm
+    from mcnn_jax.parallel import exchange as comm
     params = abstract_params(image_shape[0], image_shape[1])
     return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(params))
 
@@ -195,7 +195,7 @@ def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
 
 
 def project(args, params, node_gflops: float, ov=None) -> list[dict]:
-    from mcnn_jax import comm
+    from mcnn_jax.parallel import exchange as comm
     rows = []
     for gbits in args.networks:
         bw = gbits * 1e9 / 8

@@ -5,7 +5,7 @@
 
 Writes a temporary store of random uint16 fields, builds the published MCNN(num_classes=13) with random
 parameters (throughput does not depend on their values), compiles on one warm-up batch, then times
-``mcnn_jax.embed.write_image_table`` (what ``mcnn-embed`` runs) over all images. Prints JSON.
+``mcnn_jax.evaluation.embed.write_image_table`` (what ``mcnn-embed`` runs) over all images. Prints JSON.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import numpy as np
 from mcnn_jax import MCNN, init_params
 from mcnn_jax.data import open_store
 from mcnn_jax.data.store import StoreWriter
-from mcnn_jax.embed import iter_outputs, write_image_table
+from mcnn_jax.evaluation.embed import iter_outputs, write_image_table
 from mcnn_jax.runtime import enable_compilation_cache
 
 

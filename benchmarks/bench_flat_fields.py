@@ -61,7 +61,7 @@ def run(impl: str, store: Path, workdir: Path, epochs: int, size: int) -> dict:
                  "optim.weight_decay=5e-5", f"optim.epochs={float(epochs)}", "train.global_batch=16",
                  "train.target_accuracy=0.0", "train.log_every_steps=4", "train.progress=log",
                  "train.eval_every_epochs=1.0"]
-    cmd = [sys.executable, "-m", "mcnn_jax.main", "--config", str(ROOT / "configs" / "default.py"),
+    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", str(ROOT / "configs" / "default.py"),
            "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     images, store = a.dir / "png", a.dir / "store"
     if not (store / "COMPLETE").exists():
         write_fields(images, a.images // len(CLASSES), a.size, a.seed)
-        subprocess.run([sys.executable, "-m", "mcnn_jax.data.cli", "folder", "--images", str(images),
+        subprocess.run([sys.executable, "-m", "mcnn_jax.cli.data", "folder", "--images", str(images),
                         "--out", str(store)], check=True, capture_output=True)
     result = dict(images=a.images, size=a.size, epochs=a.epochs, runs=[])
     for impl in a.impls.split(","):

@@ -32,12 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mcnn_jax.data.bbbc021 import CHANNELS, import_bbbc021, read_metadata  # noqa: E402
-from mcnn_jax.data.cellpainting import generate_cellpainting_screen  # noqa: E402
-from mcnn_jax.data.images import read_image  # noqa: E402
-from mcnn_jax.data.manifest import import_manifest  # noqa: E402
-from mcnn_jax.data.omezarr import import_ome_zarr, write_plate  # noqa: E402
-from mcnn_jax.data.synthetic import generate_screen  # noqa: E402
+from mcnn_jax.data.bbbc021 import CHANNELS, import_bbbc021, read_metadata
+from mcnn_jax.data.cellpainting import generate_cellpainting_screen
+from mcnn_jax.data.images import read_image
+from mcnn_jax.data.manifest import import_manifest
+from mcnn_jax.data.omezarr import import_ome_zarr, write_plate
+from mcnn_jax.data.synthetic import generate_screen
 
 
 def bbbc021_table(raw: Path) -> Path:

@@ -19,7 +19,7 @@ sleeps ``--sleep`` seconds and then returns its input as one rank's gather (or s
   gather    the sleep in the allgather of the factors (overlappable by the data flow)
   reduce    the sleep in the allreduce (cannot be overlapped: the control)
 
-and, for ``train.overlap`` (``mcnn_jax.overlap``: the head's summed gradients started by a host callback that
+and, for ``train.overlap`` (``mcnn_jax.parallel.overlap``: the head's summed gradients started by a host callback that
 returns at once, summed on a background thread, waited for after the branches' backward pass), with the plan
 that sums every gradient (``"allreduce"``, as ``"auto"`` chooses at 128 nodes x 16 images), so that the hidden
 layer's 98.5% of the bytes is what travels:
@@ -100,9 +100,9 @@ def measure(args):
     import numpy as np
     import optax
 
-    from mcnn_jax import comm
-    from mcnn_jax.models import MCNN, init_params
-    from mcnn_jax.nonblocking import Exchanger
+    from mcnn_jax.model.mcnn import MCNN, init_params
+    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel.nonblocking import Exchanger
     from mcnn_jax.step import create_state, make_train_step
 
     model = MCNN(num_classes=13)
@@ -153,8 +153,8 @@ def roundtrip_seconds(plan, params, reps: int = 4) -> float:
     import jax
     import jax.numpy as jnp
 
-    from mcnn_jax import comm
-    from mcnn_jax.nonblocking import Exchanger
+    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel.nonblocking import Exchanger
     ex = Exchanger()
     shapes = [(la.fan_in, la.fan_out) for la in comm.dense_layers(params)]
     xs = [jnp.ones(s, jnp.float32) for s in shapes]
@@ -182,8 +182,8 @@ def head_floats(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from mcnn_jax import comm
-    from mcnn_jax.models import MCNN
+    from mcnn_jax.model.mcnn import MCNN
+    from mcnn_jax.parallel import exchange as comm
     shapes = jax.eval_shape(lambda: MCNN(num_classes=13).init(jax.random.key(0), jnp.zeros((1, args.height,
                                                                                           args.width, 3))))
     return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(shapes["params"]))

@@ -1,4 +1,4 @@
-"""Max-pool forward + gradient at the M-CNN's shapes: ``mcnn_jax.pool.max_pool`` against XLA's ``reduce_window``
+"""Max-pool forward + gradient at the M-CNN's shapes: ``mcnn_jax.model.pool.max_pool`` against XLA's ``reduce_window``
 max-pool (``flax.linen.max_pool``, what ``impl="xla"`` runs) and against the one-pass mask that sent the output
 gradient to EVERY tied maximum (the form before issue 10: wrong on flat fields, kept here only as the cost to
 beat). All three are timed interleaved in one process, so their ratios hold on a shared machine. JSON out.
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcnn_jax import pool
+from mcnn_jax.model import pool
 
 # (name, [h, w, c] of the pooled tensor, f): branch0's post-pool, branch1's, the image pre-pool, the merge pool
 SHAPES = [("branch0_post_pool64", (1024, 1280, 16), 64), ("branch1_post_pool32", (512, 640, 16), 32),
@@ -61,7 +61,7 @@ def step_ab(batch: int, reps: int) -> dict:
     import optax
 
     from mcnn_jax import MCNN
-    from mcnn_jax.models import init_params
+    from mcnn_jax.model.mcnn import init_params
     from mcnn_jax.step import create_state, make_train_step
 
     model = MCNN(num_classes=13)
@@ -72,7 +72,7 @@ def step_ab(batch: int, reps: int) -> dict:
     steps, states, real = {}, {}, pool.max_pool
     for name, fn in (("pool", real), ("all_ties_old", all_ties)):
         states[name] = create_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)  # the step donates it
-        pool.max_pool = fn  # looked up when the step is traced (mcnn_jax.layers calls pool.max_pool)
+        pool.max_pool = fn  # looked up when the step is traced (mcnn_jax.model.layers calls pool.max_pool)
         try:
             steps[name] = make_train_step(model, tx, 13).lower(states[name], data).compile()
         finally:

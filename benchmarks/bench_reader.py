@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mcnn_jax.data import Reader, open_store  # noqa: E402
-from mcnn_jax.data.bbbc021 import import_bbbc021  # noqa: E402
-from mcnn_jax.data.store import CODECS, DEFAULT_CODEC, StoreWriter  # noqa: E402
-from mcnn_jax.data.synthetic import generate_screen  # noqa: E402
+from mcnn_jax.data import Reader, open_store
+from mcnn_jax.data.bbbc021 import import_bbbc021
+from mcnn_jax.data.store import CODECS, DEFAULT_CODEC, StoreWriter
+from mcnn_jax.data.synthetic import generate_screen
 
 TRAIN_TODAY = 0.76  # images/s per 2-core process, measured by the project
 TRAIN_GOAL = 1.25

@@ -213,9 +213,9 @@ def worker(args) -> None:
 
     from mcnn_jax import optim
     from mcnn_jax.config import base_config, published_recipe
-    from mcnn_jax.distributed import fail_fast, init_world
-    from mcnn_jax.flops import mcnn_flops
-    from mcnn_jax.models import MCNN, count_params, init_params
+    from mcnn_jax.model.flops import mcnn_flops
+    from mcnn_jax.model.mcnn import MCNN, count_params, init_params
+    from mcnn_jax.parallel.world import fail_fast, init_world
     from mcnn_jax.step import create_state, make_train_step
 
     world = init_world()
@@ -363,15 +363,15 @@ def full_res_params(num_classes):
     import jax
     import jax.numpy as jnp
 
-    from mcnn_jax.models import MCNN
+    from mcnn_jax.model.mcnn import MCNN
     model = MCNN(num_classes=num_classes)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1024, 1280, 3)))["params"])
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 
 def project(args, layouts, fit):
-    from mcnn_jax.flops import mcnn_flops
-    from mcnn_jax.models import MCNN
+    from mcnn_jax.model.flops import mcnn_flops
+    from mcnn_jax.model.mcnn import MCNN
 
     one_core = layouts.get("2x1") or layouts.get("1x2")
     s = one_core["summary"]
@@ -418,7 +418,7 @@ def project(args, layouts, fit):
                                     if scale != 1.0 else "")),
         node_image_s=node_image_s,
         node_image_s_source=("--node-image-s" if args.node_image_s else
-                             f"per_core_image_s / node_cores: linear scaling over the node's cores"),
+                             "per_core_image_s / node_cores: linear scaling over the node's cores"),
         gradient_bytes=grad_bytes, gradient_mib=grad_bytes / MIB,
         intra_node_allreduce=intra_src if args.ranks_per_node > 1 else "none (1 rank per node)",
         inter_node_allreduce=(f"ring: 2(p-1) x {args.net_latency_us:g} us + 2(p-1)/p x bytes / "

@@ -11,8 +11,8 @@ and kills it above ``--max-rss-gb``; a batch is skipped when the machine has not
 Variants (comma-separated, ``--variants``):
     xla        the plain model: XLA convolutions and pools (MCNN(impl="xla")); aborts (std::bad_alloc in
                XLA:CPU's convolution) at batch > 4 at full resolution
-    fast       XLA convolutions with mcnn_jax.xla_conv's kernel gradients and mcnn_jax.pool's pools (MCNN(impl="fast"))
-    base       the default model: MCNN() (impl="native": the C++ kernels of mcnn_jax.native)
+    fast       XLA convolutions with mcnn_jax.model.xla_conv's kernel gradients and mcnn_jax.model.pool's pools (MCNN(impl="fast"))
+    base       the default model: MCNN() (impl="native": the C++ kernels of mcnn_jax.model.native)
     remat      base + rematerialisation of every branch (remat=True)
     remat0     base + rematerialisation of the full-resolution branch only (remat=(True,)+(False,)*6)
     bf16       base + bfloat16 compute (dtype="bfloat16"; parameters stay float32)
@@ -54,10 +54,10 @@ def worker(a) -> dict:
     import jax
     import jax.numpy as jnp
     import ml_collections
-
     from profile_step import machine, matmul_peak
+
     from mcnn_jax import mcnn_flops
-    from mcnn_jax.models import from_config, init_params
+    from mcnn_jax.model.mcnn import from_config, init_params
     from mcnn_jax.optim import make_optimizer
     from mcnn_jax.step import create_state, make_train_step
 

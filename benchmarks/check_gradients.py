@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fields import KINDS, fields  # noqa: E402
 
-from mcnn_jax import MCNN  # noqa: E402
+from mcnn_jax import MCNN
 
 
 def rel_err(a, b) -> float:

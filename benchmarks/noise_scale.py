@@ -1,4 +1,4 @@
-"""The gradient noise scale B_simple (``mcnn_jax.noise_scale``) of runs' checkpoints: the global batch beyond which
+"""The gradient noise scale B_simple (``mcnn_jax.optim.noise_scale``) of runs' checkpoints: the global batch beyond which
 a larger batch stops keeping its accuracy at the same number of epochs (McCandlish et al. 2018).
 
     python benchmarks/noise_scale.py --run study/runs/adamw_b16    # at initialisation and every kept checkpoint
@@ -63,12 +63,12 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     import ml_collections
     import numpy as np
 
-    from mcnn_jax.batch_schedule import from_config as batch_schedule
     from mcnn_jax.checkpoint import Checkpointer
     from mcnn_jax.data import Reader, open_store, split_indices
-    from mcnn_jax.evaluate import load_ensemble
-    from mcnn_jax.models import from_config, init_params
-    from mcnn_jax.noise_scale import gradient_noise_scale
+    from mcnn_jax.evaluation.evaluate import load_ensemble
+    from mcnn_jax.model.mcnn import from_config, init_params
+    from mcnn_jax.optim.batch_schedule import from_config as batch_schedule
+    from mcnn_jax.optim.noise_scale import gradient_noise_scale
 
     ckpt = Checkpointer(workdir, write=False)
     try:

@@ -22,10 +22,11 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import emit  # noqa: E402
 
-from mcnn_jax import profile_map, profile_norm  # noqa: E402
-from mcnn_jax.data.bbbc021 import metadata_table  # noqa: E402
-from mcnn_jax.profile_eval import ProfileOptions, profile_report  # noqa: E402
-from mcnn_jax.profiling import batches, feature_columns, nearest_neighbours, treatment_profiles  # noqa: E402
+from mcnn_jax.data.bbbc021 import metadata_table
+from mcnn_jax.evaluation import mean_ap as profile_map
+from mcnn_jax.evaluation import normalize as profile_norm
+from mcnn_jax.evaluation.profile_metrics import ProfileOptions, profile_report
+from mcnn_jax.evaluation.profiles import batches, feature_columns, nearest_neighbours, treatment_profiles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "bbbc021"
 NORMALISATIONS = ("", "plate", "tvn", "coral", "tvn,coral", "plate,tvn,coral")

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mcnn_jax import MCNN, layers, mcnn_flops, xla_conv
+from mcnn_jax import MCNN, mcnn_flops
+from mcnn_jax.model import layers, xla_conv
 
 
 def timeit(fn, *args, reps: int = 3, warmup: int = 1) -> float:
@@ -164,9 +165,10 @@ def time_step(model, batch, h, w, steps, num_classes=13):
     """Seconds per step of the real jitted train step (SGD-Nesterov), best of ``steps``."""
     import time
 
-    from mcnn_jax.models import init_params
-    from mcnn_jax.step import create_state, make_train_step
     import optax
+
+    from mcnn_jax.model.mcnn import init_params
+    from mcnn_jax.step import create_state, make_train_step
 
     params = init_params(model, jax.random.key(0), (h, w, 3))
     tx = optax.chain(optax.add_decayed_weights(5e-5), optax.sgd(1e-3, momentum=0.9, nesterov=True))

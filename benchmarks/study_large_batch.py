@@ -188,7 +188,7 @@ def make_config(a, store: str, recipe: str, batch: int, cycles: int = 0, comm: s
 def evaluate_run(workdir: Path, store, val_idx, which: str) -> dict:
     """Image- and treatment-level accuracy of checkpoint(s) ``which`` on the validation images."""
     from mcnn_jax.data import Reader
-    from mcnn_jax.evaluate import load_ensemble, predict_probabilities
+    from mcnn_jax.evaluation.evaluate import load_ensemble, predict_probabilities
 
     model, members, _ = load_ensemble(workdir, which)
     reader = Reader(store, val_idx, 64, augment=None, train=False)
@@ -421,7 +421,7 @@ def study_plan(a) -> list[tuple[str, int, int, str, bool, int]]:
     plan += [(r, int(b), 0, "powersgd", False) for r, b in (x.split(":") for x in a.powersgd.split(",") if x)]
     ramp_recipe, ramp = ramp_schedule(a.ramp)
     if ramp:  # checked before any run trains
-        from mcnn_jax.batch_schedule import parse
+        from mcnn_jax.optim.batch_schedule import parse
 
         if ramp[0][1] != a.base_batch:
             raise SystemExit(f"--ramp {a.ramp}: it must start at the base batch ({a.base_batch}), its own base")

@@ -98,7 +98,8 @@ def target_of(a, study: dict, runs: list[dict]) -> float:
 def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
     from bench_comm import abstract_params, project_row, read_overlap
     from study_large_batch import epochs_to
-    from mcnn_jax import comm
+
+    from mcnn_jax.parallel import exchange as comm
 
     mine = [r for r in runs_of(study) if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")]
     runs = sorted((r for r in mine if not r.get("batch_schedule")), key=lambda r: r["global_batch"])

@@ -67,10 +67,10 @@ else
   "${pip[@]}" install -e "$here$extras"
 fi
 "$py" -c 'import mpi4jax, mcnn_jax; print(">> mcnn-jax", mcnn_jax.__version__, "with mpi4jax", mpi4jax.__version__, "is installed")'
-# The native convolution kernels (mcnn_jax/native/conv.cc) are compiled for this CPU on first use; build them
+# The native convolution kernels (mcnn_jax/model/native/conv.cc) are compiled for this CPU on first use; build them
 # now so that a missing compiler shows here, not as a slower first run (which falls back to XLA, with a warning).
 "$py" - <<'PY'
-from mcnn_jax import native
+from mcnn_jax.model import native
 s = native.status()
 if s["ok"]:
     print(f">> native CPU kernels built: {s['vector_width']}-float vectors, {s['threads']} threads ({s['path']})")

@@ -3,8 +3,8 @@
     from mcnn_jax import MCNN, mcnn_flops
 """
 
-from .flops import mcnn_flops
-from .models import MCNN, count_params, from_config, init_params
+from mcnn_jax.model.flops import mcnn_flops
+from mcnn_jax.model.mcnn import MCNN, count_params, from_config, init_params
 
 __version__ = "0.1.0"
 __all__ = ["MCNN", "count_params", "from_config", "init_params", "mcnn_flops", "__version__"]

@@ -14,7 +14,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from .models import MCNN, MODEL_KEYS
+from mcnn_jax.model.mcnn import MCNN, MODEL_KEYS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = data_defaults()
-    # --- model: the M-CNN (mcnn_jax.models.MCNN); every field of MCNN, with MCNN's defaults ---------------
+    # --- model: the M-CNN (mcnn_jax.model.mcnn.MCNN); every field of MCNN, with MCNN's defaults ---------------
     c.model = model_defaults()
     c.model.input_shape = (1024, 1280, 3)
     # model.num_classes is replaced by the store's number of classes at run time; model.impl: "native" (C++ CPU
@@ -92,7 +92,7 @@ def train_defaults() -> ml_collections.ConfigDict:
     """The ``train`` section: the training loop, checkpoints, logging and the gradient exchange."""
     c = ml_collections.ConfigDict()
     c.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
-    # a batch that grows during training (mcnn_jax.batch_schedule): ((start epoch, global batch), ...) from epoch 0,
+    # a batch that grows during training (mcnn_jax.optim.batch_schedule): ((start epoch, global batch), ...) from epoch 0,
     # ending at global_batch, e.g. ((0, 16), (10, 64), (20, 256)); the lr follows each phase's batch; () = constant
     c.batch_schedule = ()
     # images per micro-batch on each rank (0 = the whole local batch): the local batch runs in micro-batches
@@ -107,13 +107,13 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.progress = "auto"  # auto (a bar on a terminal) | bar | log
     c.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
-    # how ranks exchange gradients (mcnn_jax.comm): "auto" (per dense layer the exact scheme sending fewer bytes),
+    # how ranks exchange gradients (mcnn_jax.parallel.exchange): "auto" (per dense layer the exact scheme sending fewer bytes),
     # "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one allgather) or
     # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
     c.comm = "auto"
     c.powersgd_rank = 4
     # sum the dense layers' gradients on a background thread while the branches' backward pass runs (a two-stage
-    # backward, mcnn_jax.overlap; exact; not with "powersgd"; needs MPI_THREAD_MULTIPLE with several ranks)
+    # backward, mcnn_jax.parallel.overlap; exact; not with "powersgd"; needs MPI_THREAD_MULTIPLE with several ranks)
     c.overlap = False
     return c
 

@@ -5,14 +5,14 @@ A step has three parts, in this order:
 1. ``local_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
    micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
    that peak memory follows the micro-batch, not the local batch. The dense layers that the exchange plan
-   (``mcnn_jax.comm.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of a
+   (``mcnn_jax.parallel.exchange.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of a
    weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
 2. ``comm.exchange``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
    buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
    fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
    whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
    per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught).
-   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.overlap``) the last micro-batch's
+   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.parallel.overlap``) the last micro-batch's
    backward pass runs in two stages and the dense layers' summed gradients leave that allreduce: they are summed
    by ONE background allreduce (``nonblocking.Exchanger``) started after the head's backward pass and waited
    for after the branches' (one background allreduce + one packed mpi4jax allreduce + at most one allgather);
@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import unflatten_dict
 
-from . import comm, overlap
-from .optim import smoothed_targets
+from mcnn_jax.optim import smoothed_targets
+from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel import overlap
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -136,7 +137,7 @@ def _loss_fn(model, num_classes: int, label_smoothing: float, denominator):
 def overlapped_gradients(model, params, batch, num_classes: int, label_smoothing: float, microbatch: int,
                          plan: comm.Plan, exchanger, sums: dict, allreduce=None, allgather=None):
     """``train.overlap``: the local gradients and their exchange, with the head's sum travelling during the last
-    micro-batch's branch backward pass (``mcnn_jax.overlap``). The first k-1 micro-batches run in the
+    micro-batch's branch backward pass (``mcnn_jax.parallel.overlap``). The first k-1 micro-batches run in the
     ``lax.scan`` of ``local_gradients``; the last in two stages. ``sums``: the stop signal (and anything else
     to sum). Returns (the mean gradients as a flat dict, the summed metrics and ``sums``)."""
     n = batch["label"].shape[0]

@@ -23,17 +23,19 @@ import jax
 import numpy as np
 from absl import logging
 
-from . import batch_schedule, comm, optim
-from .batch_schedule import BatchSchedule
-from .checkpoint import config_to_json, host_tree, rank_checkpointer
-from .distributed import World, init_world
-from .evaluate import Evaluator
-from .flops import mcnn_flops
-from .metrics_log import MetricsLog, Progress
-from .models import from_config, init_params
-from .nonblocking import Exchanger
-from .runtime import StopRequest, setup_logging
-from .step import create_state, make_train_step, num_microbatches
+from mcnn_jax import optim
+from mcnn_jax.checkpoint import config_to_json, host_tree, rank_checkpointer
+from mcnn_jax.evaluation.evaluate import Evaluator
+from mcnn_jax.metrics_log import MetricsLog, Progress
+from mcnn_jax.model.flops import mcnn_flops
+from mcnn_jax.model.mcnn import from_config, init_params
+from mcnn_jax.optim import batch_schedule
+from mcnn_jax.optim.batch_schedule import BatchSchedule
+from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel.nonblocking import Exchanger
+from mcnn_jax.parallel.world import World, init_world
+from mcnn_jax.runtime import StopRequest, setup_logging
+from mcnn_jax.step import create_state, make_train_step, num_microbatches
 
 
 class TrainingDiverged(RuntimeError):
@@ -173,8 +175,8 @@ class Run:
 
 # --- set-up ----------------------------------------------------------------------------------------------------
 def _open_data(config, workdir, world):
-    from .data import split_indices
-    from .data.prepare import prepare_store
+    from mcnn_jax.data import split_indices
+    from mcnn_jax.data.prepare import prepare_store
 
     pairs = batch_schedule.parse(config.train.batch_schedule, config.train.global_batch, config.optim.epochs)
     for _, gb in pairs:
@@ -212,7 +214,7 @@ def _initial_state(config, model, tx, image_shape, ckpt, world, sched: BatchSche
 def _train_batches(config, store, train_idx, world, sched: BatchSchedule, start_step: int):
     """``(step, batch)`` from ``start_step`` on, endless: each phase of the batch schedule from its own training
     Reader at the phase's batch (opened when the phase starts, closed when it ends or this generator is closed)."""
-    from .data import Reader
+    from mcnn_jax.data import Reader
 
     for i, p in enumerate(sched.phases):
         end = sched.phases[i + 1].start_step if i + 1 < len(sched.phases) else None
@@ -230,7 +232,7 @@ def _train_batches(config, store, train_idx, world, sched: BatchSchedule, start_
 
 
 def _eval_reader(config, store, val_idx, world, stack):
-    from .data import Reader
+    from mcnn_jax.data import Reader
 
     eval_batch = config.train.eval_batch or config.train.microbatch or config.train.global_batch // world.size
     return stack.enter_context(contextlib.closing(Reader(

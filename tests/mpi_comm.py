@@ -9,11 +9,12 @@ import sys
 import jax
 import numpy as np
 
-from mcnn_jax import comm, optim
+from mcnn_jax import optim
 from mcnn_jax.config import load_config
-from mcnn_jax.distributed import fail_fast, init_world
-from mcnn_jax.models import from_config, init_params
-from mcnn_jax.nonblocking import Exchanger
+from mcnn_jax.model.mcnn import from_config, init_params
+from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel.nonblocking import Exchanger
+from mcnn_jax.parallel.world import fail_fast, init_world
 from mcnn_jax.step import create_state, make_train_step
 
 STEPS, LOCAL = 5, 4

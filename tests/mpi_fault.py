@@ -6,7 +6,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mcnn_jax.distributed import fail_fast, init_world
+from mcnn_jax.parallel.world import fail_fast, init_world
 
 world = init_world()
 fail_fast(world)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mcnn_jax import batch_schedule, optim
+from mcnn_jax import optim
 from mcnn_jax.config import base_config, load_config
+from mcnn_jax.optim import batch_schedule
 from mcnn_jax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +178,7 @@ def test_each_phase_reads_every_training_image_once_per_epoch(store):
     import contextlib
 
     from mcnn_jax.data import Reader, open_store, split_indices
-    from mcnn_jax.distributed import init_world
+    from mcnn_jax.parallel.world import init_world
     from mcnn_jax.train import _train_batches
 
     config = _tiny(store)

@@ -1,4 +1,4 @@
-"""The gradient exchange schemes (mcnn_jax.comm): one process, and 5 steps under ``mpiexec -n 2``."""
+"""The gradient exchange schemes (mcnn_jax.parallel.exchange): one process, and 5 steps under ``mpiexec -n 2``."""
 
 import json
 import shutil
@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import rel_err
 from flax.traverse_util import flatten_dict
 
-from mcnn_jax import comm
-from mcnn_jax.models import MCNN, init_params
+from mcnn_jax.model.mcnn import MCNN, init_params
+from mcnn_jax.parallel import exchange as comm
 from mcnn_jax.step import create_state, local_gradients, loss_and_metrics, make_train_step
-
-from conftest import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 # a thin model whose dense kernels have shapes found nowhere else in it: hidden 40 x 24, logits 24 x 3

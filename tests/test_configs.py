@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mcnn_jax.config import apply_overrides, base_config, config_module, load_config, published_recipe
-from mcnn_jax.models import from_config
+from mcnn_jax.model.mcnn import from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
@@ -91,7 +91,8 @@ def test_the_growing_batch_config_is_the_study_ramp():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import study_large_batch as study
-    from mcnn_jax import batch_schedule
+
+    from mcnn_jax.optim import batch_schedule
 
     c = load_config("bbbc021_growing_batch")
     a = study.parse_args(["--out", "x"])

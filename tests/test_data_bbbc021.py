@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import BBBC021_CSVS
+
 from mcnn_jax.data import ImportDataError, import_bbbc021, open_store
 from mcnn_jax.data.bbbc021 import CHANNELS, IMAGE_CSV, MOA_CSV, read_metadata, site_from_filename
 from mcnn_jax.data.store import is_complete

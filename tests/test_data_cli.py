@@ -1,6 +1,6 @@
 import pytest
 
-from mcnn_jax.data.cli import main
+from mcnn_jax.cli.data import main
 
 
 def test_help(capsys):
@@ -66,7 +66,7 @@ def test_bbbc021_check_lists_missing_plates_and_files(tmp_path, capsys):
     assert main(args) == 1
     out = capsys.readouterr().out
     rel = plates[-1].relative_to(raw).as_posix()
-    assert f"missing plate folders (1; " in out and rel in out
+    assert "missing plate folders (1; " in out and rel in out
     assert "missing files in present plate folders: 1" in out and str(victim) in out and "(Tubulin)" in out
     assert "not ready" in out
     assert main(["bbbc021", "--metadata", str(raw), "--images", str(raw)]) == 1  # no --out, no --check

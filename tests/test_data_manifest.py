@@ -167,8 +167,8 @@ def test_tiny_five_channel_training_run(tmp_path):
     """configs/tiny.py on a five-channel synthetic Cell Painting store (mcnn-data synthetic --channels 5)."""
     from pathlib import Path
 
+    from mcnn_jax.cli.data import main
     from mcnn_jax.config import load_config
-    from mcnn_jax.data.cli import main
     from mcnn_jax.train import train_and_evaluate
 
     store = tmp_path / "store"

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from mcnn_jax import MCNN
-from mcnn_jax import embed as E
-from mcnn_jax import evaluate
+from mcnn_jax.cli.embed import main as embed_cli
 from mcnn_jax.config import load_config
+from mcnn_jax.evaluation import embed as E
+from mcnn_jax.evaluation import evaluate
 from mcnn_jax.runtime import enable_compilation_cache
 
 enable_compilation_cache()
@@ -58,7 +59,7 @@ def run(store, tmp_path_factory):
 def test_embedding_tables(run, store, tmp_path, capsys):
     from mcnn_jax.data import open_store, to_float
     st = open_store(store)
-    E.main(["--workdir", str(run), "--out", str(tmp_path / "emb.parquet"), "--batch", "5"])
+    embed_cli(["--workdir", str(run), "--out", str(tmp_path / "emb.parquet"), "--batch", "5"])
     assert "wrote 48 rows of hidden features" in capsys.readouterr().out
     df = pd.read_parquet(tmp_path / "emb.parquet")
     feats = [c for c in df.columns if c.startswith("hidden_")]
@@ -70,7 +71,7 @@ def test_embedding_tables(run, store, tmp_path, capsys):
     rows = [0, 7, 47]
     np.testing.assert_allclose(df.loc[rows, feats].to_numpy(), E.features(model, params, to_float(st.read(rows))),
                                rtol=1e-5, atol=1e-6)
-    E.main(["--workdir", str(run), "--out", str(tmp_path / "merge.csv"), "--layer", "merge", "--split", "val"])
+    embed_cli(["--workdir", str(run), "--out", str(tmp_path / "merge.csv"), "--layer", "merge", "--split", "val"])
     m = pd.read_csv(tmp_path / "merge.csv")
     assert len([c for c in m.columns if c.startswith("merge_")]) == 16
     from mcnn_jax.data import split_indices
@@ -131,7 +132,7 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
 
 def test_snapshots_of_a_run_without_cycles_is_a_clear_error(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        E.main(["--workdir", str(run), "--checkpoint", "snapshots", "--out", str(tmp_path / "e.csv")])
+        embed_cli(["--workdir", str(run), "--checkpoint", "snapshots", "--out", str(tmp_path / "e.csv")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "no snapshot checkpoint in" in err and "optim.cycles > 0" in err
     assert not list(tmp_path.iterdir())

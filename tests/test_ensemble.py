@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from mcnn_jax.checkpoint import Checkpointer
+from mcnn_jax.cli.embed import main as embed_cli
+from mcnn_jax.cli.evaluate import main as eval_cli
 from mcnn_jax.config import load_config
 from mcnn_jax.data import Reader, open_store, split_indices
-from mcnn_jax.evaluate import evaluate_checkpoint, load_ensemble, run as eval_cli
+from mcnn_jax.evaluation.evaluate import evaluate_checkpoint, load_ensemble
 from mcnn_jax.optim import snapshot_steps, steps_per_epoch
 from mcnn_jax.runtime import enable_compilation_cache
 from mcnn_jax.train import train_and_evaluate
@@ -80,11 +82,11 @@ def test_embed_and_predictions_tables_of_an_ensemble(store, cycled, tmp_path, ca
     mean of the members' probabilities, each against the members computed one by one."""
     import pandas as pd
 
-    from mcnn_jax import embed as E
     from mcnn_jax.data import to_float
+    from mcnn_jax.evaluation import embed as E
     workdir, _, _ = cycled
     model, members, metas = load_ensemble(workdir, "snapshots")
-    E.main(["--workdir", str(workdir), "--checkpoint", "snapshots", "--out", str(tmp_path / "emb.parquet"),
+    embed_cli(["--workdir", str(workdir), "--checkpoint", "snapshots", "--out", str(tmp_path / "emb.parquet"),
             "--batch", "5"])
     steps = ", ".join(str(m["step"]) for m in metas)
     assert f"wrote 48 rows of hidden features of 3 checkpoints (steps {steps})" in capsys.readouterr().out

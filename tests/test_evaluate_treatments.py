@@ -4,14 +4,13 @@ import json
 
 import jax
 import numpy as np
+from test_train import TINY
 
 from mcnn_jax.config import load_config
 from mcnn_jax.data import open_store
-from mcnn_jax.evaluate import whole_treatments
-from mcnn_jax.profiling import treatment_accuracy
+from mcnn_jax.evaluation.evaluate import whole_treatments
+from mcnn_jax.evaluation.profiles import treatment_accuracy
 from mcnn_jax.train import train_and_evaluate
-
-from test_train import TINY
 
 
 def test_whole_treatments_only_for_whole_treatments(store):
@@ -33,7 +32,7 @@ def test_treatment_accuracy_in_metrics_with_a_held_out_compound(store, tmp_path)
     val = [r for r in val if r["split"] == "val"]
     assert val and all(0.0 <= r["treatment_accuracy"] <= 1.0 and r["treatments"] >= 1 for r in val)
     # the same number from the saved model's probabilities, computed independently
-    from mcnn_jax.evaluate import load_model
+    from mcnn_jax.evaluation.evaluate import load_model
     model, params, _ = load_model(tmp_path, "latest")
     idx = np.flatnonzero(np.asarray(s.metadata["compound"]) == held)
     images = s.read(list(idx)).astype(np.float32) / np.iinfo(s.read([0]).dtype).max

@@ -1,16 +1,16 @@
-"""The fast forms (mcnn_jax.xla_conv, mcnn_jax.pool, MCNN(impl="fast")) compute the same function, with the same parameters
+"""The fast forms (mcnn_jax.model.xla_conv, mcnn_jax.model.pool, MCNN(impl="fast")) compute the same function, with the same parameters
 and the same gradients, as the plain XLA forms (MCNN(impl="xla"))."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_same_model
+from conftest import rel_err as _rel
 
 from mcnn_jax import MCNN, count_params
-from mcnn_jax import pool, xla_conv
-from mcnn_jax.models import from_config
-
-from conftest import assert_same_model, rel_err as _rel
+from mcnn_jax.model import pool, xla_conv
+from mcnn_jax.model.mcnn import from_config
 
 SMALL = dict(num_classes=5, widths=(4, 4, 4, 8, 8, 8, 8), merge_width=16, head_width=8)
 

@@ -11,16 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mcnn_jax import loco
+from mcnn_jax.cli import loco as loco_cli
 from mcnn_jax.config import load_config
 from mcnn_jax.data import open_store
+from mcnn_jax.evaluation import loco
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 HELD_OUT = ["cmpd01a", "cmpd02a", "cmpd03b"]
 
 
 def mcnn_loco(workdir, store, *args):
-    cmd = [sys.executable, "-m", "mcnn_jax.loco", "--config", TINY, "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "mcnn_jax.cli.loco", "--config", TINY, "--workdir", str(workdir),
            f"--config.data.store={store}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
@@ -116,10 +117,10 @@ def test_a_fold_stopped_by_a_signal_is_not_evaluated(tmp_path):
 def test_best_is_refused(capsys):
     for which in ("best", "latest,best"):
         with pytest.raises(SystemExit) as exit_:
-            loco.parse_args(["--config", TINY, "--workdir", "w", "--checkpoint", which])
+            loco_cli.parse_args(["--config", TINY, "--workdir", "w", "--checkpoint", which])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and "--checkpoint best is refused" in err and "select on the test set" in err
-    assert loco.parse_args(["--config", TINY, "--workdir", "w"])[0].checkpoint == "latest"
+    assert loco_cli.parse_args(["--config", TINY, "--workdir", "w"])[0].checkpoint == "latest"
 
 
 def test_earlier_attempts_add_up(tmp_path):
@@ -143,11 +144,11 @@ def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
     import jax
 
     from mcnn_jax.data import to_float
-    from mcnn_jax.embed import feature_names
-    from mcnn_jax.evaluate import load_ensemble
+    from mcnn_jax.evaluation.embed import feature_names
+    from mcnn_jax.evaluation.evaluate import load_ensemble
     args = ["--config", TINY, "--workdir", str(tmp_path), f"--config.data.store={store}", "--compounds", "cmpd01a",
             *CYCLES]
-    loco.main([*args, "--checkpoint", "snapshots"])  # in this process, but for the fold's training
+    loco_cli.main([*args, "--checkpoint", "snapshots"])  # in this process, but for the fold's training
     assert "1 of 1 folds finished; evaluated checkpoint(s): snapshots" in capsys.readouterr().out
     st = open_store(store)
     fold = loco.fold_dir(tmp_path, loco.fold_compounds(st), "cmpd01a")
@@ -164,7 +165,7 @@ def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
     emb = pd.read_parquet(fold / "embeddings.parquet")
     assert [c for c in emb.columns if not c.startswith("Metadata_")] == feature_names("hidden", 16, 3)
 
-    loco.main(args)
+    loco_cli.main(args)
     again = capsys.readouterr().out
     assert "finished with --checkpoint snapshots, evaluated again with --checkpoint latest" in again
     assert "training with" not in again
@@ -178,7 +179,7 @@ def test_a_fold_trains_on_the_trainers_store(tmp_path):
     """mcnn-loco prepares the config's store with the trainer's function: the synthetic screen's camera and
     difficulty reach the folds (a copy of the preparation once dropped them)."""
     from mcnn_jax.data.prepare import prepare_store
-    from mcnn_jax.distributed import World
+    from mcnn_jax.parallel.world import World
 
     cfg = load_config(TINY, ["data.synthetic.num_images=24", "data.synthetic.background=offset",
                              "data.synthetic.saturation=3000", "data.synthetic.bits=12",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mcnn_jax.config import base_config, load_config
-from mcnn_jax.evaluate import load_model
-from mcnn_jax.models import MCNN, init_params
+from mcnn_jax.evaluation.evaluate import load_model
+from mcnn_jax.model.mcnn import MCNN, init_params
 from mcnn_jax.optim import make_optimizer, make_schedule
 from mcnn_jax.runtime import enable_compilation_cache
 from mcnn_jax.step import create_state, make_train_step, num_microbatches

@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcnn_jax.config import load_config
-from mcnn_jax.evaluate import load_model
+from mcnn_jax.evaluation.evaluate import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -28,7 +27,7 @@ def mpiexec():
 
 
 def train(workdir, store, ranks, *overrides, timeout=600):
-    cmd = [sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(workdir),
            f"--config.data.store={store}", *[f"--config.{o}" for o in overrides]]
     if ranks > 1:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
@@ -91,7 +90,7 @@ def test_a_growing_batch_on_two_ranks_equals_one_rank(store, tmp_path):
 
 
 def test_global_batch_not_divisible_by_ranks_is_a_clear_error(store, tmp_path):
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir",
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir",
            str(tmp_path), f"--config.data.store={store}", "--config.train.global_batch=7"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -109,7 +108,7 @@ def test_a_rank_that_raises_stops_the_whole_job(tmp_path):
 
 
 def test_a_killed_rank_stops_the_whole_job(store, tmp_path):
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir",
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir",
            str(tmp_path), f"--config.data.store={store}", "--config.train.max_steps=100000",
            "--config.train.eval_every_epochs=100000.0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -129,7 +128,7 @@ def test_a_killed_rank_stops_the_whole_job(store, tmp_path):
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                if b"PMI_RANK=1\0" in env and b"mcnn_jax.main" in cmdline and str(tmp_path).encode() in cmdline:
+                if b"PMI_RANK=1\0" in env and b"mcnn_jax.cli.train" in cmdline and str(tmp_path).encode() in cmdline:
                     victim = int(pid)
         assert victim, "rank 1 not found"
         t0 = time.time()

@@ -1,4 +1,4 @@
-"""The native CPU kernels (mcnn_jax.native, MCNN(impl="native")) compute the same function, with the same
+"""The native CPU kernels (mcnn_jax.model.native, MCNN(impl="native")) compute the same function, with the same
 gradients, as the plain XLA forms; they build here; and a machine that cannot build them falls back."""
 
 import os
@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_same_model, loss_fn
+from conftest import rel_err as _rel
 
-from mcnn_jax import MCNN, native, xla_conv
-
-from conftest import assert_same_model, loss_fn, rel_err as _rel
+from mcnn_jax import MCNN
+from mcnn_jax.model import native, xla_conv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The gradient noise scale (mcnn_jax.noise_scale, benchmarks/noise_scale.py): the estimator is unbiased on
+"""The gradient noise scale (mcnn_jax.optim.noise_scale, benchmarks/noise_scale.py): the estimator is unbiased on
 gradients of known mean and covariance; on a linear softmax model it equals the closed-form per-image gradients'
 chunk statistics; identical images have no noise; padded batches are left out; the command runs on a trained
 run's checkpoints."""
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcnn_jax.noise_scale import chunk_moments, gradient_noise_scale, noise_scale
+from mcnn_jax.optim.noise_scale import chunk_moments, gradient_noise_scale, noise_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -105,6 +105,7 @@ def test_identical_images_have_no_noise_and_padded_batches_are_left_out():
 
 def test_the_command_measures_a_runs_checkpoints(store, tmp_path):
     import noise_scale as cli
+
     from mcnn_jax.config import load_config
     from mcnn_jax.train import train_and_evaluate
 

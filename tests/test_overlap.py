@@ -1,4 +1,4 @@
-"""``train.overlap``: the two-stage backward with the head's sum in flight (mcnn_jax.overlap, mcnn_jax.nonblocking),
+"""``train.overlap``: the two-stage backward with the head's sum in flight (mcnn_jax.parallel.overlap, mcnn_jax.parallel.nonblocking),
 in one process (the exchanger's thread returns the copy). Two ranks: tests/test_comm.py (tests/mpi_comm.py)."""
 
 import time
@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from mcnn_jax import comm, overlap
-from mcnn_jax.models import MCNN, Branch, init_params
-from mcnn_jax.nonblocking import Exchanger
-from mcnn_jax.step import create_state, loss_and_metrics, make_train_step
-
 from conftest import rel_err
+
+from mcnn_jax.model.mcnn import MCNN, Branch, init_params
+from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel import overlap
+from mcnn_jax.parallel.nonblocking import Exchanger
+from mcnn_jax.step import create_state, loss_and_metrics, make_train_step
 
 MODEL = MCNN(num_classes=3, widths=(2, 2, 2, 4, 4, 4, 4), merge_width=40, head_width=24, impl="xla")
 

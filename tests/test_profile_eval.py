@@ -8,13 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.linalg
-
 from conftest import BBBC021_CSVS
-from mcnn_jax import profile_eval as E
-from mcnn_jax import profile_map as M
-from mcnn_jax import profile_norm as N
-from mcnn_jax import profiling as P
+
+from mcnn_jax.cli.profile_eval import main as profile_eval_cli
 from mcnn_jax.data.bbbc021 import metadata_table
+from mcnn_jax.evaluation import mean_ap as M
+from mcnn_jax.evaluation import normalize as N
+from mcnn_jax.evaluation import profile_metrics as E
+from mcnn_jax.evaluation import profiles as P
 
 MOAS_ONE_BATCH = {"Cholesterol-lowering": "Week9", "Kinase inhibitors": "Week7"}
 # treatments made to look like another MoA (0.9 of its direction, 0.1 of their own): their NSC / NSCB neighbour
@@ -78,7 +79,7 @@ def test_bbbc021_layout_counts_and_the_field_rule(bbbc021):
 
 def test_the_cli_names_what_nscb_leaves_out(bbbc021, tmp_path, capsys):
     bbbc021.to_parquet(tmp_path / "t.parquet")
-    E.main([str(tmp_path / "t.parquet"), "--quiet", "--json", str(tmp_path / "r.json"), "--null-size", "2000"])
+    profile_eval_cli([str(tmp_path / "t.parquet"), "--quiet", "--json", str(tmp_path / "r.json"), "--null-size", "2000"])
     out = capsys.readouterr().out
     assert "NSC: 1-NN MoA accuracy 0.9709 over 103 treatments" in out
     assert "NSCB: 1-NN MoA accuracy 0.9674 over 92 treatments" in out
@@ -235,9 +236,9 @@ def test_bad_options_are_named(bbbc021, tmp_path, capsys):
     path = tmp_path / "t.csv"
     bbbc021.drop(columns=["Metadata_Well"]).to_csv(path, index=False)
     with pytest.raises(SystemExit) as e:
-        E.main([str(path), "--level", "well", "--no-map"])
+        profile_eval_cli([str(path), "--level", "well", "--no-map"])
     assert e.value.code == 2 and "lacks the column(s) Metadata_Well needed for well-level profiles" in \
         capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        E.main([str(path), "--normalize", "whiten"])
+        profile_eval_cli([str(path), "--normalize", "whiten"])
     assert e.value.code == 2 and "unknown normalisation step(s) 'whiten'" in capsys.readouterr().err

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mcnn_jax import profile_eval as E
-from mcnn_jax import profile_norm as N
-from mcnn_jax import profiling as P
+from mcnn_jax.cli.profile_eval import main as profile_eval_cli
+from mcnn_jax.evaluation import normalize as N
+from mcnn_jax.evaluation import profile_metrics as E
+from mcnn_jax.evaluation import profiles as P
 
 # (compound, concentration, MoA, plate, angle in degrees) of hand-placed 2-d treatment profiles
 TREATMENTS = [
@@ -129,14 +130,14 @@ def test_bad_tables_name_what_is_missing(table, tmp_path):
     path = tmp_path / "bad.csv"
     table.drop(columns=["Metadata_Concentration"]).to_csv(path, index=False)
     with pytest.raises(SystemExit) as e:
-        E.main([str(path)])
+        profile_eval_cli([str(path)])
     assert e.value.code == 2
 
 
 def test_cli_on_parquet_and_csv(table, tmp_path, capsys):
     for name in ("emb.parquet", "emb.csv"):
         P.write_table(table, tmp_path / name)
-        E.main([str(tmp_path / name), "--json", str(tmp_path / "res.json"), "--no-map"])
+        profile_eval_cli([str(tmp_path / name), "--json", str(tmp_path / "res.json"), "--no-map"])
         out = capsys.readouterr().out
         assert "NSC: 1-NN MoA accuracy 0.7143 over 7 treatments" in out
         assert "NSCB: 1-NN MoA accuracy 0.2857" in out and "A @ 1 (m1) -> D @ 1 (m2)" in out

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from mcnn_jax import MCNN, pool, xla_conv
-
 from conftest import loss_fn, rel_err
 from fields import KINDS, field, fields
+
+from mcnn_jax import MCNN
+from mcnn_jax.model import pool, xla_conv
 
 REALISTIC = [k for k in KINDS if k != "random"]
 WIDE = dict(num_classes=4, widths=(16,) * 7, merge_width=16, head_width=8)  # widths the native kernels take

@@ -2,7 +2,6 @@
 SIGTERM, a NaN stop, a bad config key, evaluation from a checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from mcnn_jax.config import load_config
-from mcnn_jax.evaluate import evaluate_checkpoint, load_model
+from mcnn_jax.evaluation.evaluate import evaluate_checkpoint, load_model
 from mcnn_jax.runtime import enable_compilation_cache
 from mcnn_jax.train import train_and_evaluate
 
@@ -29,7 +28,7 @@ def tiny(store, *overrides):
 
 
 def cli(workdir, store, *overrides, **kw):
-    cmd = [sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(workdir),
            f"--config.data.store={store}", *[f"--config.{o}" for o in overrides]]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -53,7 +52,7 @@ def uninterrupted(store, tmp_path_factory):
 
 def test_two_step_run_end_to_end(tmp_path):
     """The CLI on the tiny config, generating its synthetic data: metrics, TensorBoard, checkpoint, summary."""
-    proc = subprocess.run([sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -148,11 +147,11 @@ def test_evaluation_from_a_checkpoint(store, uninterrupted):
     assert result["step"] == 6
     assert result["accuracy"] == pytest.approx(summary["final_val_accuracy"])
     assert np.asarray(result["confusion"]).sum() == result["count"] > 0
-    proc = subprocess.run([sys.executable, "-m", "mcnn_jax.evaluate", "--workdir", str(ref_dir), "--checkpoint",
+    proc = subprocess.run([sys.executable, "-m", "mcnn_jax.cli.evaluate", "--workdir", str(ref_dir), "--checkpoint",
                            "best"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "true \\ predicted" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "mcnn_jax.evaluate", "--workdir", str(ref_dir), "--checkpoint",
+    bad = subprocess.run([sys.executable, "-m", "mcnn_jax.cli.evaluate", "--workdir", str(ref_dir), "--checkpoint",
                           "12345"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no checkpoint of step 12345" in bad.stderr
 
@@ -176,7 +175,7 @@ def test_target_accuracy_stops_and_reports_time_to_train(store, tmp_path):
 
 
 def test_report_writes_plots(uninterrupted, tmp_path):
-    from mcnn_jax.report import make_report
+    from mcnn_jax.evaluation.plots import make_report
     written = make_report(uninterrupted[0], tmp_path)
     names = {p.name for p in written}
     assert {"curves_by_step.png", "curves_by_time.png", "learning_rate.png", "confusion.png"} <= names
@@ -186,6 +185,7 @@ def test_report_writes_plots(uninterrupted, tmp_path):
 def test_a_half_written_checkpoint_is_never_restored(store, uninterrupted, tmp_path):
     """A save cut short leaves only Orbax's temporary folder: resuming takes the previous complete step."""
     import shutil
+
     from mcnn_jax.checkpoint import Checkpointer
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], workdir)
@@ -201,7 +201,7 @@ def test_a_half_written_checkpoint_is_never_restored(store, uninterrupted, tmp_p
 
 
 def test_eval_on_a_missing_store_is_a_clear_error(uninterrupted, tmp_path, capsys):
-    from mcnn_jax.evaluate import run
+    from mcnn_jax.cli.evaluate import main as run
     (tmp_path / "not_a_store").mkdir()
     with pytest.raises(SystemExit) as e:
         run(["--workdir", str(uninterrupted[0]), "--store", str(tmp_path / "not_a_store")])

@@ -16,10 +16,10 @@ from absl import logging
 from mcnn_jax import optim
 from mcnn_jax.checkpoint import Checkpointer, NullCheckpointer, rank_checkpointer
 from mcnn_jax.config import base_config, load_config
-from mcnn_jax.distributed import World
-from mcnn_jax.flops import mcnn_flops
 from mcnn_jax.metrics_log import Progress, track
-from mcnn_jax.models import MCNN, MODEL_KEYS, from_config
+from mcnn_jax.model.flops import mcnn_flops
+from mcnn_jax.model.mcnn import MCNN, MODEL_KEYS, from_config
+from mcnn_jax.parallel.world import World
 from mcnn_jax.runtime import cache_dir, enable_compilation_cache, setup_logging
 from mcnn_jax.train import Chrono, itstime, train_and_evaluate
 
@@ -51,7 +51,7 @@ def test_steady_images_per_s_excludes_the_first_step_and_compile_time_is_apart(s
 
 
 def test_nan_before_the_first_checkpoint_says_none_exists_and_what_to_change(store, tmp_path):
-    cmd = [sys.executable, "-m", "mcnn_jax.main", "--config", TINY, "--workdir", str(tmp_path),
+    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(tmp_path),
            f"--config.data.store={store}", "--config.train.max_steps=50", "--config.train.checkpoint_every_steps=100",
            "--config.train.eval_every_epochs=100.0", "--config.optim.base_lr=1e30",
            "--config.optim.warmup_init_lr=1e30", "--config.optim.name=momentum", "--config.optim.momentum=0.0"]

@@ -11,21 +11,30 @@
 Importers: ``import_bbbc021``, ``import_manifest`` (any screen from a table, any number of channels),
 ``import_ome_zarr`` (NGFF HCS plates), ``import_folder``; synthetic screens: ``generate_screen`` (BBBC021
 layout) + ``prepare_synthetic_store``, ``generate_cellpainting_screen`` (five channels). The CLI is ``mcnn-data``
-(mcnn_jax.data.cli).
+(mcnn_jax.cli.data).
 """
 
-from .augment import Augment
-from .bbbc021 import CHANNELS as BBBC021_CHANNELS
-from .bbbc021 import import_bbbc021
-from .cellpainting import generate_cellpainting_screen
-from .folder import import_folder
-from .manifest import import_manifest
-from .omezarr import import_ome_zarr
-from .reader import Reader
-from .split import split_indices
-from .store import (CODECS, DEFAULT_CODEC, ImportDataError, IncompleteStoreError, Store, StoreError, float_scale,
-                    open_store, to_float)
-from .synthetic import generate_screen, prepare_synthetic_store
+from mcnn_jax.data.augment import Augment
+from mcnn_jax.data.bbbc021 import CHANNELS as BBBC021_CHANNELS
+from mcnn_jax.data.bbbc021 import import_bbbc021
+from mcnn_jax.data.cellpainting import generate_cellpainting_screen
+from mcnn_jax.data.folder import import_folder
+from mcnn_jax.data.manifest import import_manifest
+from mcnn_jax.data.omezarr import import_ome_zarr
+from mcnn_jax.data.reader import Reader
+from mcnn_jax.data.split import split_indices
+from mcnn_jax.data.store import (
+           CODECS,
+           DEFAULT_CODEC,
+           ImportDataError,
+           IncompleteStoreError,
+           Store,
+           StoreError,
+           float_scale,
+           open_store,
+           to_float,
+)
+from mcnn_jax.data.synthetic import generate_screen, prepare_synthetic_store
 
 __all__ = ["Augment", "BBBC021_CHANNELS", "CODECS", "DEFAULT_CODEC", "ImportDataError", "IncompleteStoreError",
            "Reader", "Store", "StoreError", "float_scale", "generate_cellpainting_screen", "generate_screen",

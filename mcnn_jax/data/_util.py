@@ -94,16 +94,16 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
 
 def progress_counter(total: int, desc: str):
     """A ``metrics_log.Progress`` over ``total`` images: call ``update(n)`` and ``close()``."""
-    from ..metrics_log import Progress
-    from ..runtime import ensure_terminal_logging
+    from mcnn_jax.metrics_log import Progress
+    from mcnn_jax.runtime import ensure_terminal_logging
     ensure_terminal_logging()
     return Progress(total, desc=desc, unit="image")
 
 
 def progress(it, total: int, desc: str, enabled: bool = True):
     """Iterates ``it`` with progress shown as ``progress_counter`` does (nothing when not ``enabled``)."""
-    from ..metrics_log import track
-    from ..runtime import ensure_terminal_logging
+    from mcnn_jax.metrics_log import track
+    from mcnn_jax.runtime import ensure_terminal_logging
     if enabled:
         ensure_terminal_logging()
     yield from track(it, total, desc, enabled)

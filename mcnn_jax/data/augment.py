@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._util import cfg_get as _get
-from .store import float_scale
+from mcnn_jax.data._util import cfg_get as _get
+from mcnn_jax.data.store import float_scale
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from . import intensity
-from ._util import read_csv
-from .pipeline import write_images
-from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
+from mcnn_jax.data import intensity
+from mcnn_jax.data._util import read_csv
+from mcnn_jax.data.pipeline import write_images
+from mcnn_jax.data.store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 IMAGE_CSV = "BBBC021_v1_image.csv"
 MOA_CSV = "BBBC021_v1_moa.csv"
@@ -113,7 +113,7 @@ def read_metadata(metadata_dir) -> list[Row]:
 def metadata_table(metadata_dir):
     """The MoA-annotated fields of ``read_metadata`` as a table with the cytomining column names
     (``Metadata_Plate``, ``_Well``, ``_Site``, ``_Replicate``, ``_Compound``, ``_Concentration``, ``_MoA``),
-    one row per field in CSV order: the layout to join features to (``mcnn_jax.profiling``)."""
+    one row per field in CSV order: the layout to join features to (``mcnn_jax.evaluation.profiles``)."""
     import pandas as pd
 
     rows = read_metadata(metadata_dir)

@@ -24,10 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ._util import atomic_write_json, write_csv
-from ._util import progress as progress_bar
-from .synthetic import (GENERATOR_VERSION, _bandpass_noise, _ellipses, _gaussians, _write_tiff, class_names,
-                        illumination_field, layout, phenotype_params)
+from mcnn_jax.data._util import atomic_write_json, write_csv
+from mcnn_jax.data._util import progress as progress_bar
+from mcnn_jax.data.synthetic import (
+    GENERATOR_VERSION,
+    _bandpass_noise,
+    _ellipses,
+    _gaussians,
+    _write_tiff,
+    class_names,
+    illumination_field,
+    layout,
+    phenotype_params,
+)
 
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 INDEX = "manifest.csv"

@@ -13,11 +13,9 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from ._util import progress as progress_bar
-from .images import read_image
-from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
+from mcnn_jax.data._util import progress as progress_bar
+from mcnn_jax.data.images import read_image
+from mcnn_jax.data.store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 EXTENSIONS = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
 

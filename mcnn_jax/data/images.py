@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .store import ImportDataError
+from mcnn_jax.data.store import ImportDataError
 
 CHANNEL_AXES = "CS"  # named channel axes
 PAGE_AXES = "QI"  # unnamed page / sequence axes: channels only when nothing else is left

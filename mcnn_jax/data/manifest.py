@@ -31,10 +31,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ._util import read_csv
-from .images import center_crop, read_image
-from .pipeline import write_images
-from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
+from mcnn_jax.data._util import read_csv
+from mcnn_jax.data.images import center_crop, read_image
+from mcnn_jax.data.pipeline import write_images
+from mcnn_jax.data.store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 KEYS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
 LABEL_COLUMNS = ("Metadata_Class", "Metadata_MoA", "Metadata_moa", "Class", "class", "label", "moa")

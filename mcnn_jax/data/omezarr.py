@@ -26,11 +26,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
-from ._util import atomic_write_json, read_csv
-from .images import center_crop, check_dtype, to_yxc
-from .manifest import LABEL_COLUMNS
-from .pipeline import write_images
-from .store import DEFAULT_CODEC, ImportDataError, StoreWriter
+from mcnn_jax.data._util import atomic_write_json, read_csv
+from mcnn_jax.data.images import center_crop, check_dtype, to_yxc
+from mcnn_jax.data.manifest import LABEL_COLUMNS
+from mcnn_jax.data.pipeline import write_images
+from mcnn_jax.data.store import DEFAULT_CODEC, ImportDataError, StoreWriter
 
 VERSIONS = ("0.4", "0.5")
 

@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import intensity
-from ._util import progress as progress_bar
-from ._util import progress_counter
-from .store import StoreWriter
+from mcnn_jax.data import intensity
+from mcnn_jax.data._util import progress as progress_bar
+from mcnn_jax.data._util import progress_counter
+from mcnn_jax.data.store import StoreWriter
 
 STATS_FILE = "illumination.npz"
 

@@ -19,8 +19,8 @@ def store_path(config, workdir) -> Path:
 def prepare_store(config, workdir, world):
     """Opens the config's store; with ``data.synthetic.enabled`` and no ``data.store``, rank 0 first generates
     the synthetic screen into ``<workdir>/data`` (once: a complete store is reused) while the others wait."""
-    from . import open_store, prepare_synthetic_store
-    from .synthetic import Camera
+    from mcnn_jax.data import open_store, prepare_synthetic_store
+    from mcnn_jax.data.synthetic import Camera
 
     syn = config.data.synthetic
     if syn.enabled and not config.data.store:

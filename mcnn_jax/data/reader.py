@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .augment import Augment, apply_into, draw
+from mcnn_jax.data.augment import Augment, apply_into, draw
 
 
 class Reader:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._util import cfg_get as _get
+from mcnn_jax.data._util import cfg_get as _get
 
 
 def split_indices(store, data_config) -> tuple[np.ndarray, np.ndarray]:

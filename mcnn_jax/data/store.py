@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from ._util import atomic_write_bytes, atomic_write_json
+from mcnn_jax.data._util import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 ARRAY_DIR = "images.zarr"

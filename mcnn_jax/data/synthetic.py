@@ -34,16 +34,15 @@ import json
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from ._util import atomic_write_bytes, atomic_write_json, write_csv
-from ._util import progress as progress_bar
-from .bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
+from mcnn_jax.data._util import atomic_write_json, write_csv
+from mcnn_jax.data._util import progress as progress_bar
+from mcnn_jax.data.bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
 
 MARKER = ".synthetic_complete.json"
 SITES_PER_WELL = 4
@@ -491,8 +490,8 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
     illumination correction, uint16; with a realistic ``camera``, no illumination correction (it would undo
     the flat background: the store keeps flat regions, saturated objects and the camera's quantisation).
     """
-    from .bbbc021 import import_bbbc021
-    from .store import StoreError, is_complete, open_store
+    from mcnn_jax.data.bbbc021 import import_bbbc021
+    from mcnn_jax.data.store import StoreError, is_complete, open_store
 
     root = Path(root)
     store_path = root / "store"

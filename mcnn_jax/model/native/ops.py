@@ -18,8 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..xla_conv import conv_input_grad
-from .library import require, supports
+from mcnn_jax.model.native.library import require, supports
+from mcnn_jax.model.xla_conv import conv_input_grad
 
 
 def conv_fwd(x, kernel, bias=None, gate=None, relu: bool = False):

@@ -2,8 +2,8 @@
 
 In a notebook, the features of a batch of images from loaded parameters:
 
-    from mcnn_jax.evaluate import load_model
-    from mcnn_jax.embed import features
+    from mcnn_jax.evaluation.evaluate import load_model
+    from mcnn_jax.evaluation.embed import features
     model, params, meta = load_model("runs/default")
     f = features(model, params, images)                  # [N, head_width]: the hidden layer after its ReLU
     g = features(model, params, images, layer="merge")   # [N, merge_width]
@@ -30,10 +30,8 @@ of every class (``P_<class>``) instead of features (``write_image_table(..., kin
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import profiling as P
+from mcnn_jax.evaluation import profiles as P
 
 LAYERS = ("hidden", "merge")
 # store metadata key -> table column (present only when the store records it)
@@ -64,7 +62,7 @@ def outputs_fn(model, layer: str = "hidden"):
     """A jitted ``(members, images) -> (log-probabilities, features)`` for ``layer``, one forward pass of each
     member (``members``: a list of parameter trees): the log of the mean of the members' class probabilities
     (``step.mean_log_probs``) and the members' features side by side, [N, members x width]."""
-    from .step import mean_log_probs
+    from mcnn_jax.step import mean_log_probs
 
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
@@ -149,7 +147,7 @@ def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hi
     """Yields (indices, log-probabilities, features) per batch of images (``outputs_fn``; ``params``: one
     parameter tree or an ensemble's list of them), reading the next batch while the model runs; the last batch
     is zero-padded to ``batch`` (one compilation) and cut back."""
-    from .data import to_float
+    from mcnn_jax.data import to_float
 
     fn, members = outputs_fn(model, layer), as_members(params)
     chunks = [np.asarray(indices[i:i + batch]) for i in range(0, len(indices), batch)]
@@ -225,8 +223,8 @@ def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
     on its store or ``store``."""
     import ml_collections
 
-    from .data import open_store, split_indices
-    from .evaluate import load_ensemble
+    from mcnn_jax.data import open_store, split_indices
+    from mcnn_jax.evaluation.evaluate import load_ensemble
 
     model, members, metas = load_ensemble(workdir, checkpoint)
     meta = metas[-1]
@@ -281,35 +279,3 @@ def format_treatment_summary(summary) -> str:
         lines.append(f"  {r[0]:<28s} {r[1]:<24s} {r.images:>5d} images  image acc {r.image_accuracy:.4f}  "
                      f"{r.treatments} treatments  treatment acc {r.treatment_accuracy:.4f}")
     return "\n".join(lines)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="mcnn-embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", required=True, help="a .parquet or .csv file")
-    p.add_argument("--layer", default="hidden", choices=LAYERS)
-    p.add_argument("--checkpoint", default="best", help="best (default), latest, a step number, or an ensemble: "
-                   "snapshots (the collapsed ensemble's, optim.cycles > 0) or a comma-separated list of the "
-                   "former; an ensemble's features are its members' side by side (hidden_m0_000, ...)")
-    p.add_argument("--store", default="", help="another store (default: the run's)")
-    p.add_argument("--split", default="all", choices=("all", "val", "train"))
-    p.add_argument("--batch", type=int, default=8)
-    args = p.parse_args(argv)
-    from .data import StoreError
-    from .runtime import enable_compilation_cache
-    enable_compilation_cache()
-    try:
-        model, members, metas, st, idx = open_run(args.workdir, args.checkpoint, args.store, args.split)
-        res = write_image_table(model, members, st, idx, args.out, "embeddings", args.layer, args.batch)
-    except (FileNotFoundError, ValueError, StoreError) as e:
-        print(f"mcnn-embed: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    steps = ", ".join(str(m["step"]) for m in metas)
-    what = "" if len(metas) == 1 else f" of {len(metas)} checkpoints (steps {steps})"
-    print(f"wrote {res['rows']} rows of {args.layer} features{what} to {res['path']} "
-          f"({res['images_per_s']:.2f} images/s)")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 ``impl`` names the form; all three compute the same function with the same parameters:
 
-- ``"native"`` (the default): the C++ kernels of ``mcnn_jax.native`` where they take the layer (float32, odd k,
+- ``"native"`` (the default): the C++ kernels of ``mcnn_jax.model.native`` where they take the layer (float32, odd k,
   output channels a multiple of the CPU's vector width), else ``"fast"``;
 - ``"fast"``: XLA's convolution with the kernel gradient as chunked matmuls (``xla_conv.conv_fast``);
 - ``"xla"``: XLA's convolution and gradients, as ``flax.linen.Conv`` computes them.
@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import native, pool, xla_conv
+from mcnn_jax.model import native, pool, xla_conv
 
 IMPLS = ("native", "fast", "xla")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .profiling import COMPOUND, CONTROL, PLATE, TableError, batches, require_columns
+from mcnn_jax.evaluation.profiles import COMPOUND, CONTROL, PLATE, TableError, batches, require_columns
 
 STEPS = ("plate", "tvn", "coral")
 

@@ -23,7 +23,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from . import optim
+from mcnn_jax import optim
 
 KEY = "train.batch_schedule"
 

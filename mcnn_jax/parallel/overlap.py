@@ -29,7 +29,7 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.interpreters import partial_eval as pe
 
-from . import comm
+from mcnn_jax.parallel import exchange as comm
 
 FEATURES = ("__features__",)  # the cut's features, as one more "parameter" of the head
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .store import CODECS, DEFAULT_CODEC, StoreError
+from mcnn_jax.data.store import CODECS, DEFAULT_CODEC, StoreError
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(path) -> str:
-    from .store import open_store
+    from mcnn_jax.data.store import open_store
 
     s = open_store(path)
     h, w, c = s.image_shape
@@ -192,7 +192,7 @@ def _store(args) -> dict:
 
 
 def _bbbc021(args):
-    from .bbbc021 import check_folder, import_bbbc021
+    from mcnn_jax.data.bbbc021 import check_folder, import_bbbc021
     if args.check:
         report = check_folder(args.metadata, args.images)
         print(report.summary())
@@ -203,7 +203,7 @@ def _bbbc021(args):
 
 
 def _manifest(args):
-    from .manifest import import_manifest
+    from mcnn_jax.data.manifest import import_manifest
     return import_manifest(args.index, args.out, channels=args.channels, label=args.label,
                            label_table=args.label_table, table_keys=args.table_keys, table_class=args.table_class,
                            drop_unlabelled=args.drop_unlabelled, planes=dict(args.plane), crop=args.crop,
@@ -211,14 +211,14 @@ def _manifest(args):
 
 
 def _ome_zarr(args):
-    from .omezarr import import_ome_zarr
+    from mcnn_jax.data.omezarr import import_ome_zarr
     return import_ome_zarr(args.plate, args.out, level=args.level, labels=args.labels, label=args.label,
                            drop_unlabelled=args.drop_unlabelled, planes=dict(args.plane), crop=args.crop,
                            **_intensity(args), **_store(args))
 
 
 def _folder(args):
-    from .folder import import_folder
+    from mcnn_jax.data.folder import import_folder
     return import_folder(args.images, args.out, **_store(args))
 
 
@@ -226,12 +226,12 @@ def _synthetic(args):
     t0 = time.perf_counter()
     common = (args.out, args.images, args.classes, args.height, args.width, args.seed, args.compounds,
               args.concentrations)
-    from .synthetic import Camera, generate_screen
+    from mcnn_jax.data.synthetic import Camera, generate_screen
     camera = Camera(args.background, args.saturation, args.bits)
     if args.channels == 5:
         if camera.realistic:
             raise ValueError("--background, --saturation and --bits apply to the 3-channel screen only")
-        from .cellpainting import generate_cellpainting_screen
+        from mcnn_jax.data.cellpainting import generate_cellpainting_screen
         raw = generate_cellpainting_screen(*common, progress=not args.quiet)
     else:
         raw = generate_screen(*common, progress=not args.quiet, camera=camera)
@@ -242,9 +242,9 @@ def _synthetic(args):
     options = dict(scaling="plate", illumination=not camera.realistic,  # keeps a flat background flat
                    dtype="uint16", overwrite=args.overwrite, progress=not args.quiet)
     if args.channels == 5:
-        from .manifest import import_manifest
+        from mcnn_jax.data.manifest import import_manifest
         return import_manifest(raw, args.store, label="Metadata_MoA", **options)
-    from .bbbc021 import import_bbbc021
+    from mcnn_jax.data.bbbc021 import import_bbbc021
     return import_bbbc021(raw, raw, args.store, **options)
 
 

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
 _DN = ("NHWC", "HWIO", "NHWC")
 
 

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .profiling import COMPOUND, CONCENTRATION, CONTROL, MOA, batch_sets, nscb_plan
+from mcnn_jax.evaluation.profiles import COMPOUND, CONCENTRATION, CONTROL, MOA, batch_sets, nscb_plan
 
 AP_COLUMNS = [COMPOUND, CONCENTRATION, MOA, "average_precision", "normalized_average_precision", "n_pos_pairs",
               "n_total_pairs"]

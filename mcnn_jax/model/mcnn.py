@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import IMPLS, Conv, max_pool
+from mcnn_jax.model.layers import IMPLS, Conv, max_pool
 
 PUBLISHED_POOL_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 PUBLISHED_WIDTHS = (16, 16, 16, 32, 32, 32, 64)
@@ -97,8 +97,8 @@ class MCNN(nn.Module):
     norm_groups: int = 8
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
     remat: Sequence[bool] | bool = False  # rematerialise (recompute in the backward pass) per branch
-    # "native" (C++ kernels, mcnn_jax.native, falling back to "fast" where they do not apply), "fast"
-    # (XLA with faster gradients) or "xla" (plain): the same function and parameters (mcnn_jax.layers)
+    # "native" (C++ kernels, mcnn_jax.model.native, falling back to "fast" where they do not apply), "fast"
+    # (XLA with faster gradients) or "xla" (plain): the same function and parameters (mcnn_jax.model.layers)
     impl: str = "native"
 
     @nn.compact

@@ -7,7 +7,7 @@ is the image, which nothing differentiates).
 
 from __future__ import annotations
 
-from .models import MCNN, check_architecture, check_input_size
+from mcnn_jax.model.mcnn import MCNN, check_architecture, check_input_size
 
 
 def layer_flops(model: MCNN, height: int = 1024, width: int = 1280, channels: int = 3) -> list[dict]:

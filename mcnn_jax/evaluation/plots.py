@@ -6,9 +6,7 @@ train and validation), ``learning_rate.png``, and ``confusion.png`` (the last ev
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,21 +94,3 @@ def make_report(workdir, out=None) -> list[Path]:
         plt.close(fig)
         written.append(out / "confusion.png")
     return written
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mcnn-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdir")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    try:
-        for path in make_report(args.workdir, args.out):
-            print(path)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mcnn-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -22,13 +22,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 import pandas as pd
 
-from . import profile_map, profile_norm
-from .profiling import (CONTROL, MATCH_COLUMNS, NSCB_RULES, TableError, feature_columns, nearest_neighbours,
-                        nn_accuracy, nscb_plan, read_table, treatment_profiles, well_profiles, write_json)
+from mcnn_jax.evaluation import mean_ap as profile_map
+from mcnn_jax.evaluation import normalize as profile_norm
+from mcnn_jax.evaluation.profiles import (
+    CONTROL,
+    MATCH_COLUMNS,
+    NSCB_RULES,
+    feature_columns,
+    nearest_neighbours,
+    nn_accuracy,
+    nscb_plan,
+    treatment_profiles,
+    well_profiles,
+)
 
 LEVELS = ("image", "well")
 MODES = ("nsc", "nscb")
@@ -187,31 +196,3 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def options_from_args(args) -> ProfileOptions:
     return ProfileOptions(normalize=args.normalize, reg=args.reg, level=args.level, nscb_rule=args.nscb_rule,
                           control=args.control, map=not args.no_map, null_size=args.null_size, seed=args.seed)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        prog="mcnn-profile-eval", description="NSC / NSCB 1-nearest-neighbour MoA accuracy and mAP (copairs) of "
-        "an image-level embedding table (Parquet or CSV with Metadata_Compound, Metadata_Concentration, "
-        "Metadata_MoA, Metadata_Plate (Metadata_Well for --level well) and numeric feature columns).")
-    p.add_argument("table")
-    add_options(p)
-    p.add_argument("--json", default="", help="also write the result (and every match) to this JSON file")
-    p.add_argument("--quiet", action="store_true", help="print the figures only, not every match")
-    args = p.parse_args(argv)
-    try:
-        opts = options_from_args(args)
-    except ValueError as e:
-        p.error(str(e))
-    try:
-        res = profile_report(read_table(args.table), opts, source=args.table)
-    except (TableError, FileNotFoundError) as e:
-        print(f"mcnn-profile-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(format_report(res, matches=not args.quiet))
-    if args.json:
-        write_json(to_json(res), args.json)
-
-
-if __name__ == "__main__":
-    main()

@@ -37,9 +37,7 @@ with a single compound, whose fold cannot be right because no other compound of 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -50,10 +48,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import profiling as P
-from .profile_eval import MODES, ProfileOptions, options_from_args, profile_parts, summarize_parts, to_json
-from .profile_eval import add_options as add_profile_options
-from .profile_eval import format_report as format_profiles
+from mcnn_jax.evaluation import profiles as P
+from mcnn_jax.evaluation.profile_metrics import (
+    MODES,
+    ProfileOptions,
+    profile_parts,
+    summarize_parts,
+    to_json,
+)
+from mcnn_jax.evaluation.profile_metrics import format_report as format_profiles
 
 MARKER = "FOLD_COMPLETE.json"
 
@@ -107,7 +110,7 @@ def single_compound_classes(store, control: str = P.CONTROL) -> dict[str, str]:
 # --- one fold --------------------------------------------------------------------------------------------------
 def train_fold(config_file, fold_path: Path, store_path, compound: str, overrides, launcher: str = "") -> float:
     """Runs (or resumes) the fold's training in a subprocess; returns its wall time."""
-    cmd = [*shlex.split(launcher), sys.executable, "-m", "mcnn_jax.main", "--config", str(config_file),
+    cmd = [*shlex.split(launcher), sys.executable, "-m", "mcnn_jax.cli.train", "--config", str(config_file),
            "--workdir", str(fold_path), f"--config.data.store={store_path}", "--config.data.split=compound",
            f"--config.data.holdout_compound={compound}", "--config.train.target_accuracy=0",
            *[f"--config.{o}" for o in overrides]]
@@ -157,7 +160,7 @@ def earlier_train_wall_s(fold_path: Path) -> tuple[float, int]:
 
 def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "latest"):
     """``embed.open_run`` of the fold's checkpoint(s) on its held-out images; errors name the fold."""
-    from .embed import open_run
+    from mcnn_jax.evaluation.embed import open_run
 
     try:
         model, members, metas, st, val = open_run(fold_path, checkpoint, str(store_path), "val")
@@ -177,7 +180,7 @@ def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", ba
     """The fold's latest model (or the ensemble ``checkpoint`` names: the mean of its members' probabilities,
     its members' features side by side) on its held-out compound (predictions) and on every image
     (embeddings, from which the report computes NSC / NSCB and mAP)."""
-    from .embed import write_image_table
+    from mcnn_jax.evaluation.embed import write_image_table
 
     model, members, metas, st, val = open_fold(fold_path, store_path, compound, checkpoint)
     pred = write_image_table(model, members, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
@@ -278,7 +281,7 @@ def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptio
 
 
 def format_report(r: dict) -> str:
-    from .evaluate import format_confusion
+    from mcnn_jax.evaluation.evaluate import format_confusion
 
     def pct(x):
         return "n/a" if x is None else f"{x:.4f}"
@@ -302,78 +305,15 @@ def format_report(r: dict) -> str:
 
 
 # --- the command line ------------------------------------------------------------------------------------------
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mcnn-loco", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the training config (every fold uses it)")
-    p.add_argument("--workdir", required=True, help="folds go to WORKDIR/folds/, the report to WORKDIR")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--fold", type=int, default=None, help="run fold K only (0-based; see --list)")
-    which.add_argument("--compounds", default="", help="comma-separated compounds to hold out (default: all)")
-    p.add_argument("--list", action="store_true", help="list the folds and exit")
-    p.add_argument("--report", action="store_true", help="only write the merged report of the finished folds")
-    p.add_argument("--no-report", action="store_true", help="run the fold(s) only (SLURM array tasks)")
-    p.add_argument("--launcher", default="", help="prefix of each fold's training command, e.g. 'mpiexec -n 2'")
-    p.add_argument("--layer", default="hidden", choices=("hidden", "merge"), help="embedding layer for NSC/NSCB")
-    p.add_argument("--checkpoint", default="latest", help="what each fold evaluates: latest (default), snapshots "
-                   "(the collapsed ensemble: needs --config.optim.cycles=N) or a comma-separated list of steps; an "
-                   "ensemble predicts with the mean of its members' probabilities and embeds with their features "
-                   "side by side. Not best: it is picked by accuracy on the held-out compound, the test set")
-    p.add_argument("--batch", type=int, default=8, help="evaluation batch")
-    add_profile_options(p)  # --normalize, --level, --nscb-rule, --control (also not a fold), mAP options
-    args, rest = p.parse_known_args(argv)
-    if "best" in [w.strip() for w in args.checkpoint.split(",")]:
-        p.error("--checkpoint best is refused: the best checkpoint is the one with the highest accuracy on the "
-                "fold's validation images, which are the held-out compound's, so picking it would select on the "
-                "test set; use latest (default), snapshots or step numbers")
-    bad = [r for r in rest if not r.startswith("--config.") or "=" not in r]
-    if bad:
-        p.error(f"unrecognised argument(s) {bad}; config overrides look like --config.train.max_steps=8")
-    return args, [r[len("--config."):] for r in rest]
 
 
 def open_loco_store(config, workdir):
     """The config's store, prepared as the trainer prepares it (``data.prepare.prepare_store``: ``data.store``, or
     the config's synthetic screen, camera and difficulty included, generated once into ``WORKDIR/data``), so
     every fold trains on the store that ``mcnn-train`` with the same config would."""
-    from .data.prepare import prepare_store
-    from .distributed import World
+    from mcnn_jax.data.prepare import prepare_store
+    from mcnn_jax.parallel.world import World
 
     if not config.data.store and not config.data.synthetic.enabled:
         raise LocoError("the config names no store (data.store) and no synthetic screen (data.synthetic.enabled)")
     return prepare_store(config, workdir, World())
-
-
-def main(argv=None):
-    from .config import load_config
-    from .data import StoreError
-    from .runtime import enable_compilation_cache
-
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    enable_compilation_cache()
-    try:
-        opts = options_from_args(args)
-        config = load_config(args.config, overrides)
-        if args.checkpoint == "snapshots" and not config.optim.cycles and not (args.list or args.report):
-            raise LocoError("--checkpoint snapshots evaluates the collapsed ensemble's snapshots, which a fold's "
-                            "training makes only with optim.cycles > 0: add --config.optim.cycles=N (see "
-                            "optim.cycle_epochs and optim.cycle_base_lr)")
-        store = open_loco_store(config, args.workdir)
-        compounds = fold_compounds(store, args.control)
-        if args.list:
-            for k, c in enumerate(compounds):
-                print(f"{k}\t{c}\t{'finished' if (fold_dir(args.workdir, compounds, c) / MARKER).is_file() else ''}")
-            return
-        if not args.report:
-            for c in select(compounds, args.compounds, args.fold, store.path):
-                run_fold(args, overrides, store, compounds, c, log=lambda m: print(f"mcnn-loco: {m}", flush=True))
-        if not args.no_report:
-            chosen = select(compounds, args.compounds, None, store.path) if args.compounds else None
-            print(format_report(merged_report(args.workdir, store, compounds, opts, chosen)))
-    except (LocoError, P.TableError, FileNotFoundError, StoreError, ValueError) as e:
-        print(f"mcnn-loco: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,13 +17,13 @@ from absl import flags, logging
 
 def _user_errors():
     """Errors that are the input's fault: printed as one line, without a traceback."""
-    from .data import StoreError
+    from mcnn_jax.data import StoreError
     return (ValueError, FileNotFoundError, StoreError)
 
 
 def parse_args(argv):
     """(config, workdir) from the command line (``argv`` without the program name)."""
-    from .config import parse_config_flags
+    from mcnn_jax.config import parse_config_flags
 
     if {"-h", "--help", "-help"} & set(argv):
         print(__doc__)
@@ -47,9 +47,9 @@ def _fail(world, code: int, message: str):
     sys.exit(code)
 
 
-def run(argv=None):
-    from .distributed import fail_fast, init_world
-    from .runtime import enable_compilation_cache, setup_logging
+def main(argv=None):
+    from mcnn_jax.parallel.world import fail_fast, init_world
+    from mcnn_jax.runtime import enable_compilation_cache, setup_logging
 
     world = init_world()
     setup_logging(rank=world.rank, size=world.size)  # train_and_evaluate adds the per-rank file
@@ -57,7 +57,7 @@ def run(argv=None):
     try:
         config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
         enable_compilation_cache()
-        from .train import TrainingDiverged, train_and_evaluate
+        from mcnn_jax.train import TrainingDiverged, train_and_evaluate
         try:
             train_and_evaluate(config, workdir, world)
         except TrainingDiverged as e:  # every rank sees the same (reduced) loss
@@ -73,4 +73,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    run()
+    main()

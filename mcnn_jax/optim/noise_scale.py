@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .step import loss_and_metrics
+from mcnn_jax.step import loss_and_metrics
 
 
 def chunk_gradient_fn(model, num_classes: int, label_smoothing: float = 0.0):

@@ -11,26 +11,22 @@ An ensemble (several checkpoints) predicts with the mean of its members' class p
 
 In a notebook, ``load_model(workdir)`` gives the model, its parameters and the checkpoint's metadata:
 
-    from mcnn_jax.evaluate import load_model
+    from mcnn_jax.evaluation.evaluate import load_model
     model, params, meta = load_model("runs/default", checkpoint="best")
     logits = model.apply({"params": params}, images)  # images: float32 [N, H, W, C] in [0, 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 
-from .checkpoint import Checkpointer
-from .data.store import StoreError
-from .distributed import World
-from .models import from_config, init_params
+from mcnn_jax.checkpoint import Checkpointer
+from mcnn_jax.model.mcnn import from_config, init_params
+from mcnn_jax.parallel.world import World
 
 
 class Evaluator:
@@ -41,7 +37,7 @@ class Evaluator:
     accuracy: each treatment's mean class probabilities against its class."""
 
     def __init__(self, model, reader, num_classes: int, world: World | None = None):
-        from .step import make_eval_step
+        from mcnn_jax.step import make_eval_step
         self.reader, self.num_classes, self.world = reader, num_classes, world or World()
         self.eval_step = make_eval_step(model, num_classes)
         self.treatments = whole_treatments(reader.store, reader.indices)
@@ -64,7 +60,7 @@ class Evaluator:
         out = dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
                    per_class_accuracy=per_class, confusion=confusion, count=int(count))
         if self.treatments is not None:
-            from .profiling import treatment_accuracy
+            from mcnn_jax.evaluation.profiles import treatment_accuracy
             probs = self.world.allreduce_host_sum(probs)  # each image's row is filled on one rank
             labels = np.asarray(self.reader.store.labels)[self.reader.indices]
             out.update(treatment_accuracy(probs, labels, *self.treatments))
@@ -96,7 +92,7 @@ def _is_number(text: str) -> bool:
 def predict_probabilities(model, members, reader) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [N, classes], labels [N]) of the images of one pass of an evaluation ``reader``, in its
     order (padding dropped): the mean of the ``members``' (a list of parameter trees) class probabilities."""
-    from .step import make_eval_step
+    from mcnn_jax.step import make_eval_step
     eval_step = make_eval_step(model, len(reader.store.class_names))
     probs, labels = [], []
     for _, batch in reader.iterate():
@@ -124,8 +120,8 @@ def load_ensemble(workdir, checkpoints: str | int = "snapshots"):
         steps = ckpt.resolve_members(str(checkpoints))
         config = ml_collections.ConfigDict(ckpt.meta(steps[0])["config"])
         model = from_config(config.model, num_classes=ckpt.meta(steps[0])["num_classes"])
-        from .optim import make_optimizer, make_schedule
-        from .step import create_state
+        from mcnn_jax.optim import make_optimizer, make_schedule
+        from mcnn_jax.step import create_state
         tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
         # the state's structure, shapes and dtypes only: nothing is initialised or compiled
         abstract = jax.eval_shape(lambda: create_state(
@@ -144,52 +140,11 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
     return "\n".join(lines)
 
 
-def run(argv=None):
-    parser = argparse.ArgumentParser(prog="mcnn-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default="best", help="best (default), latest, a step number, or an "
-                        "ensemble: snapshots (the collapsed ensemble's) or a comma-separated list of the former")
-    parser.add_argument("--store", default="", help="another store to evaluate on (default: the run's)")
-    parser.add_argument("--split", default="val", choices=("val", "train", "all"))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--predictions", default="", help="write one row per image (Metadata_*, true and "
-                        "predicted class, P_<class> probabilities) to this CSV or .parquet file, and print "
-                        "treatment-level and per-compound accuracy (mcnn_jax.embed)")
-    args = parser.parse_args(argv)
-    from .runtime import enable_compilation_cache
-    enable_compilation_cache()
-    try:
-        if args.predictions:
-            from .embed import evaluate_to_table
-            result = evaluate_to_table(args.workdir, args.checkpoint, args.store, args.split, args.batch,
-                                       args.predictions)
-        else:
-            result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
-    except (FileNotFoundError, ValueError, StoreError) as e:
-        print(f"mcnn-eval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    treatments = result.pop("treatment_summary", False)
-    if args.json:
-        print(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
-        return
-    what = (f"checkpoint step {result['step']}" if len(result["members"]) == 1 else
-            f"ensemble of {len(result['members'])} checkpoints (steps {', '.join(map(str, result['members']))})")
-    print(f"{what} of {args.workdir}; {result['count']} images of {result['store']} ({args.split})")
-    print(f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}")
-    for name, acc in zip(result["class_names"], result["per_class_accuracy"]):
-        print(f"  {name:<28s} {acc:.4f}")
-    print(format_confusion(np.asarray(result["confusion"]), result["class_names"]))
-    if treatments is not False:
-        from .embed import format_treatment_summary
-        print(f"predictions written to {result['predictions']}")
-        print(format_treatment_summary(treatments))
 
 
 def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
-    from .data import Reader, open_store, split_indices
-    from .data.prepare import store_path
+    from mcnn_jax.data import Reader, open_store, split_indices
+    from mcnn_jax.data.prepare import store_path
 
     model, members, metas = load_ensemble(workdir, checkpoint)
     meta = metas[-1]
@@ -211,7 +166,3 @@ def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch
         reader.close()
     return dict(ev, step=meta["step"], members=[m["step"] for m in metas], store=str(path),
                 class_names=list(st.class_names))
-
-
-if __name__ == "__main__":
-    run()

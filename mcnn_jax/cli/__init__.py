@@ -1,0 +1,2 @@
+"""The command-line programs, one module each (``mcnn-train``: ``train``, ``mcnn-data``: ``data``, ...); each has
+``main(argv=None)``."""
