@@ -70,24 +70,33 @@ def abstract_params(height: int, width: int, num_classes: int = 13):
     import jax.numpy as jnp
 
     from mcnn_jax.model.mcnn import MCNN
+
     model = MCNN(num_classes=num_classes)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, height, width, 3))))["params"]
 
 
 def plans(params, batches, ranks, rank):
     from mcnn_jax.parallel import exchange as comm
+
     return {(s, b): comm.make_plan(s, params, b, ranks, rank) for s in SCHEMES for b in batches}
 
 
 def plan_row(plan) -> dict:
-    return dict(scheme=plan.scheme, local_batch=plan.local_batch, ranks=plan.ranks,
-                factored=["/".join(la.path) for la in plan.factored],
-                compressed=["/".join(la.path) for la in plan.compressed], powersgd_rank=plan.rank,
-                floats=plan.sizes(), bytes_sent=plan.bytes_sent())
+    return dict(
+        scheme=plan.scheme,
+        local_batch=plan.local_batch,
+        ranks=plan.ranks,
+        factored=["/".join(la.path) for la in plan.factored],
+        compressed=["/".join(la.path) for la in plan.compressed],
+        powersgd_rank=plan.rank,
+        floats=plan.sizes(),
+        bytes_sent=plan.bytes_sent(),
+    )
 
 
 def worker(args):
     from mcnn_jax.parallel.world import fail_fast, init_world
+
     world = init_world()
     fail_fast(world)
     params = abstract_params(args.height, args.width)
@@ -104,8 +113,9 @@ def worker(args):
     if world.is_primary:
         for i, row in enumerate(gathered[0]):
             per_rank = [g[i]["comm_s"] for g in gathered]
-            row["comm_s"] = dict(median=max(statistics.median(x) for x in per_rank),
-                                 min=max(min(x) for x in per_rank), reps=per_rank)
+            row["comm_s"] = dict(
+                median=max(statistics.median(x) for x in per_rank), min=max(min(x) for x in per_rank), reps=per_rank
+            )
         Path(args.worker_out).write_text(json.dumps(gathered[0]))
 
 
@@ -113,6 +123,7 @@ def matmul_rate(fan_in: int, fan_out: int, batch: int, reps: int = 3) -> dict:
     """Seconds and GFLOP/s of ``X^T D`` ([batch, fan_in]^T [batch, fan_out]) in one process, jitted."""
     import jax
     import jax.numpy as jnp
+
     x = jnp.ones((batch, fan_in), jnp.float32)
     d = jnp.ones((batch, fan_out), jnp.float32)
     f = jax.jit(lambda x, d: x.T @ d)
@@ -146,6 +157,7 @@ def overlap_split(plan, params) -> tuple[int, int]:
     """float32 elements of the overlapped head buffer (the summed dense kernels, every dense bias) and of the
     rest of the plan's allreduce."""
     from mcnn_jax.parallel import exchange as comm
+
     head = sum(la.fan_out + (0 if la in plan.factored else la.fan_in * la.fan_out) for la in comm.dense_layers(params))
     return head, plan.sizes()["allreduce"] - head
 
@@ -154,14 +166,22 @@ def read_overlap(path: str) -> dict:
     """The measured overlap from a bench_overlap.py JSON: stage-2 fraction, hidden fraction, own cost."""
     r = json.loads(Path(path).read_text())
     cost = max(0.0, r["extra_s"]["overlap_mechanism"], r.get("roundtrip_s", 0.0)) / r["median_s"]["plain"]
-    return dict(source=path, command=r["command"], stage2_fraction=r["stage2_fraction"],
-                head_floats=r.get("head_floats") or head_floats_at(r["image_shape"]),
-                hidden_fraction=min(1.0, max(0.0, r["hidden_fraction"]["overlap"])), cost_fraction=cost,
-                image_shape=r["image_shape"], batch=r["batch"], loadavg=r["loadavg"])
+    return dict(
+        source=path,
+        command=r["command"],
+        stage2_fraction=r["stage2_fraction"],
+        head_floats=r.get("head_floats") or head_floats_at(r["image_shape"]),
+        hidden_fraction=min(1.0, max(0.0, r["hidden_fraction"]["overlap"])),
+        cost_fraction=cost,
+        image_shape=r["image_shape"],
+        batch=r["batch"],
+        loadavg=r["loadavg"],
+    )
 
 
 def head_floats_at(image_shape) -> int:
     from mcnn_jax.parallel import exchange as comm
+
     params = abstract_params(image_shape[0], image_shape[1])
     return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(params))
 
@@ -185,17 +205,27 @@ def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
         t_comm = t_rest + t_head
         cost = ov["cost_fraction"] * min(1.0, head / ov["head_floats"])  # the copies follow the head's size
         step = compute * (1 + cost) + extra + t_rest + exposed
-        row.update(scheme=plan.scheme + "+overlap", head_allreduce_s=t_head, hidden_window_s=window,
-                   exposed_head_s=exposed)
+        row.update(
+            scheme=plan.scheme + "+overlap", head_allreduce_s=t_head, hidden_window_s=window, exposed_head_s=exposed
+        )
     ips = g / step
-    row.update(global_batch=g, bytes_sent_per_rank=plan.bytes_sent()["total"], compute_s=compute,
-               factored_matmul_s=extra, comm_s=t_comm, step_s=step, images_per_s=ips, efficiency=compute / step,
-               hours_per_100_epochs=100 * DATASET_IMAGES / ips / 3600)
+    row.update(
+        global_batch=g,
+        bytes_sent_per_rank=plan.bytes_sent()["total"],
+        compute_s=compute,
+        factored_matmul_s=extra,
+        comm_s=t_comm,
+        step_s=step,
+        images_per_s=ips,
+        efficiency=compute / step,
+        hours_per_100_epochs=100 * DATASET_IMAGES / ips / 3600,
+    )
     return row
 
 
 def project(args, params, node_gflops: float, ov=None) -> list[dict]:
     from mcnn_jax.parallel import exchange as comm
+
     rows = []
     for gbits in args.networks:
         bw = gbits * 1e9 / 8
@@ -204,7 +234,7 @@ def project(args, params, node_gflops: float, ov=None) -> list[dict]:
                 plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
                 row = project_row(args, params, plan, p, bw, node_gflops)
                 rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
-            for scheme in (OVERLAPPED if ov else ()):
+            for scheme in OVERLAPPED if ov else ():
                 plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
                 row = project_row(args, params, plan, p, bw, node_gflops, ov)
                 rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
@@ -221,9 +251,26 @@ def mpiexec_path() -> str:
 def run_workers(args) -> tuple[list, str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [mpiexec_path(), "-n", "2", sys.executable, os.path.abspath(__file__), "--worker", "--worker-out",
-               str(out), "--height", str(args.height), "--width", str(args.width), "--batches",
-               ",".join(map(str, args.batches)), "--reps", str(args.reps), "--powersgd-rank", str(args.powersgd_rank)]
+        cmd = [
+            mpiexec_path(),
+            "-n",
+            "2",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--worker-out",
+            str(out),
+            "--height",
+            str(args.height),
+            "--width",
+            str(args.width),
+            "--batches",
+            ",".join(map(str, args.batches)),
+            "--reps",
+            str(args.reps),
+            "--powersgd-rank",
+            str(args.powersgd_rank),
+        ]
         log(f">> {shlex.join(cmd)}")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
         if proc.returncode or not out.exists():
@@ -244,15 +291,22 @@ def print_report(result):
 
 
 def print_projection(result):
-    log(f"\nprojection ({result['projection_assumptions']['node_batch']} images per node): efficiency / "
-        f"images/s / hours per 100 epochs")
+    log(
+        f"\nprojection ({result['projection_assumptions']['node_batch']} images per node): efficiency / "
+        f"images/s / hours per 100 epochs"
+    )
     for gbits in result["projection_assumptions"]["networks_gbit_s"]:
         log(f"  {gbits:g} Gb/s")
         for p in result["projection_assumptions"]["nodes"]:
             rs = [r for r in result["projection"] if r["network_gbit_s"] == gbits and r["nodes"] == p]
-            log(f"  {p:>5} nodes " + " ".join(f"{r['scheme']:>9} {100 * r['efficiency']:5.1f}% "
-                                               f"{r['images_per_s']:7.0f} {r['hours_per_100_epochs']:6.3f}"
-                                               for r in rs))
+            log(
+                f"  {p:>5} nodes "
+                + " ".join(
+                    f"{r['scheme']:>9} {100 * r['efficiency']:5.1f}% "
+                    f"{r['images_per_s']:7.0f} {r['hours_per_100_epochs']:6.3f}"
+                    for r in rs
+                )
+            )
 
 
 def main(argv=None):
@@ -263,19 +317,34 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--powersgd-rank", type=int, default=4)
     ap.add_argument("--nodes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32, 128, 512])
-    ap.add_argument("--networks", type=lambda s: [float(x) for x in s.split(",")], default=[10.0, 25.0, 100.0],
-                    help="Gb/s per node (default 10,25,100)")
+    ap.add_argument(
+        "--networks",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[10.0, 25.0, 100.0],
+        help="Gb/s per node (default 10,25,100)",
+    )
     ap.add_argument("--latency-us", type=float, default=5.0, help="per message (default 5 us)")
     ap.add_argument("--node-batch", type=int, default=16)
-    ap.add_argument("--node-image-s", type=float, default=0.092,
-                    help="compute seconds per training image on a node (default 0.092: bench_scaling.py's 3.67 s "
-                         "per image per core / 40 cores)")
+    ap.add_argument(
+        "--node-image-s",
+        type=float,
+        default=0.092,
+        help="compute seconds per training image on a node (default 0.092: bench_scaling.py's 3.67 s "
+        "per image per core / 40 cores)",
+    )
     ap.add_argument("--node-cores", type=int, default=40)
-    ap.add_argument("--node-gflops", type=float, default=2920.0,
-                    help="a node's matmul rate for the factored X^T D (default 2920: the 146 GFLOP/s fp32 matmul "
-                         "peak bench_train.py measured on this 2-core VM x 40 / 2); 0: measure X^T D here and scale")
-    ap.add_argument("--overlap-json", default="",
-                    help="a bench_overlap.py JSON: adds the +overlap rows with its measured window and cost")
+    ap.add_argument(
+        "--node-gflops",
+        type=float,
+        default=2920.0,
+        help="a node's matmul rate for the factored X^T D (default 2920: the 146 GFLOP/s fp32 matmul "
+        "peak bench_train.py measured on this 2-core VM x 40 / 2); 0: measure X^T D here and scale",
+    )
+    ap.add_argument(
+        "--overlap-json",
+        default="",
+        help="a bench_overlap.py JSON: adds the +overlap rows with its measured window and cost",
+    )
     ap.add_argument("--skip-measure", action="store_true", help="only the projection")
     ap.add_argument("--out", default="")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -284,34 +353,54 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     import jax
+
     params = abstract_params(args.height, args.width)
     hidden = max((x for x in jax.tree_util.tree_leaves(params) if x.ndim == 2), key=lambda x: x.size)
     mm = matmul_rate(*hidden.shape, batch=256)  # large enough to be compute-bound
     node_gflops = args.node_gflops or mm["gflop_per_s"] * args.node_cores / (os.cpu_count() or 1)
-    result = dict(benchmark="bench_comm", command=shlex.join(["bench_comm.py", *(argv or sys.argv[1:])]),
-                  image_shape=[args.height, args.width, 3], batches=args.batches, reps=args.reps,
-                  loadavg_before=os.getloadavg(), cpus=os.cpu_count(), jax=jax.__version__,
-                  factored_matmul=[matmul_rate(*hidden.shape, batch=b) for b in (2 * x for x in args.batches)])
+    result = dict(
+        benchmark="bench_comm",
+        command=shlex.join(["bench_comm.py", *(argv or sys.argv[1:])]),
+        image_shape=[args.height, args.width, 3],
+        batches=args.batches,
+        reps=args.reps,
+        loadavg_before=os.getloadavg(),
+        cpus=os.cpu_count(),
+        jax=jax.__version__,
+        factored_matmul=[matmul_rate(*hidden.shape, batch=b) for b in (2 * x for x in args.batches)],
+    )
     if not args.skip_measure:
         result["measured"], result["mpiexec"] = run_workers(args)
         result["loadavg_after"] = os.getloadavg()
     full = abstract_params(1024, 1280)
     ov = read_overlap(args.overlap_json) if args.overlap_json else None
     result["projection_assumptions"] = dict(
-        nodes=args.nodes, networks_gbit_s=args.networks, latency_us=args.latency_us, node_batch=args.node_batch,
-        node_image_s=args.node_image_s, ranks_per_node=1, node_matmul_gflop_per_s=node_gflops,
-        node_matmul_source=("--node-gflops" if args.node_gflops else
-                            f"X^T D at batch 256 measured here x {args.node_cores} / {os.cpu_count()}"),
+        nodes=args.nodes,
+        networks_gbit_s=args.networks,
+        latency_us=args.latency_us,
+        node_batch=args.node_batch,
+        node_image_s=args.node_image_s,
+        ranks_per_node=1,
+        node_matmul_gflop_per_s=node_gflops,
+        node_matmul_source=(
+            "--node-gflops"
+            if args.node_gflops
+            else f"X^T D at batch 256 measured here x {args.node_cores} / {os.cpu_count()}"
+        ),
         matmul_here=dict(mm, note="X^T D at batch 256 on this machine now (load: loadavg_before)"),
-        overlap=("none in the plain rows (bench_overlap.py: XLA:CPU runs a blocking collective apart from the "
-                 "backward pass); +overlap rows: see overlap_measured"),
+        overlap=(
+            "none in the plain rows (bench_overlap.py: XLA:CPU runs a blocking collective apart from the "
+            "backward pass); +overlap rows: see overlap_measured"
+        ),
         overlap_measured=ov,
-        model="1024x1280x3, 13 classes")
+        model="1024x1280x3, 13 classes",
+    )
     result["projection"] = project(args, full, node_gflops, ov)
     if not args.skip_measure:
         print_report(result)
     print_projection(result)
     from bench_train import emit
+
     emit(result, args.out)
 
 

@@ -31,9 +31,14 @@ def make_store(path: Path, n: int, shape) -> Path:
     for i in range(n):
         w.write(i, rng.integers(0, 4096, shape, dtype=np.uint16))
     classes = [f"class{k}" for k in range(13)]
-    meta = dict(compound=[f"c{i % 5}" for i in range(n)], concentration=[1.0] * n,
-                plate=[f"Week{1 + i % 2}_1" for i in range(n)], well=["B02"] * n, site=[1] * n,
-                **{"class": [classes[i % 13] for i in range(n)]})
+    meta = dict(
+        compound=[f"c{i % 5}" for i in range(n)],
+        concentration=[1.0] * n,
+        plate=[f"Week{1 + i % 2}_1" for i in range(n)],
+        well=["B02"] * n,
+        site=[1] * n,
+        **{"class": [classes[i % 13] for i in range(n)]},
+    )
     return w.finish([i % 13 for i in range(n)], classes, meta, ["dapi", "tubulin", "actin"])
 
 
@@ -54,12 +59,32 @@ def main():
         t0 = time.perf_counter()
         next(iter_outputs(model, params, store, np.arange(args.batch), args.batch, args.layer))  # compile
         compile_s = time.perf_counter() - t0
-        res = write_image_table(model, params, store, np.arange(args.images), Path(tmp) / "emb.parquet",
-                                "embeddings", args.layer, args.batch)
-    print(json.dumps(dict(
-        image_shape=list(shape), images=args.images, batch=args.batch, layer=args.layer, impl=model.impl,
-        images_per_s=round(res["images_per_s"], 3), seconds=round(res["seconds"], 2),
-        warmup_compile_s=round(compile_s, 1), cpus=os.cpu_count(), load_average=os.getloadavg())))
+        res = write_image_table(
+            model,
+            params,
+            store,
+            np.arange(args.images),
+            Path(tmp) / "emb.parquet",
+            "embeddings",
+            args.layer,
+            args.batch,
+        )
+    print(
+        json.dumps(
+            dict(
+                image_shape=list(shape),
+                images=args.images,
+                batch=args.batch,
+                layer=args.layer,
+                impl=model.impl,
+                images_per_s=round(res["images_per_s"], 3),
+                seconds=round(res["seconds"], 2),
+                warmup_compile_s=round(compile_s, 1),
+                cpus=os.cpu_count(),
+                load_average=os.getloadavg(),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

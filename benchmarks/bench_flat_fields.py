@@ -54,15 +54,38 @@ def write_fields(out: Path, per_class: int, size: int, seed: int) -> None:
 
 
 def run(impl: str, store: Path, workdir: Path, epochs: int, size: int) -> dict:
-    overrides = [f"data.store={store}", "data.synthetic.enabled=False", f"model.input_shape=({size}, {size}, 3)",
-                 f"model.impl={impl}", "optim.name=nesterov", "optim.momentum=0.9", "optim.base_lr=0.008",
-                 "optim.base_batch=16", "optim.warmup_init_lr=0.001", "optim.warmup_epochs=1.0",
-                 "optim.decay=linear", "optim.end_lr=0.0001", "optim.label_smoothing=0.1",
-                 "optim.weight_decay=5e-5", f"optim.epochs={float(epochs)}", "train.global_batch=16",
-                 "train.target_accuracy=0.0", "train.log_every_steps=4", "train.progress=log",
-                 "train.eval_every_epochs=1.0"]
-    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", str(ROOT / "configs" / "default.py"),
-           "--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
+    overrides = [
+        f"data.store={store}",
+        "data.synthetic.enabled=False",
+        f"model.input_shape=({size}, {size}, 3)",
+        f"model.impl={impl}",
+        "optim.name=nesterov",
+        "optim.momentum=0.9",
+        "optim.base_lr=0.008",
+        "optim.base_batch=16",
+        "optim.warmup_init_lr=0.001",
+        "optim.warmup_epochs=1.0",
+        "optim.decay=linear",
+        "optim.end_lr=0.0001",
+        "optim.label_smoothing=0.1",
+        "optim.weight_decay=5e-5",
+        f"optim.epochs={float(epochs)}",
+        "train.global_batch=16",
+        "train.target_accuracy=0.0",
+        "train.log_every_steps=4",
+        "train.progress=log",
+        "train.eval_every_epochs=1.0",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        str(ROOT / "configs" / "default.py"),
+        "--workdir",
+        str(workdir),
+        *[f"--config.{o}" for o in overrides],
+    ]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -70,11 +93,14 @@ def run(impl: str, store: Path, workdir: Path, epochs: int, size: int) -> dict:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     val = [x for x in rows if x.get("split") == "val" or x.get("kind") == "val"]
     train = [x for x in rows if x.get("split") == "train" or x.get("kind") == "train"]
-    return dict(impl=impl, wall_s=round(time.perf_counter() - t, 1),
-                val_accuracy=[round(x["accuracy"], 4) for x in val],
-                train_loss=[round(x["loss"], 4) for x in train],
-                grad_norm=[round(x["grad_norm"], 3) for x in train],
-                max_grad_norm=round(max(x["grad_norm"] for x in train), 3))
+    return dict(
+        impl=impl,
+        wall_s=round(time.perf_counter() - t, 1),
+        val_accuracy=[round(x["accuracy"], 4) for x in val],
+        train_loss=[round(x["loss"], 4) for x in train],
+        grad_norm=[round(x["grad_norm"], 3) for x in train],
+        max_grad_norm=round(max(x["grad_norm"] for x in train), 3),
+    )
 
 
 def main(argv=None) -> None:
@@ -90,8 +116,11 @@ def main(argv=None) -> None:
     images, store = a.dir / "png", a.dir / "store"
     if not (store / "COMPLETE").exists():
         write_fields(images, a.images // len(CLASSES), a.size, a.seed)
-        subprocess.run([sys.executable, "-m", "mcnn_jax.cli.data", "folder", "--images", str(images),
-                        "--out", str(store)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "mcnn_jax.cli.data", "folder", "--images", str(images), "--out", str(store)],
+            check=True,
+            capture_output=True,
+        )
     result = dict(images=a.images, size=a.size, epochs=a.epochs, runs=[])
     for impl in a.impls.split(","):
         workdir = a.dir / f"run_{impl}"

@@ -46,8 +46,9 @@ def bbbc021_table(raw: Path) -> Path:
     path = raw / "manifest.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Compound", "Metadata_Class",
-                    *CHANNELS])
+        w.writerow(
+            ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Compound", "Metadata_Class", *CHANNELS]
+        )
         for r in rows:
             w.writerow([r.plate, r.well, r.site, r.compound, r.moa, *r.files])
     return path
@@ -70,8 +71,14 @@ def timed(name: str, shape, n: int, fn) -> dict:
     fn()
     s = time.perf_counter() - t0
     mb = n * int(np.prod(shape)) * 2 / 1e6
-    return dict(importer=name, shape="x".join(map(str, shape)), images=n, seconds=round(s, 2), images_per_s=round(n / s, 2),
-                mb_per_s=round(mb / s, 1))
+    return dict(
+        importer=name,
+        shape="x".join(map(str, shape)),
+        images=n,
+        seconds=round(s, 2),
+        images_per_s=round(n / s, 2),
+        mb_per_s=round(mb / s, 1),
+    )
 
 
 def main(argv=None) -> dict:
@@ -87,18 +94,43 @@ def main(argv=None) -> dict:
         raw3 = generate_screen(tmp / "bbbc021", n, 4, 1024, 1280, progress=False)
         table3 = bbbc021_table(raw3)
         table5 = generate_cellpainting_screen(tmp / "cp", n, 4, 1080, 1080, progress=False)
-        plates = {(v, c): plate_from_table(t, tmp / f"plate{c}_{v}.zarr", v)
-                  for v in ("0.4", "0.5") for c, t in ((3, table3), (5, table5))}
+        plates = {
+            (v, c): plate_from_table(t, tmp / f"plate{c}_{v}.zarr", v)
+            for v in ("0.4", "0.5")
+            for c, t in ((3, table3), (5, table5))
+        }
         shape3, shape5 = (1024, 1280, 3), (1080, 1080, 5)
         results.append(timed("bbbc021", shape3, n, lambda: import_bbbc021(raw3, raw3, tmp / "s1", **opts)))
         for shape, table in ((shape3, table3), (shape5, table5)):
-            results.append(timed("manifest", shape, n, lambda: import_manifest(
-                table, tmp / f"m{shape[2]}", label="Metadata_Class" if shape[2] == 3 else "Metadata_MoA", **opts)))
+            results.append(
+                timed(
+                    "manifest",
+                    shape,
+                    n,
+                    lambda: import_manifest(
+                        table, tmp / f"m{shape[2]}", label="Metadata_Class" if shape[2] == 3 else "Metadata_MoA", **opts
+                    ),
+                )
+            )
         for (v, c), plate in plates.items():
-            results.append(timed(f"ome-zarr-{v}", shape3 if c == 3 else shape5, n,
-                                 lambda: import_ome_zarr(plate, tmp / f"z{c}_{v}", **opts)))
-    out = dict(benchmark="import", images=n, scaling=args.scaling, workers=args.workers, codec="default",
-               cpus=os.cpu_count(), load_avg=os.getloadavg(), results=results)
+            results.append(
+                timed(
+                    f"ome-zarr-{v}",
+                    shape3 if c == 3 else shape5,
+                    n,
+                    lambda: import_ome_zarr(plate, tmp / f"z{c}_{v}", **opts),
+                )
+            )
+    out = dict(
+        benchmark="import",
+        images=n,
+        scaling=args.scaling,
+        workers=args.workers,
+        codec="default",
+        cpus=os.cpu_count(),
+        load_avg=os.getloadavg(),
+        results=results,
+    )
     print(json.dumps(out, indent=1))
     return out
 

@@ -46,8 +46,12 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--variant", default="base", help="a bench_train.py variant (default: the default model)")
     p.add_argument("--max-rss-gb", type=float, default=20.0, help="kill a child above this RSS")
-    p.add_argument("--est-gb-per-image", type=float, default=0.6, help="peak GB per image of a micro-batch, to "
-                   "skip a layout the machine's available memory cannot hold")
+    p.add_argument(
+        "--est-gb-per-image",
+        type=float,
+        default=0.6,
+        help="peak GB per image of a micro-batch, to skip a layout the machine's available memory cannot hold",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="kill a child after this many seconds")
     p.add_argument("--out", default="", help="JSON file (also printed)")
     a = p.parse_args(argv)

@@ -75,22 +75,41 @@ def main(argv=None):
     load_before = os.getloadavg()
     times, sleep, stage2, roundtrip = measure(args)
     import jax
+
     med = {name: statistics.median(ts) for name, ts in times.items()}
     stage2_s = statistics.median(stage2)
-    result = dict(benchmark="bench_overlap", command=" ".join([sys.executable, *sys.argv]),
-                  image_shape=[args.height, args.width, 3], batch=args.batch, sleep_s=sleep, steps=args.steps,
-                  jax=jax.__version__, loadavg_before=load_before, loadavg=os.getloadavg(),
-                  xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  step_s=times, median_s=med,
-                  extra_s=dict(gather=med["gather"] - med["base"], reduce=med["reduce"] - med["base"],
-                               overlap_sleep=med["overlap_sleep"] - med["overlap"],
-                               overlap_mechanism=med["overlap"] - med["plain"]),
-                  hidden_fraction=dict(gather=1 - (med["gather"] - med["base"]) / sleep,
-                                       reduce=1 - (med["reduce"] - med["base"]) / sleep,
-                                       overlap=1 - (med["overlap_sleep"] - med["overlap"]) / sleep),
-                  stage2_s=stage2_s, stage2_samples_s=stage2, stage2_fraction=stage2_s / med["overlap"],
-                  roundtrip_s=roundtrip, head_floats=head_floats(args))
+    result = dict(
+        benchmark="bench_overlap",
+        command=" ".join([sys.executable, *sys.argv]),
+        image_shape=[args.height, args.width, 3],
+        batch=args.batch,
+        sleep_s=sleep,
+        steps=args.steps,
+        jax=jax.__version__,
+        loadavg_before=load_before,
+        loadavg=os.getloadavg(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        step_s=times,
+        median_s=med,
+        extra_s=dict(
+            gather=med["gather"] - med["base"],
+            reduce=med["reduce"] - med["base"],
+            overlap_sleep=med["overlap_sleep"] - med["overlap"],
+            overlap_mechanism=med["overlap"] - med["plain"],
+        ),
+        hidden_fraction=dict(
+            gather=1 - (med["gather"] - med["base"]) / sleep,
+            reduce=1 - (med["reduce"] - med["base"]) / sleep,
+            overlap=1 - (med["overlap_sleep"] - med["overlap"]) / sleep,
+        ),
+        stage2_s=stage2_s,
+        stage2_samples_s=stage2,
+        stage2_fraction=stage2_s / med["overlap"],
+        roundtrip_s=roundtrip,
+        head_floats=head_floats(args),
+    )
     from bench_train import emit
+
     emit(result, args.out)
 
 
@@ -110,8 +129,10 @@ def measure(args):
     plan = comm.make_plan("factored", params, args.batch, 1)
     tx = optax.sgd(1e-4, momentum=0.9, nesterov=True)
     rng = np.random.default_rng(0)
-    batch = dict(image=rng.random((args.batch, args.height, args.width, 3), dtype=np.float32),
-                 label=rng.integers(0, 13, args.batch).astype(np.int32))
+    batch = dict(
+        image=rng.random((args.batch, args.height, args.width, 3), dtype=np.float32),
+        label=rng.integers(0, 13, args.batch).astype(np.int32),
+    )
 
     summed = comm.make_plan("allreduce", params, args.batch, 1)
     exchangers = {}
@@ -135,14 +156,19 @@ def measure(args):
     for _ in range(2):  # compile, warm
         state, t = timed(base, state)
     sleep = args.sleep or round(t / 2, 3)
-    variants = dict(base=base, gather=build(sleep, 0.0), reduce=build(0.0, sleep),
-                    plain=build_overlap("plain", None), overlap=build_overlap("overlap", 0.0),
-                    overlap_sleep=build_overlap("overlap_sleep", sleep))
+    variants = dict(
+        base=base,
+        gather=build(sleep, 0.0),
+        reduce=build(0.0, sleep),
+        plain=build_overlap("plain", None),
+        overlap=build_overlap("overlap", 0.0),
+        overlap_sleep=build_overlap("overlap_sleep", sleep),
+    )
     for name in list(variants)[1:]:
         state, _ = timed(variants[name], state)  # compile
     times = {name: [] for name in variants}
     for k in range(args.steps):
-        for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+        for name in list(variants) if k % 2 == 0 else list(variants)[::-1]:
             state, t = timed(variants[name], state)
             times[name].append(t)
     return times, sleep, stage2_seconds(exchangers["overlap"], skip=1), roundtrip_seconds(summed, params)
@@ -155,6 +181,7 @@ def roundtrip_seconds(plan, params, reps: int = 4) -> float:
 
     from mcnn_jax.parallel import exchange as comm
     from mcnn_jax.parallel.nonblocking import Exchanger
+
     ex = Exchanger()
     shapes = [(la.fan_in, la.fan_out) for la in comm.dense_layers(params)]
     xs = [jnp.ones(s, jnp.float32) for s in shapes]
@@ -184,8 +211,10 @@ def head_floats(args) -> int:
 
     from mcnn_jax.model.mcnn import MCNN
     from mcnn_jax.parallel import exchange as comm
-    shapes = jax.eval_shape(lambda: MCNN(num_classes=13).init(jax.random.key(0), jnp.zeros((1, args.height,
-                                                                                          args.width, 3))))
+
+    shapes = jax.eval_shape(
+        lambda: MCNN(num_classes=13).init(jax.random.key(0), jnp.zeros((1, args.height, args.width, 3)))
+    )
     return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(shapes["params"]))
 
 

@@ -28,8 +28,12 @@ import numpy as np
 from mcnn_jax.model import pool
 
 # (name, [h, w, c] of the pooled tensor, f): branch0's post-pool, branch1's, the image pre-pool, the merge pool
-SHAPES = [("branch0_post_pool64", (1024, 1280, 16), 64), ("branch1_post_pool32", (512, 640, 16), 32),
-          ("image_pre_pool2", (1024, 1280, 3), 2), ("merge_pool2", (16, 20, 1024), 2)]
+SHAPES = [
+    ("branch0_post_pool64", (1024, 1280, 16), 64),
+    ("branch1_post_pool32", (512, 640, 16), 32),
+    ("image_pre_pool2", (1024, 1280, 3), 2),
+    ("merge_pool2", (16, 20, 1024), 2),
+]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -52,8 +56,7 @@ def _all_ties_bwd(f, res, ct):
 
 all_ties.defvjp(_all_ties_fwd, _all_ties_bwd)
 
-FORMS = {"pool": pool.max_pool, "xla": lambda x, f: nn.max_pool(x, (f, f), strides=(f, f)),
-         "all_ties_old": all_ties}
+FORMS = {"pool": pool.max_pool, "xla": lambda x, f: nn.max_pool(x, (f, f), strides=(f, f)), "all_ties_old": all_ties}
 
 
 def step_ab(batch: int, reps: int) -> dict:
@@ -67,8 +70,10 @@ def step_ab(batch: int, reps: int) -> dict:
     model = MCNN(num_classes=13)
     tx = optax.sgd(0.001, momentum=0.9, nesterov=True)
     params = init_params(model, jax.random.key(0))
-    data = dict(image=jax.random.uniform(jax.random.key(1), (batch, 1024, 1280, 3)),
-                label=jnp.arange(batch, dtype=jnp.int32) % 13)
+    data = dict(
+        image=jax.random.uniform(jax.random.key(1), (batch, 1024, 1280, 3)),
+        label=jnp.arange(batch, dtype=jnp.int32) % 13,
+    )
     steps, states, real = {}, {}, pool.max_pool
     for name, fn in (("pool", real), ("all_ties_old", all_ties)):
         states[name] = create_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)  # the step donates it
@@ -85,9 +90,13 @@ def step_ab(batch: int, reps: int) -> dict:
             if i:
                 times[k].append(time.perf_counter() - t)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return dict(batch=batch, reps=reps, step_s={k: [round(x, 3) for x in v] for k, v in times.items()},
-                median_s={k: round(v, 3) for k, v in med.items()},
-                pool_over_all_ties_old=round(med["pool"] / med["all_ties_old"], 4))
+    return dict(
+        batch=batch,
+        reps=reps,
+        step_s={k: [round(x, 3) for x in v] for k, v in times.items()},
+        median_s={k: round(v, 3) for k, v in med.items()},
+        pool_over_all_ties_old=round(med["pool"] / med["all_ties_old"], 4),
+    )
 
 
 def main(argv=None) -> None:
@@ -112,9 +121,15 @@ def main(argv=None) -> None:
                 fn(x).block_until_ready()
                 times[k].append(time.perf_counter() - t)
         best = {k: min(v) for k, v in times.items()}
-        rows.append(dict(shape=name, batch=a.batch, best_ms={k: round(v * 1e3, 2) for k, v in best.items()},
-                         pool_over_xla=round(best["pool"] / best["xla"], 3),
-                         pool_over_all_ties_old=round(best["pool"] / best["all_ties_old"], 3)))
+        rows.append(
+            dict(
+                shape=name,
+                batch=a.batch,
+                best_ms={k: round(v * 1e3, 2) for k, v in best.items()},
+                pool_over_xla=round(best["pool"] / best["xla"], 3),
+                pool_over_all_ties_old=round(best["pool"] / best["all_ties_old"], 3),
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps(dict(rows=rows, load_average=list(os.getloadavg())), indent=1))
 

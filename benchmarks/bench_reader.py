@@ -58,8 +58,12 @@ def bench_codecs(store, tmp: Path, repeats: int) -> dict:
                 s.read_async(i).result()
             best = min(best, time.perf_counter() - t)
         assert np.array_equal(s.read([n - 1])[0], images[-1])
-        out[name] = dict(ratio=round(s.nbytes / s.disk_bytes(), 3), encode_images_per_s=round(n / enc, 1),
-                         decode_images_per_s=round(n / best, 1), decode_MB_per_s=round(s.nbytes / best / 1e6, 1))
+        out[name] = dict(
+            ratio=round(s.nbytes / s.disk_bytes(), 3),
+            encode_images_per_s=round(n / enc, 1),
+            decode_images_per_s=round(n / best, 1),
+            decode_MB_per_s=round(s.nbytes / best / 1e6, 1),
+        )
         shutil.rmtree(path)
     return out
 
@@ -77,10 +81,17 @@ def bench_reader(store, batch: int, steps: int, prefetch: int) -> dict:
     images = steps * batch
     per_image = int(np.prod(store.image_shape)) * store.dtype.itemsize
     ips = images / dt
-    return dict(images_per_s=round(ips, 2), MB_per_s_stored=round(ips * per_image / 1e6, 1),
-                MB_per_s_float32=round(ips * per_image * 4 / store.dtype.itemsize / 1e6, 1),
-                global_batch=batch, steps=steps, prefetch=prefetch, codec=store.info["codec"],
-                ratio_to_goal_1_25=round(ips / TRAIN_GOAL, 1), ratio_to_today_0_76=round(ips / TRAIN_TODAY, 1))
+    return dict(
+        images_per_s=round(ips, 2),
+        MB_per_s_stored=round(ips * per_image / 1e6, 1),
+        MB_per_s_float32=round(ips * per_image * 4 / store.dtype.itemsize / 1e6, 1),
+        global_batch=batch,
+        steps=steps,
+        prefetch=prefetch,
+        codec=store.info["codec"],
+        ratio_to_goal_1_25=round(ips / TRAIN_GOAL, 1),
+        ratio_to_today_0_76=round(ips / TRAIN_TODAY, 1),
+    )
 
 
 def main(argv=None) -> dict:
@@ -99,19 +110,33 @@ def main(argv=None) -> dict:
     tmp = args.dir or Path(tempfile.mkdtemp(prefix="bench_reader_"))
     try:
         t = time.perf_counter()
-        raw = generate_screen(tmp / "raw", args.images, args.classes, args.height, args.width, seed=0,
-                              progress=False)
+        raw = generate_screen(tmp / "raw", args.images, args.classes, args.height, args.width, seed=0, progress=False)
         gen = time.perf_counter() - t
         t = time.perf_counter()
-        store = open_store(import_bbbc021(raw, raw, tmp / "store", scaling="plate", illumination=True,
-                                          dtype="uint16", codec=DEFAULT_CODEC, overwrite=True, progress=False))
+        store = open_store(
+            import_bbbc021(
+                raw,
+                raw,
+                tmp / "store",
+                scaling="plate",
+                illumination=True,
+                dtype="uint16",
+                codec=DEFAULT_CODEC,
+                overwrite=True,
+                progress=False,
+            )
+        )
         imp = time.perf_counter() - t
         result = dict(
-            images=args.images, image_shape=list(store.image_shape), dtype=store.dtype.name,
+            images=args.images,
+            image_shape=list(store.image_shape),
+            dtype=store.dtype.name,
             synthetic_generation_s_per_image=round(gen / args.images, 3),
-            import_s_per_image=round(imp / args.images, 3), default_codec=DEFAULT_CODEC,
+            import_s_per_image=round(imp / args.images, 3),
+            default_codec=DEFAULT_CODEC,
             reader=bench_reader(store, args.batch, args.steps, args.prefetch),
-            training_consumes_images_per_s=dict(today=TRAIN_TODAY, goal=TRAIN_GOAL))
+            training_consumes_images_per_s=dict(today=TRAIN_TODAY, goal=TRAIN_GOAL),
+        )
         if not args.skip_codecs:
             result["codecs"] = bench_codecs(store, tmp, args.repeats)
         result["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -11,7 +11,8 @@ and kills it above ``--max-rss-gb``; a batch is skipped when the machine has not
 Variants (comma-separated, ``--variants``):
     xla        the plain model: XLA convolutions and pools (MCNN(impl="xla")); aborts (std::bad_alloc in
                XLA:CPU's convolution) at batch > 4 at full resolution
-    fast       XLA convolutions with mcnn_jax.model.xla_conv's kernel gradients and mcnn_jax.model.pool's pools (MCNN(impl="fast"))
+    fast       XLA convolutions with mcnn_jax.model.xla_conv's kernel gradients and mcnn_jax.model.pool's pools
+    (MCNN(impl="fast"))
     base       the default model: MCNN() (impl="native": the C++ kernels of mcnn_jax.model.native)
     remat      base + rematerialisation of every branch (remat=True)
     remat0     base + rematerialisation of the full-resolution branch only (remat=(True,)+(False,)*6)
@@ -64,15 +65,17 @@ def worker(a) -> dict:
     kw = dict(VARIANTS[a.variant])
     model = from_config(kw, num_classes=13)
     peak0 = matmul_peak()
-    rss_runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    rss_runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     ocfg = ml_collections.ConfigDict(dict(name="nesterov", weight_decay=5e-5, momentum=0.9, nesterov=True))
     tx = make_optimizer(ocfg, lambda step: 1e-3)
     params = init_params(model, jax.random.key(0), (a.height, a.width, 3))
     state = create_state(params, tx, 0)
     del params
     step = make_train_step(model, tx, 13, microbatch=a.microbatch)
-    batch = dict(image=jax.random.uniform(jax.random.key(1), (a.batch_size, a.height, a.width, 3)),
-                 label=jnp.arange(a.batch_size, dtype=jnp.int32) % 13)
+    batch = dict(
+        image=jax.random.uniform(jax.random.key(1), (a.batch_size, a.height, a.width, 3)),
+        label=jnp.arange(a.batch_size, dtype=jnp.int32) % 13,
+    )
     t = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -83,49 +86,79 @@ def worker(a) -> dict:
         state, m = step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     peak1 = matmul_peak()
     peak = max(peak0, peak1)
     flops = mcnn_flops(model, a.height, a.width)["train"] * a.batch_size
     best, med = min(times), sorted(times)[len(times) // 2]
-    return dict(variant=a.variant, model_overrides={k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
-                batch=a.batch_size, microbatch=a.microbatch or a.batch_size, steps=a.steps,
-                first_step_s=round(first, 2),
-                step_s_best=round(best, 3), step_s_median=round(med, 3),
-                images_per_s=round(a.batch_size / best, 3), images_per_s_median=round(a.batch_size / med, 3),
-                gflops=round(flops / best / 1e9, 1), matmul_peak_gflops=round(peak, 1),
-                matmul_peak_before_after=[round(peak0, 1), round(peak1, 1)],
-                ratio_to_peak=round(flops / best / 1e9 / peak, 3),
-                ratio_to_peak_median=round(flops / med / 1e9 / peak, 3),
-                peak_rss_gb=round(rss, 3), runtime_rss_gb=round(rss_runtime, 3),
-                gb_per_image=round(rss / a.batch_size, 3),
-                loss_finite=bool(jnp.isfinite(m["loss_sum"])), machine=machine())
+    return dict(
+        variant=a.variant,
+        model_overrides={k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()},
+        batch=a.batch_size,
+        microbatch=a.microbatch or a.batch_size,
+        steps=a.steps,
+        first_step_s=round(first, 2),
+        step_s_best=round(best, 3),
+        step_s_median=round(med, 3),
+        images_per_s=round(a.batch_size / best, 3),
+        images_per_s_median=round(a.batch_size / med, 3),
+        gflops=round(flops / best / 1e9, 1),
+        matmul_peak_gflops=round(peak, 1),
+        matmul_peak_before_after=[round(peak0, 1), round(peak1, 1)],
+        ratio_to_peak=round(flops / best / 1e9 / peak, 3),
+        ratio_to_peak_median=round(flops / med / 1e9 / peak, 3),
+        peak_rss_gb=round(rss, 3),
+        runtime_rss_gb=round(rss_runtime, 3),
+        gb_per_image=round(rss / a.batch_size, 3),
+        loss_finite=bool(jnp.isfinite(m["loss_sum"])),
+        machine=machine(),
+    )
 
 
 def run_child(variant, b, a, microbatch: int = 0) -> dict:
     """Runs one (variant, batch[, micro-batch]) in a fresh subprocess; its result, or why it was skipped/failed."""
     import psutil
 
-    need = a.est_gb_per_image * (microbatch or b) + 0.5 + 4 * b * a.height * a.width * 3 / 2 ** 30
-    avail = psutil.virtual_memory().available / 2 ** 30
+    need = a.est_gb_per_image * (microbatch or b) + 0.5 + 4 * b * a.height * a.width * 3 / 2**30
+    avail = psutil.virtual_memory().available / 2**30
     if need > min(avail - 1.0, a.max_rss_gb):
-        return dict(variant=variant, batch=b, microbatch=microbatch or b,
-                    skipped=f"needs ~{need:.1f} GB, {avail:.1f} GB available, limit {a.max_rss_gb} GB")
+        return dict(
+            variant=variant,
+            batch=b,
+            microbatch=microbatch or b,
+            skipped=f"needs ~{need:.1f} GB, {avail:.1f} GB available, limit {a.max_rss_gb} GB",
+        )
     env = dict(os.environ)
     if a.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + a.xla_flags).strip()
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--batch-size", str(b),
-           "--steps", str(a.steps), "--height", str(a.height), "--width", str(a.width), "--worker-out", out,
-           "--microbatch", str(microbatch)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--variant",
+        variant,
+        "--batch-size",
+        str(b),
+        "--steps",
+        str(a.steps),
+        "--height",
+        str(a.height),
+        "--width",
+        str(a.width),
+        "--worker-out",
+        out,
+        "--microbatch",
+        str(microbatch),
+    ]
     proc = subprocess.Popen(cmd, env=env)
     ps = psutil.Process(proc.pid)
     maxrss, killed = 0.0, None
     t0 = time.time()
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss / 2 ** 30
+            rss = ps.memory_info().rss / 2**30
         except psutil.Error:
             rss = 0.0
         maxrss = max(maxrss, rss)
@@ -139,9 +172,13 @@ def run_child(variant, b, a, microbatch: int = 0) -> dict:
             break
         time.sleep(0.2)
     if killed or proc.returncode != 0:
-        return dict(variant=variant, batch=b, microbatch=microbatch or b,
-                    failed=killed or f"exit code {proc.returncode}",
-                    max_rss_seen_gb=round(maxrss, 2))
+        return dict(
+            variant=variant,
+            batch=b,
+            microbatch=microbatch or b,
+            failed=killed or f"exit code {proc.returncode}",
+            max_rss_seen_gb=round(maxrss, 2),
+        )
     with open(out) as f:
         r = json.load(f)
     os.unlink(out)
@@ -156,8 +193,9 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--max-rss-gb", type=float, default=17.0, help="kill a child above this RSS")
-    p.add_argument("--est-gb-per-image", type=float, default=1.0,
-                   help="skip a batch when est x batch exceeds the available memory")
+    p.add_argument(
+        "--est-gb-per-image", type=float, default=1.0, help="skip a batch when est x batch exceeds the available memory"
+    )
     p.add_argument("--timeout", type=float, default=1200.0, help="kill a child after this many seconds")
     p.add_argument("--xla-flags", default="", help="added to XLA_FLAGS of the children")
     p.add_argument("--out", default="", help="JSON file (also printed)")
@@ -183,8 +221,14 @@ def main(argv=None):
             m = r.pop("machine", None)
             runs.append(r)
             print(json.dumps(r), flush=True)
-    result = dict(machine=m if runs and m else machine(), matmul_peak_parent_gflops=round(matmul_peak(), 1),
-                  height=a.height, width=a.width, xla_flags=a.xla_flags, runs=runs)
+    result = dict(
+        machine=m if runs and m else machine(),
+        matmul_peak_parent_gflops=round(matmul_peak(), 1),
+        height=a.height,
+        width=a.width,
+        xla_flags=a.xla_flags,
+        runs=runs,
+    )
     emit(result, a.out)
 
 

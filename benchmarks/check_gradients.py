@@ -37,6 +37,7 @@ def rel_err(a, b) -> float:
 def grads(model, params, x, y):
     def loss(p, x):
         return -jax.nn.log_softmax(model.apply({"params": p}, x))[jnp.arange(len(y)), y].mean()
+
     return jax.jit(jax.grad(loss))(params, x)
 
 
@@ -54,11 +55,16 @@ def main(argv=None) -> int:
     plain = MCNN(num_classes=4, impl="xla")
     params = jax.tree_util.tree_map_with_path(
         lambda path, v: v + a.bias_shift if jax.tree_util.keystr(path).endswith("['bias']") else v,
-        plain.init(jax.random.key(0), x)["params"])
+        plain.init(jax.random.key(0), x)["params"],
+    )
     g32 = grads(plain, params, x, y)
     with jax.enable_x64(True):
-        g64 = grads(MCNN(num_classes=4, impl="xla", dtype=jnp.float64),
-                    jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), params), jnp.asarray(x, jnp.float64), y)
+        g64 = grads(
+            MCNN(num_classes=4, impl="xla", dtype=jnp.float64),
+            jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), params),
+            jnp.asarray(x, jnp.float64),
+            y,
+        )
     leaves64 = jax.tree_util.tree_leaves_with_path(g64)
     out, ok = dict(kind=a.kind, size=[a.height, a.width], leaves=len(leaves64), impls={}), True
     xla_vs_64 = [rel_err(b, r) for (_, r), b in zip(leaves64, jax.tree_util.tree_leaves(g32))]
@@ -67,8 +73,11 @@ def main(argv=None) -> int:
         g = jax.tree_util.tree_leaves(grads(MCNN(num_classes=4, impl=impl), params, x, y))
         vs64 = [rel_err(b, r) for (_, r), b in zip(leaves64, g)]
         vs32 = [rel_err(b, c) for b, c in zip(g, jax.tree_util.tree_leaves(g32))]
-        bad = [jax.tree_util.keystr(path) for (path, _), e, ref, e32 in zip(leaves64, vs64, xla_vs_64, vs32)
-               if e > 1.5 * ref + 1e-4 or e32 >= 1e-2]
+        bad = [
+            jax.tree_util.keystr(path)
+            for (path, _), e, ref, e32 in zip(leaves64, vs64, xla_vs_64, vs32)
+            if e > 1.5 * ref + 1e-4 or e32 >= 1e-2
+        ]
         ok &= not bad
         out["impls"][impl] = dict(vs_float64_worst=max(vs64), vs_xla32_worst=max(vs32), failing_leaves=bad)
     out.update(ok=ok, seconds=round(time.perf_counter() - t0, 1))

@@ -1,4 +1,5 @@
-"""The gradient noise scale B_simple (``mcnn_jax.optim.noise_scale``) of runs' checkpoints: the global batch beyond which
+"""The gradient noise scale B_simple (``mcnn_jax.optim.noise_scale``) of runs' checkpoints: the global batch beyond
+which
 a larger batch stops keeping its accuracy at the same number of epochs (McCandlish et al. 2018).
 
     python benchmarks/noise_scale.py --run study/runs/adamw_b16    # at initialisation and every kept checkpoint
@@ -27,8 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, help="a run's workdir (repeat for several)")
-    p.add_argument("--checkpoints", default="init,all", help="init, all, latest, best or step numbers, "
-                   "comma-separated")
+    p.add_argument("--checkpoints", default="init,all", help="init, all, latest, best or step numbers, comma-separated")
     p.add_argument("--chunk", type=int, default=8, help="images per chunk (the small batch of the estimate)")
     p.add_argument("--split", choices=("train", "val"), default="train")
     p.add_argument("--max-images", type=int, default=0, help="use only the first N images of the split (0: all)")
@@ -86,8 +86,11 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
         idx = idx[:max_images]
     epochs = batch_schedule(config, len(train_idx)).epoch  # steps -> epochs (train.batch_schedule too)
     numbered = [s for s in steps if s != "init"]
-    model, members, _ = (load_ensemble(workdir, ",".join(map(str, numbered))) if numbered
-                         else (from_config(config.model, num_classes=meta["num_classes"]), [], []))
+    model, members, _ = (
+        load_ensemble(workdir, ",".join(map(str, numbered)))
+        if numbered
+        else (from_config(config.model, num_classes=meta["num_classes"]), [], [])
+    )
     params = dict(zip(numbered, members))
     if "init" in steps:
         params["init"] = init_params(model, jax.random.key(config.seed), tuple(config.model.input_shape))
@@ -95,14 +98,27 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
     with Reader(store, idx, chunk, augment=None, train=False) as reader:  # one pass of it per checkpoint
         for s in steps:
             t0 = time.perf_counter()
-            r = gradient_noise_scale(model, params[s], (b for _, b in reader.iterate()), meta["num_classes"],
-                                     config.optim.label_smoothing)
+            r = gradient_noise_scale(
+                model, params[s], (b for _, b in reader.iterate()), meta["num_classes"], config.optim.label_smoothing
+            )
             step = 0 if s == "init" else int(s)
-            rows.append(dict(run=str(workdir), checkpoint=s, step=step, epoch=epochs(step),
-                             split=split, seconds=time.perf_counter() - t0,
-                             **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}))
-            print(f"{workdir.name} {s}: B_simple {r['b_simple']:.1f} (tr Sigma {r['trace_sigma']:.4g}, |G|^2 "
-                  f"{r['grad_norm_sq']:.4g}; {r['images']} images)", file=sys.stderr, flush=True)
+            rows.append(
+                dict(
+                    run=str(workdir),
+                    checkpoint=s,
+                    step=step,
+                    epoch=epochs(step),
+                    split=split,
+                    seconds=time.perf_counter() - t0,
+                    **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()},
+                )
+            )
+            print(
+                f"{workdir.name} {s}: B_simple {r['b_simple']:.1f} (tr Sigma {r['trace_sigma']:.4g}, |G|^2 "
+                f"{r['grad_norm_sq']:.4g}; {r['images']} images)",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 

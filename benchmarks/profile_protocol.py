@@ -37,8 +37,11 @@ def synthetic_table(metadata_dir, features: int = 16, images: int = 0, seed: int
     rng = np.random.default_rng(seed)
     if images and images != len(df):
         extra = rng.choice(len(df), images - len(df), replace=True) if images > len(df) else None
-        df = (pd.concat([df, df.iloc[extra]], ignore_index=True) if extra is not None
-              else df.iloc[np.sort(rng.choice(len(df), images, replace=False))].reset_index(drop=True))
+        df = (
+            pd.concat([df, df.iloc[extra]], ignore_index=True)
+            if extra is not None
+            else df.iloc[np.sort(rng.choice(len(df), images, replace=False))].reset_index(drop=True)
+        )
 
     def draw(keys, scale):
         table = {k: rng.normal(0, scale, features) for k in sorted(set(keys))}
@@ -57,14 +60,26 @@ def synthetic_table(metadata_dir, features: int = 16, images: int = 0, seed: int
 
 def figures(res: dict) -> dict:
     m = res.get("map", {})
-    return dict(nsc=res["nsc"]["accuracy"], nsc_treatments=res["nsc"]["treatments"], nscb=res["nscb"]["accuracy"],
-                nscb_treatments=res["nscb"]["treatments"], nscb_without_neighbour=res["nscb"]["without_neighbour"],
-                **({} if not m else dict(
-                    activity_mean_ap=m["activity"]["mean_ap"], treatments_active=m["activity"]["fraction_significant"],
-                    compounds_retrieved=m["activity"]["fraction_compounds_retrieved"],
-                    moa_nsc_map=m["moa_nsc"]["mean_ap"], moa_nsc_significant=m["moa_nsc"]["fraction_significant"],
-                    moa_nscb_map=m["moa_nscb"]["mean_ap"],
-                    moa_nscb_significant=m["moa_nscb"]["fraction_significant"])))
+    return dict(
+        nsc=res["nsc"]["accuracy"],
+        nsc_treatments=res["nsc"]["treatments"],
+        nscb=res["nscb"]["accuracy"],
+        nscb_treatments=res["nscb"]["treatments"],
+        nscb_without_neighbour=res["nscb"]["without_neighbour"],
+        **(
+            {}
+            if not m
+            else dict(
+                activity_mean_ap=m["activity"]["mean_ap"],
+                treatments_active=m["activity"]["fraction_significant"],
+                compounds_retrieved=m["activity"]["fraction_compounds_retrieved"],
+                moa_nsc_map=m["moa_nsc"]["mean_ap"],
+                moa_nsc_significant=m["moa_nsc"]["fraction_significant"],
+                moa_nscb_map=m["moa_nscb"]["mean_ap"],
+                moa_nscb_significant=m["moa_nscb"]["fraction_significant"],
+            )
+        ),
+    )
 
 
 def timed(fn, *args, **kw):
@@ -101,9 +116,16 @@ def main(argv=None):
     p.add_argument("--out", default="", help="also write the JSON here")
     a = p.parse_args(argv)
     df = synthetic_table(a.metadata, a.features, a.images, a.seed)
-    result = dict(table=dict(rows=len(df), features=a.features, seed=a.seed, null_size=a.null_size,
-                             treatments=int(df.groupby(["Metadata_Compound", "Metadata_Concentration"]).ngroups),
-                             batches=int(batches(df).nunique())))
+    result = dict(
+        table=dict(
+            rows=len(df),
+            features=a.features,
+            seed=a.seed,
+            null_size=a.null_size,
+            treatments=int(df.groupby(["Metadata_Compound", "Metadata_Concentration"]).ngroups),
+            batches=int(batches(df).nunique()),
+        )
+    )
     if not a.speed_only:
         rows = []
         for level in ("image", "well"):

@@ -53,7 +53,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         _PEAK[n] = (jax.jit(lambda x, y: x @ y), a)
     f, a = _PEAK[n]
-    return 2 * n ** 3 / timeit(f, a, a, reps=reps) / 1e9
+    return 2 * n**3 / timeit(f, a, a, reps=reps) / 1e9
 
 
 def machine() -> dict:
@@ -74,11 +74,19 @@ def machine() -> dict:
     except OSError:
         pass
     isa = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in flags]
-    return dict(cpu=cpu, isa=isa, logical_cores=os.cpu_count(),
-                affinity_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-                jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__, numpy=numpy.__version__,
-                xla_flags=os.environ.get("XLA_FLAGS", ""), python=platform.python_version())
+    return dict(
+        cpu=cpu,
+        isa=isa,
+        logical_cores=os.cpu_count(),
+        affinity_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        flax=flax.__version__,
+        numpy=numpy.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        python=platform.python_version(),
+    )
 
 
 def conv_fn(impl):
@@ -92,9 +100,15 @@ def pool_fn(impl, f):
 
 def row(name, pass_, seconds, flops, peak):
     gf = flops / seconds / 1e9 if flops else None
-    return dict(layer=name, pass_=pass_, seconds=round(seconds, 5), gflop=round(flops / 1e9, 3),
-                gflops=round(gf, 1) if gf else None, peak_gflops=round(peak, 1),
-                ratio_to_peak=round(gf / peak, 3) if gf else None)
+    return dict(
+        layer=name,
+        pass_=pass_,
+        seconds=round(seconds, 5),
+        gflop=round(flops / 1e9, 3),
+        gflops=round(gf, 1) if gf else None,
+        peak_gflops=round(peak, 1),
+        ratio_to_peak=round(gf / peak, 3) if gf else None,
+    )
 
 
 def profile(model: MCNN, impl: str, batch: int, h: int, w: int, reps: int, out: list, quiet: bool):
@@ -139,8 +153,15 @@ def profile(model: MCNN, impl: str, batch: int, h: int, w: int, reps: int, out: 
         emit(row(f"branch{b}/post_pool{post}", "vjp", timeit(pvjp, y, ctp, reps=reps), 0, matmul_peak()))
         if f > 1:
             img = jax.random.uniform(key, (batch, h, w, 3), jnp.float32)
-            emit(row(f"branch{b}/pre_pool{f}", "forward", timeit(jax.jit(pool_fn(impl, f)), img, reps=reps), 0,
-                     matmul_peak()))
+            emit(
+                row(
+                    f"branch{b}/pre_pool{f}",
+                    "forward",
+                    timeit(jax.jit(pool_fn(impl, f)), img, reps=reps),
+                    0,
+                    matmul_peak(),
+                )
+            )
     total = f * post
     hm, wm, cm = h // total, w // total, sum(model.widths)
     x = jax.random.uniform(key, (batch, hm, wm, cm))
@@ -149,16 +170,30 @@ def profile(model: MCNN, impl: str, batch: int, h: int, w: int, reps: int, out: 
     fl = 2 * cm * model.merge_width * hm * wm * batch
     merge = lambda x, kern: nn.relu(xla_conv.conv_xla(x, kern))  # noqa: E731
     emit(row("merge", "forward", timeit(jax.jit(merge), x, kern, reps=reps), fl, matmul_peak()))
-    emit(row("merge", "vjp", timeit(jax.jit(lambda x, kern, ct: jax.vjp(merge, x, kern)[1](ct)), x, kern, ct,
-                                    reps=reps), 2 * fl, matmul_peak()))
+    emit(
+        row(
+            "merge",
+            "vjp",
+            timeit(jax.jit(lambda x, kern, ct: jax.vjp(merge, x, kern)[1](ct)), x, kern, ct, reps=reps),
+            2 * fl,
+            matmul_peak(),
+        )
+    )
     nin = hm // model.merge_pool * wm // model.merge_pool * model.merge_width
     x = jax.random.uniform(key, (batch, nin))
     wd = jax.random.normal(key, (nin, model.head_width)) * 0.01
     ct = jnp.ones((batch, model.head_width))
     fl = 2 * nin * model.head_width * batch
     emit(row("hidden", "forward", timeit(jax.jit(lambda x, wd: x @ wd), x, wd, reps=reps), fl, matmul_peak()))
-    emit(row("hidden", "vjp", timeit(jax.jit(lambda x, wd, ct: jax.vjp(lambda a, b: a @ b, x, wd)[1](ct)), x, wd,
-                                     ct, reps=reps), 2 * fl, matmul_peak()))
+    emit(
+        row(
+            "hidden",
+            "vjp",
+            timeit(jax.jit(lambda x, wd, ct: jax.vjp(lambda a, b: a @ b, x, wd)[1](ct)), x, wd, ct, reps=reps),
+            2 * fl,
+            matmul_peak(),
+        )
+    )
 
 
 def time_step(model, batch, h, w, steps, num_classes=13):
@@ -174,8 +209,10 @@ def time_step(model, batch, h, w, steps, num_classes=13):
     tx = optax.chain(optax.add_decayed_weights(5e-5), optax.sgd(1e-3, momentum=0.9, nesterov=True))
     state = create_state(params, tx, 0)
     step = make_train_step(model, tx, num_classes)
-    batch_ = dict(image=jax.random.uniform(jax.random.key(1), (batch, h, w, 3)),
-                  label=jnp.arange(batch, dtype=jnp.int32) % num_classes)
+    batch_ = dict(
+        image=jax.random.uniform(jax.random.key(1), (batch, h, w, 3)),
+        label=jnp.arange(batch, dtype=jnp.int32) % num_classes,
+    )
     state, m = step(state, batch_)
     jax.block_until_ready(m)
     best = float("inf")
@@ -206,9 +243,16 @@ def main(argv=None):
             pk = matmul_peak()
             t = time_step(model, a.batch, a.height, a.width, a.steps)
             fl = mcnn_flops(model, a.height, a.width)["train"] * a.batch
-            steps.append(dict(impl=impl, seconds=round(t, 4), images_per_s=round(a.batch / t, 3),
-                              gflops=round(fl / t / 1e9, 1), peak_gflops=round(pk, 1),
-                              ratio_to_peak=round(fl / t / 1e9 / pk, 3)))
+            steps.append(
+                dict(
+                    impl=impl,
+                    seconds=round(t, 4),
+                    images_per_s=round(a.batch / t, 3),
+                    gflops=round(fl / t / 1e9, 1),
+                    peak_gflops=round(pk, 1),
+                    ratio_to_peak=round(fl / t / 1e9 / pk, 3),
+                )
+            )
             if not a.quiet:
                 print(json.dumps(steps[-1]), flush=True)
     summary = {}
@@ -217,8 +261,15 @@ def main(argv=None):
         if r["pass_"] in ("forward", "vjp"):
             grp = r["layer"].split("/")[0] if "/" in r["layer"] else "head"
             s[grp] = round(s.get(grp, 0.0) + r["seconds"], 4)
-    result = dict(machine=machine(), batch=a.batch, height=a.height, width=a.width, layers=rows,
-                  seconds_by_group=summary, train_step=steps)
+    result = dict(
+        machine=machine(),
+        batch=a.batch,
+        height=a.height,
+        width=a.width,
+        layers=rows,
+        seconds_by_group=summary,
+        train_step=steps,
+    )
     text = json.dumps(result, indent=1)
     if a.out:
         with open(a.out, "w") as f:

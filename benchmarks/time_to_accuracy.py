@@ -45,11 +45,19 @@ sys.path.insert(0, str(HERE.parent))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default=str(HERE / "results" / "study_large_batch.json"), help="a study.json")
-    p.add_argument("--recipe", default="", help="the study's recipe (default: the one within 1 point of the "
-                   "reference at the largest batch, else the reference's)")
-    p.add_argument("--target", default="study", help="the target accuracy: \"study\" (the study's: its reference "
-                   "base batch's best minus 1 point), \"own\" (the recipe's own base batch's best minus 1 point) or a "
-                   "number (0.65); the epochs to it are read from each run's validation curve")
+    p.add_argument(
+        "--recipe",
+        default="",
+        help="the study's recipe (default: the one within 1 point of the "
+        "reference at the largest batch, else the reference's)",
+    )
+    p.add_argument(
+        "--target",
+        default="study",
+        help='the target accuracy: "study" (the study\'s: its reference '
+        "base batch's best minus 1 point), \"own\" (the recipe's own base batch's best minus 1 point) or a "
+        "number (0.65); the epochs to it are read from each run's validation curve",
+    )
     p.add_argument("--node-batch", type=int, default=32, help="images per node per step (default 32)")
     p.add_argument("--images", type=int, default=3848, help="training images per epoch (default: BBBC021's 3,848)")
     p.add_argument("--node-image-s", type=float, default=0.092, help="compute seconds per training image on a node")
@@ -126,11 +134,21 @@ def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
         epochs = epochs_to(r, target)
         hours = None if epochs is None else epochs * a.images / proj["images_per_s"] / 3600
         base_hours = hours if base_hours is None else base_hours
-        out.append(dict(run=r["name"], global_batch=g, nodes=g // local, images_per_node=local,
-                        best_val_accuracy=r["best_val_accuracy"], epochs_to_target=epochs,
-                        images_per_s=proj["images_per_s"], efficiency=proj["efficiency"], scheme=proj["scheme"],
-                        hours_to_target=hours,
-                        speedup=(base_hours / hours) if hours and base_hours else None))
+        out.append(
+            dict(
+                run=r["name"],
+                global_batch=g,
+                nodes=g // local,
+                images_per_node=local,
+                best_val_accuracy=r["best_val_accuracy"],
+                epochs_to_target=epochs,
+                images_per_s=proj["images_per_s"],
+                efficiency=proj["efficiency"],
+                scheme=proj["scheme"],
+                hours_to_target=hours,
+                speedup=(base_hours / hours) if hours and base_hours else None,
+            )
+        )
     for r in ramps:
         schedule, last = r["batch_schedule"], r["batch_schedule"][-1][1]
         nodes = math.gcd(last // min(last, a.node_batch), *(g for _, g in schedule))  # >= 1 image/node per phase
@@ -140,15 +158,33 @@ def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
             end = schedule[i + 1][0] if i + 1 < len(schedule) else float("inf")
             local, proj = project(r["name"], g, nodes)
             spent = None if epochs is None else max(0.0, min(epochs, end) - start)
-            phases.append(dict(start_epoch=start, global_batch=g, images_per_node=local, epochs_to_target=spent,
-                               images_per_s=proj["images_per_s"], efficiency=proj["efficiency"]))
+            phases.append(
+                dict(
+                    start_epoch=start,
+                    global_batch=g,
+                    images_per_node=local,
+                    epochs_to_target=spent,
+                    images_per_s=proj["images_per_s"],
+                    efficiency=proj["efficiency"],
+                )
+            )
             hours = None if spent is None else hours + spent * a.images / proj["images_per_s"] / 3600
-        out.append(dict(run=r["name"], global_batch=" -> ".join(str(g) for _, g in schedule), nodes=nodes,
-                        images_per_node=" -> ".join(str(p["images_per_node"]) for p in phases),
-                        best_val_accuracy=r["best_val_accuracy"], epochs_to_target=epochs,
-                        images_per_s=None if not hours else epochs * a.images / hours / 3600,
-                        efficiency=None, scheme=a.scheme, hours_to_target=hours, phases=phases,
-                        speedup=(base_hours / hours) if hours and base_hours else None))
+        out.append(
+            dict(
+                run=r["name"],
+                global_batch=" -> ".join(str(g) for _, g in schedule),
+                nodes=nodes,
+                images_per_node=" -> ".join(str(p["images_per_node"]) for p in phases),
+                best_val_accuracy=r["best_val_accuracy"],
+                epochs_to_target=epochs,
+                images_per_s=None if not hours else epochs * a.images / hours / 3600,
+                efficiency=None,
+                scheme=a.scheme,
+                hours_to_target=hours,
+                phases=phases,
+                speedup=(base_hours / hours) if hours and base_hours else None,
+            )
+        )
     return target, out
 
 
@@ -160,15 +196,20 @@ def _rate(r: dict) -> str:
 
 
 def markdown(rows: list[dict], target: float) -> str:
-    lines = [f"| global batch | nodes x images | best accuracy | epochs to {100 * target:.1f}% | images/s "
-             f"(efficiency) | hours to target | speed-up |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| global batch | nodes x images | best accuracy | epochs to {100 * target:.1f}% | images/s "
+        f"(efficiency) | hours to target | speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         reached = r["hours_to_target"] is not None
-        lines.append(f"| {r['global_batch']} | {r['nodes']} x {r['images_per_node']} | "
-                     f"{100 * r['best_val_accuracy']:.1f}% | {r['epochs_to_target'] if reached else 'not reached'} | "
-                     f"{_rate(r)} | "
-                     f"{f'{r_h:.2f}' if (r_h := r['hours_to_target']) is not None else '-'} | "
-                     f"{f'{s:.1f}x' if (s := r['speedup']) else '-'} |")
+        lines.append(
+            f"| {r['global_batch']} | {r['nodes']} x {r['images_per_node']} | "
+            f"{100 * r['best_val_accuracy']:.1f}% | {r['epochs_to_target'] if reached else 'not reached'} | "
+            f"{_rate(r)} | "
+            f"{f'{r_h:.2f}' if (r_h := r['hours_to_target']) is not None else '-'} | "
+            f"{f'{s:.1f}x' if (s := r['speedup']) else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -182,14 +223,29 @@ def main(argv=None):
     study = json.loads(path.read_text())
     recipe = a.recipe or choose_recipe(study)
     target, rows = rows_for(a, study, recipe)
-    result = dict(benchmark="time_to_accuracy", study=str(path), recipe=recipe, target=target, target_rule=a.target,
-                  assumptions=dict(images_per_epoch=a.images, node_image_s=a.node_image_s, network_gbit_s=a.network,
-                                   latency_us=a.latency_us, scheme=a.scheme, overlap=a.overlap_json or None,
-                                   epochs="measured in the study at the same global batch (synthetic screen, reduced "
-                                          "field size), applied to full-resolution images"),
-                  rows=rows)
-    print(f"{recipe}, target {100 * target:.1f}% (--target {a.target}), {a.network:g} Gb/s, {a.scheme}:\n"
-          + markdown(rows, target), file=sys.stderr)
+    result = dict(
+        benchmark="time_to_accuracy",
+        study=str(path),
+        recipe=recipe,
+        target=target,
+        target_rule=a.target,
+        assumptions=dict(
+            images_per_epoch=a.images,
+            node_image_s=a.node_image_s,
+            network_gbit_s=a.network,
+            latency_us=a.latency_us,
+            scheme=a.scheme,
+            overlap=a.overlap_json or None,
+            epochs="measured in the study at the same global batch (synthetic screen, reduced "
+            "field size), applied to full-resolution images",
+        ),
+        rows=rows,
+    )
+    print(
+        f"{recipe}, target {100 * target:.1f}% (--target {a.target}), {a.network:g} Gb/s, {a.scheme}:\n"
+        + markdown(rows, target),
+        file=sys.stderr,
+    )
     emit(result, a.out)
     return result
 

@@ -28,8 +28,17 @@ from mcnn_jax.optim import scaled_lr
 def get_config(nodes: int = 8, images_per_node: int = 32):
     """The recipe at a global batch of ``nodes x images_per_node`` (configs/bbbc021_batch64.py: 4 x 16)."""
     c = config_module(Path(__file__).with_name("bbbc021.py")).get_config()  # its data and model; optimizer below
-    c.optim.update(name="adamw", b1=0.9, b2=0.999, lr_scaling="linear", base_lr=0.002, base_batch=16,
-                   warmup_epochs=5.0, decay="cosine", epochs=40.0)
+    c.optim.update(
+        name="adamw",
+        b1=0.9,
+        b2=0.999,
+        lr_scaling="linear",
+        base_lr=0.002,
+        base_batch=16,
+        warmup_epochs=5.0,
+        decay="cosine",
+        epochs=40.0,
+    )
     c.train.global_batch = nodes * images_per_node
     peak = scaled_lr(c.optim.base_lr, c.train.global_batch, c.optim.base_batch, c.optim.lr_scaling)
     c.optim.update(warmup_init_lr=peak / 10, end_lr=peak / 100)

@@ -1,7 +1,8 @@
 """A five-channel Cell Painting screen (DNA, ER, RNA, AGP, Mito) with the published M-CNN and CPU recipe.
 
 Import the screen once (a real one from its table, e.g. ``mcnn-data manifest --index load_data.csv --out STORE
---crop 1024 1024 --label Metadata_MoA``, see the README's "Your own screen, any number of channels"; or the synthetic Cell-Painting-like
+--crop 1024 1024 --label Metadata_MoA``, see the README's "Your own screen, any number of channels"; or the synthetic
+Cell-Painting-like
 screen), then train. The M-CNN takes fields whose sides are multiples of 128, hence the crop of 1080x1080
 fields, and the synthetic screen is generated at 1024x1024:
 

@@ -1,6 +1,6 @@
 """A tiny run for tests and smoke checks: 64 synthetic 128x128 images, a thin M-CNN, a few steps.
 
-    mcnn-train --config configs/tiny.py --workdir /tmp/tiny
+mcnn-train --config configs/tiny.py --workdir /tmp/tiny
 """
 
 from mcnn_jax.config import base_config

@@ -1,6 +1,6 @@
 """mcnn-jax: the multi-scale CNN (M-CNN) on full-resolution microscopy images, on CPU clusters.
 
-    from mcnn_jax import MCNN, mcnn_flops
+from mcnn_jax import MCNN, mcnn_flops
 """
 
 from mcnn_jax.model.flops import mcnn_flops

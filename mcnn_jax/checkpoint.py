@@ -27,6 +27,7 @@ def _checkpointed(state) -> dict:
     """The fields of a ``TrainState`` a checkpoint holds (``step.CHECKPOINTED``): not the exchange's per-rank
     state (PowerSGD's error feedback differs between ranks; a resume starts it afresh)."""
     from mcnn_jax.step import CHECKPOINTED
+
     return {k: getattr(state, k) for k in CHECKPOINTED}
 
 
@@ -39,9 +40,13 @@ def _manager(directory: Path, keep: int = 3, read_only: bool = False, keep_steps
         policies.append(cm.CustomSteps(steps=list(keep_steps)))
     policy = cm.AnyPreservationPolicy(policies)
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
-        save_interval_steps=0 if read_only else 1)  # read-only: what Orbax would set, with a warning
+        preservation_policy=policy,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=not read_only,
+        save_interval_steps=0 if read_only else 1,
+    )  # read-only: what Orbax would set, with a warning
     if not read_only:
         return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
     # Orbax warns that a read-only manager's directory is read only, which is what was asked for: that notice
@@ -84,8 +89,11 @@ class Checkpointer:
             return
         metrics = None if val_accuracy is None else {"val_accuracy": float(val_accuracy)}
         meta = dict(meta, step=step, val_accuracy=val_accuracy)
-        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_checkpointed(state)),
-                                                      meta=ocp.args.JsonSave(meta)), metrics=metrics)
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_checkpointed(state)), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+        )
         if wait:
             self._mngr.wait_until_finished()
 
@@ -116,8 +124,9 @@ class Checkpointer:
         if which == "latest":
             return steps[-1]
         if which == "best":
-            scored = [(m.get("val_accuracy"), s) for s in steps for m in [self.meta(s)]
-                      if m.get("val_accuracy") is not None]
+            scored = [
+                (m.get("val_accuracy"), s) for s in steps for m in [self.meta(s)] if m.get("val_accuracy") is not None
+            ]
             if not scored:
                 raise FileNotFoundError(f"no evaluated checkpoint in {self.directory}; kept steps: {steps}")
             return max(scored)[1]
@@ -132,8 +141,10 @@ class Checkpointer:
         if which == "snapshots":
             steps = [s for s in self.steps() if self.meta(s).get("snapshot")]
             if not steps:
-                raise FileNotFoundError(f"no snapshot checkpoint in {self.directory} (train with optim.cycles > 0); "
-                                        f"kept steps: {self.steps()}")
+                raise FileNotFoundError(
+                    f"no snapshot checkpoint in {self.directory} (train with optim.cycles > 0); "
+                    f"kept steps: {self.steps()}"
+                )
             return steps
         steps = [self.resolve(w.strip()) for w in str(which).split(",") if w.strip()]
         if not steps or None in steps:
@@ -143,8 +154,9 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, with the structure, shapes and dtypes of ``abstract_state``."""
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _checkpointed(abstract_state))
-        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                               meta=ocp.args.JsonRestore()))
+        out = self._mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
         return abstract_state.replace(**out["state"]), out["meta"]
 
 

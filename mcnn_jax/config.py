@@ -92,7 +92,8 @@ def train_defaults() -> ml_collections.ConfigDict:
     """The ``train`` section: the training loop, checkpoints, logging and the gradient exchange."""
     c = ml_collections.ConfigDict()
     c.global_batch = 32  # over all MPI ranks; each rank takes global_batch / ranks
-    # a batch that grows during training (mcnn_jax.optim.batch_schedule): ((start epoch, global batch), ...) from epoch 0,
+    # a batch that grows during training (mcnn_jax.optim.batch_schedule): ((start epoch, global batch), ...) from epoch
+    # 0,
     # ending at global_batch, e.g. ((0, 16), (10, 64), (20, 256)); the lr follows each phase's batch; () = constant
     c.batch_schedule = ()
     # images per micro-batch on each rank (0 = the whole local batch): the local batch runs in micro-batches
@@ -107,7 +108,8 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.progress = "auto"  # auto (a bar on a terminal) | bar | log
     c.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
-    # how ranks exchange gradients (mcnn_jax.parallel.exchange): "auto" (per dense layer the exact scheme sending fewer bytes),
+    # how ranks exchange gradients (mcnn_jax.parallel.exchange): "auto" (per dense layer the exact scheme sending fewer
+    # bytes),
     # "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one allgather) or
     # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
     c.comm = "auto"
@@ -128,9 +130,17 @@ def model_defaults() -> ml_collections.ConfigDict:
 # The published CPU recipe's optimizer keys; ``published_recipe`` applies them and ``base_config`` starts from them.
 PUBLISHED_RECIPE = dict(
     name="nesterov",  # lars | nesterov (SGD, Nesterov momentum) | momentum (SGD, heavy ball; 0 = plain) | adamw | lamb
-    momentum=0.9, nesterov=True,  # optim.nesterov: LARS's momentum kind (the SGD names say theirs)
-    warmup_init_lr=0.001, base_lr=0.008, base_batch=32,  # the peak base_lr at base_batch, scaled linearly
-    warmup_epochs=5.0, decay="linear", end_lr=1e-4, label_smoothing=0.1, weight_decay=5e-5)
+    momentum=0.9,
+    nesterov=True,  # optim.nesterov: LARS's momentum kind (the SGD names say theirs)
+    warmup_init_lr=0.001,
+    base_lr=0.008,
+    base_batch=32,  # the peak base_lr at base_batch, scaled linearly
+    warmup_epochs=5.0,
+    decay="linear",
+    end_lr=1e-4,
+    label_smoothing=0.1,
+    weight_decay=5e-5,
+)
 
 
 def published_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -180,8 +190,14 @@ def parse_config_flags(argv: Sequence[str], flag_values=None):
 
     argv = _resolve_config_path(list(argv))
     fv = flag_values if flag_values is not None else flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv,
-                                    help_string="a config file (configs/NAME.py) or a config name")
+    config_flags.DEFINE_config_file(
+        "config",
+        default=None,
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,
+        help_string="a config file (configs/NAME.py) or a config name",
+    )
     try:
         fv(argv)
     except (AttributeError, KeyError, flags.Error) as e:
@@ -211,7 +227,7 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
 
 def _explain(argv: list[str], error: Exception) -> Exception:
     """The ValueError for a failed override: unknown key (with close matches), a section, or a wrong type."""
-    overrides = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    overrides = [a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")]
     paths = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-config")]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     if not overrides or not paths:
@@ -238,8 +254,9 @@ def _key_error(config, key: str) -> ValueError | None:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             return ValueError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}")
     if isinstance(node, ml_collections.ConfigDict):
-        return ValueError(f"config key {key!r} is a section; set one of its keys: "
-                          f"{', '.join(all_keys(node, key + '.'))}")
+        return ValueError(
+            f"config key {key!r} is a section; set one of its keys: {', '.join(all_keys(node, key + '.'))}"
+        )
     return None
 
 

@@ -29,6 +29,7 @@ class MetricsLog:
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
@@ -57,16 +58,27 @@ class Progress:
     (loss, img/s, ...) are printed with the bar or line.
     """
 
-    def __init__(self, total: int, initial: int = 0, *, desc: str = "", unit: str = "step", mode: str = "auto",
-                 every: int = 0, enabled: bool = True):
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        *,
+        desc: str = "",
+        unit: str = "step",
+        mode: str = "auto",
+        every: int = 0,
+        enabled: bool = True,
+    ):
         self.enabled, self.total, self.desc, self.unit = enabled, total, desc, unit
-        self.marks = ({max(1, round(total * k / 10)) for k in range(1, 11)} if every <= 0 else None)
+        self.marks = {max(1, round(total * k / 10)) for k in range(1, 11)} if every <= 0 else None
         self.every, self.n = max(1, every), initial
         self.bar = None
         if enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc or None, unit=unit, dynamic_ncols=True,
-                            mininterval=0.5)
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc or None, unit=unit, dynamic_ncols=True, mininterval=0.5
+            )
         self._t0, self._s0 = time.perf_counter(), initial
 
     def update(self, n: int = 1, **shown):
@@ -90,8 +102,9 @@ class Progress:
     def _line(self, position: int, shown: dict) -> str:
         done, elapsed = position - self._s0, time.perf_counter() - self._t0
         eta = elapsed / done * (self.total - position) if done else float("nan")
-        parts = [f"{self.desc}: {self.unit} {position}/{self.total}" if self.desc else
-                 f"{self.unit} {position}/{self.total}"]
+        parts = [
+            f"{self.desc}: {self.unit} {position}/{self.total}" if self.desc else f"{self.unit} {position}/{self.total}"
+        ]
         parts += [f"{k} {v:.4g}" for k, v in shown.items()]
         return " | ".join(parts + [f"{_duration(elapsed)} elapsed, eta {_duration(eta)}"])
 

@@ -46,6 +46,7 @@ class _TerminalHandler(pylogging.Handler):
     def emit(self, record):
         try:
             from tqdm import tqdm
+
             stream = getattr(sys, self.stream_name)
             msg = record.getMessage()
             if record.levelno == pylogging.WARNING:
@@ -64,8 +65,11 @@ def _ours_or_warning(record) -> bool:
     """Every warning, and the INFO lines of anything but installed libraries (Orbax logs much at INFO through
     absl too)."""
     path = record.pathname
-    return (record.levelno >= pylogging.WARNING or path.startswith(_PACKAGE)
-            or not (_LIBRARIES and path.startswith(_LIBRARIES)))
+    return (
+        record.levelno >= pylogging.WARNING
+        or path.startswith(_PACKAGE)
+        or not (_LIBRARIES and path.startswith(_LIBRARIES))
+    )
 
 
 def _our_handler(h) -> bool:

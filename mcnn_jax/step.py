@@ -5,14 +5,16 @@ A step has three parts, in this order:
 1. ``local_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
    micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
    that peak memory follows the micro-batch, not the local batch. The dense layers that the exchange plan
-   (``mcnn_jax.parallel.exchange.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of a
+   (``mcnn_jax.parallel.exchange.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of
+   a
    weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
 2. ``comm.exchange``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
    buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
    fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
    whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
    per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught).
-   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.parallel.overlap``) the last micro-batch's
+   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.parallel.overlap``) the last
+   micro-batch's
    backward pass runs in two stages and the dense layers' summed gradients leave that allreduce: they are summed
    by ONE background allreduce (``nonblocking.Exchanger``) started after the head's backward pass and waited
    for after the branches' (one background allreduce + one packed mpi4jax allreduce + at most one allgather);
@@ -53,9 +55,13 @@ CHECKPOINTED = ("step", "params", "opt_state", "rng")  # the fields a checkpoint
 
 
 def create_state(params, tx: optax.GradientTransformation, seed: int, plan: comm.Plan | None = None) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)),
-                      comm=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        comm=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None,
+    )
 
 
 def _mask(batch):
@@ -81,13 +87,23 @@ def num_microbatches(local_batch: int, microbatch: int, where: str = "train.glob
     if microbatch == 0 or microbatch == local_batch:
         return 1
     if microbatch < 0 or local_batch % microbatch:
-        raise ValueError(f"train.microbatch={microbatch} does not divide the local batch of {local_batch} images "
-                         f"per rank ({where}); choose a divisor of {local_batch} (or 0 for the whole local batch)")
+        raise ValueError(
+            f"train.microbatch={microbatch} does not divide the local batch of {local_batch} images "
+            f"per rank ({where}); choose a divisor of {local_batch} (or 0 for the whole local batch)"
+        )
     return local_batch // microbatch
 
 
-def local_gradients(model, params, batch, num_classes: int, label_smoothing: float = 0.0, microbatch: int = 0,
-                    plan: comm.Plan | None = None, denominator=None):
+def local_gradients(
+    model,
+    params,
+    batch,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    microbatch: int = 0,
+    plan: comm.Plan | None = None,
+    denominator=None,
+):
     """(gradients, metric sums, factors) of this rank's local batch: the gradient of its mean loss (the loss summed
     over the batch / the batch's count) as a flat dict keyed by parameter paths, without the kernels of the
     layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.local_gradients``). Computed over
@@ -112,8 +128,9 @@ def local_gradients(model, params, batch, num_classes: int, label_smoothing: flo
         summed, factors = grad_fn(mb)
         return jax.tree_util.tree_map(jnp.add, total, summed), factors
 
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro))[0])
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro))[0]
+    )
     (grads, metrics), factors = jax.lax.scan(accumulate, zeros, micro)
     factors = jax.tree_util.tree_map(lambda f: f.reshape(-1, f.shape[-1]), factors)  # [k, mb, n] -> [k mb, n]
     return grads, metrics, factors
@@ -134,8 +151,19 @@ def _loss_fn(model, num_classes: int, label_smoothing: float, denominator):
     return loss_fn
 
 
-def overlapped_gradients(model, params, batch, num_classes: int, label_smoothing: float, microbatch: int,
-                         plan: comm.Plan, exchanger, sums: dict, allreduce=None, allgather=None):
+def overlapped_gradients(
+    model,
+    params,
+    batch,
+    num_classes: int,
+    label_smoothing: float,
+    microbatch: int,
+    plan: comm.Plan,
+    exchanger,
+    sums: dict,
+    allreduce=None,
+    allgather=None,
+):
     """``train.overlap``: the local gradients and their exchange, with the head's sum travelling during the last
     micro-batch's branch backward pass (``mcnn_jax.parallel.overlap``). The first k-1 micro-batches run in the
     ``lax.scan`` of ``local_gradients``; the last in two stages. ``sums``: the stop signal (and anything else
@@ -144,13 +172,12 @@ def overlapped_gradients(model, params, batch, num_classes: int, label_smoothing
     k = num_microbatches(n, microbatch)
     size, denominator = n // k, _count(batch)
     loss_fn = _loss_fn(model, num_classes, label_smoothing, denominator)
-    last = jax.tree_util.tree_map(lambda x: x[n - size:], batch)
+    last = jax.tree_util.tree_map(lambda x: x[n - size :], batch)
     metrics, head, factors, d_feats, body_vjp = overlap.stage_one(model, loss_fn, plan, params, last)
     earlier = None
     if k > 1:
-        first = jax.tree_util.tree_map(lambda x: x[:n - size], batch)
-        earlier, m0, f0 = local_gradients(model, params, first, num_classes, label_smoothing, size, plan,
-                                          denominator)
+        first = jax.tree_util.tree_map(lambda x: x[: n - size], batch)
+        earlier, m0, f0 = local_gradients(model, params, first, num_classes, label_smoothing, size, plan, denominator)
         head = {key: g + earlier.pop(key) for key, g in head.items()}
         metrics = jax.tree_util.tree_map(jnp.add, metrics, m0)
         factors = comm.concat_factors([f0, factors]) if factors else factors
@@ -158,10 +185,19 @@ def overlapped_gradients(model, params, batch, num_classes: int, label_smoothing
     return overlap.exchange(plan, exchanger, head, d_feats, body_vjp, earlier, factors, sums, allreduce, allgather)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, label_smoothing: float = 0.0,
-                    allreduce: Callable[[jax.Array], jax.Array] | None = None, num_ranks: int = 1,
-                    schedule: optax.Schedule | None = None, microbatch: int = 0, plan: comm.Plan | None = None,
-                    allgather: Callable[[jax.Array], jax.Array] | None = None, exchanger=None):
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    allreduce: Callable[[jax.Array], jax.Array] | None = None,
+    num_ranks: int = 1,
+    schedule: optax.Schedule | None = None,
+    microbatch: int = 0,
+    plan: comm.Plan | None = None,
+    allgather: Callable[[jax.Array], jax.Array] | None = None,
+    exchanger=None,
+):
     """Returns the jitted train step ``(state, batch, stop=0) -> (state, metrics)``. ``allreduce`` sums a flat
     float32 buffer over the ``num_ranks`` ranks, ``allgather`` stacks one per rank; ``plan``
     (``comm.make_plan``) says which dense layers are exchanged as factors or compressed (None: every gradient is
@@ -172,17 +208,29 @@ def make_train_step(model, tx: optax.GradientTransformation, num_classes: int, l
     if plan.ranks != num_ranks:
         raise ValueError(f"the exchange plan is for {plan.ranks} ranks, the step for {num_ranks}")
     if exchanger is not None and plan.compressed:
-        raise ValueError(f"train.overlap=True supports the exact exchanges (train.comm 'auto', 'allreduce', "
-                         f"'factored'), not train.comm={plan.scheme!r}: set train.overlap=False")
+        raise ValueError(
+            f"train.overlap=True supports the exact exchanges (train.comm 'auto', 'allreduce', "
+            f"'factored'), not train.comm={plan.scheme!r}: set train.overlap=False"
+        )
 
     def gradients(params, batch, stop, comm_state):
         sums = dict(stop=jnp.asarray(stop, jnp.float32))
         if exchanger is not None:
-            grads, sums = overlapped_gradients(model, params, batch, num_classes, label_smoothing, microbatch, plan,
-                                               exchanger, sums, allreduce, allgather)
+            grads, sums = overlapped_gradients(
+                model,
+                params,
+                batch,
+                num_classes,
+                label_smoothing,
+                microbatch,
+                plan,
+                exchanger,
+                sums,
+                allreduce,
+                allgather,
+            )
             return grads, sums, comm_state
-        grads, metrics, factors = local_gradients(model, params, batch, num_classes, label_smoothing, microbatch,
-                                                  plan)
+        grads, metrics, factors = local_gradients(model, params, batch, num_classes, label_smoothing, microbatch, plan)
         sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, **sums)
         return comm.exchange(plan, grads, factors, sums, comm_state, allreduce, allgather)
 
@@ -220,8 +268,9 @@ def make_eval_step(model, num_classes: int):
         labels, mask = batch["label"], _mask(batch)
         per_example = -jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
         predictions = jnp.argmax(log_p, -1)
-        metrics = dict(loss_sum=(per_example * mask).sum(), correct=((predictions == labels) * mask).sum(),
-                       count=mask.sum())
+        metrics = dict(
+            loss_sum=(per_example * mask).sum(), correct=((predictions == labels) * mask).sum(), count=mask.sum()
+        )
         return metrics, jnp.exp(log_p)
 
     return jax.jit(eval_step)

@@ -47,8 +47,11 @@ def itstime(step: int, every: int, total: int) -> bool:
     return (every > 0 and step % every == 0) or step == total
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 _compile_seconds = [0.0]  # tracing + lowering + XLA compilation in this process, from JAX's monitoring events
 
 
@@ -108,8 +111,12 @@ class Chrono:
         return None
 
     def summary(self) -> dict:
-        return dict(images_per_s=self.images_per_s, compile_s=self.compile_s, first_step_s=self.first_step_s,
-                    data_wait_fraction=self.wait_s / max(self.wait_s + self.step_s, 1e-9))
+        return dict(
+            images_per_s=self.images_per_s,
+            compile_s=self.compile_s,
+            first_step_s=self.first_step_s,
+            data_wait_fraction=self.wait_s / max(self.wait_s + self.step_s, 1e-9),
+        )
 
 
 class Profiler:
@@ -167,10 +174,16 @@ class Run:
 
     def meta(self, state, chrono: Chrono) -> dict:
         step = int(state.step)
-        return dict(config=json.loads(config_to_json(self.config)), data_position=step, ranks=self.world.size,
-                    elapsed=chrono.elapsed(), num_classes=len(self.store.class_names),
-                    class_names=list(self.store.class_names), store=str(self.store.path),
-                    snapshot=step in self.snapshot_steps)
+        return dict(
+            config=json.loads(config_to_json(self.config)),
+            data_position=step,
+            ranks=self.world.size,
+            elapsed=chrono.elapsed(),
+            num_classes=len(self.store.class_names),
+            class_names=list(self.store.class_names),
+            store=str(self.store.path),
+            snapshot=step in self.snapshot_steps,
+        )
 
 
 # --- set-up ----------------------------------------------------------------------------------------------------
@@ -182,16 +195,20 @@ def _open_data(config, workdir, world):
     for _, gb in pairs:
         key = f"the global batch {gb} of train.batch_schedule" if len(pairs) > 1 else f"train.global_batch={gb}"
         if gb % world.size:
-            raise ValueError(f"{key} is not divisible by the {world.size} MPI ranks; choose a multiple of "
-                             f"{world.size}")
-        num_microbatches(gb // world.size, config.train.microbatch,  # raises unless it divides
-                         f"{key} / {world.size} MPI rank(s)")
+            raise ValueError(f"{key} is not divisible by the {world.size} MPI ranks; choose a multiple of {world.size}")
+        num_microbatches(
+            gb // world.size,
+            config.train.microbatch,  # raises unless it divides
+            f"{key} / {world.size} MPI rank(s)",
+        )
     store = prepare_store(config, workdir, world)
     train_idx, val_idx = split_indices(store, config.data)
     h, w, c = store.image_shape
     if tuple(config.model.input_shape) != (h, w, c):
-        raise ValueError(f"the store {store.path} holds {h}x{w}x{c} images but config.model.input_shape is "
-                         f"{tuple(config.model.input_shape)}: set --config.model.input_shape='({h}, {w}, {c})'")
+        raise ValueError(
+            f"the store {store.path} holds {h}x{w}x{c} images but config.model.input_shape is "
+            f"{tuple(config.model.input_shape)}: set --config.model.input_shape='({h}, {w}, {c})'"
+        )
     return store, train_idx, val_idx
 
 
@@ -199,8 +216,10 @@ def _initial_state(config, model, tx, image_shape, ckpt, world, sched: BatchSche
     """A fresh state, or rank 0's latest checkpoint; broadcast from rank 0 and checked to agree on all ranks.
     Returns it with the exchange's plan (``train.comm``) of each phase of the batch schedule."""
     params = init_params(model, jax.random.key(config.seed), image_shape)
-    plans = tuple(comm.make_plan(config.train.comm, params, p.global_batch // world.size, world.size,
-                                 config.train.powersgd_rank) for p in sched.phases)
+    plans = tuple(
+        comm.make_plan(config.train.comm, params, p.global_batch // world.size, world.size, config.train.powersgd_rank)
+        for p in sched.phases
+    )
     state = create_state(params, tx, config.seed, plans[0])  # PowerSGD's state does not depend on the batch
     start = world.bcast_object(ckpt.resolve("latest"))
     if start is not None:
@@ -221,9 +240,19 @@ def _train_batches(config, store, train_idx, world, sched: BatchSchedule, start_
         if end is not None and start_step >= end:
             continue
         offset = sched.reader_step(p.start_step) - p.start_step
-        with contextlib.closing(Reader(store, train_idx, p.global_batch, rank=world.rank, num_ranks=world.size,
-                                       seed=config.seed, augment=config.data.augment, train=True,
-                                       prefetch=config.data.prefetch)) as reader:
+        with contextlib.closing(
+            Reader(
+                store,
+                train_idx,
+                p.global_batch,
+                rank=world.rank,
+                num_ranks=world.size,
+                seed=config.seed,
+                augment=config.data.augment,
+                train=True,
+                prefetch=config.data.prefetch,
+            )
+        ) as reader:
             for reader_step, batch in reader.iterate(start_step + offset):
                 if end is not None and reader_step - offset >= end:
                     break
@@ -235,9 +264,21 @@ def _eval_reader(config, store, val_idx, world, stack):
     from mcnn_jax.data import Reader
 
     eval_batch = config.train.eval_batch or config.train.microbatch or config.train.global_batch // world.size
-    return stack.enter_context(contextlib.closing(Reader(
-        store, val_idx, eval_batch * world.size, rank=world.rank, num_ranks=world.size,
-        seed=config.seed, augment=None, train=False, prefetch=config.data.prefetch)))
+    return stack.enter_context(
+        contextlib.closing(
+            Reader(
+                store,
+                val_idx,
+                eval_batch * world.size,
+                rank=world.rank,
+                num_ranks=world.size,
+                seed=config.seed,
+                augment=None,
+                train=False,
+                prefetch=config.data.prefetch,
+            )
+        )
+    )
 
 
 def _exchanger(config, world, stack):
@@ -259,39 +300,77 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     snapshots = sched.snapshot_steps(config.optim)
     schedule = sched.lr_schedule(config.optim)
     tx = optim.make_optimizer(config.optim, schedule)
-    ckpt = stack.enter_context(contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints,
-                                                                      snapshots)))
+    ckpt = stack.enter_context(
+        contextlib.closing(rank_checkpointer(workdir, world, config.train.keep_checkpoints, snapshots))
+    )
     state, plans = _initial_state(config, model, tx, image_shape, ckpt, world, sched)
     for p, plan in zip(sched.phases, plans):
         logging.info(plan.describe() + ("" if sched.constant else f" (global batch {p.global_batch})"))
     exchanger = _exchanger(config, world, stack)
-    train_steps = tuple(make_train_step(
-        model, tx, num_classes, config.optim.label_smoothing, num_ranks=world.size,
-        allreduce=world.allreduce_sum if world.size > 1 else None, schedule=schedule,
-        microbatch=config.train.microbatch, plan=plan, allgather=world.allgather if world.size > 1 else None,
-        exchanger=exchanger) for plan in plans)  # one per phase: each compiles at its phase's first step
+    train_steps = tuple(
+        make_train_step(
+            model,
+            tx,
+            num_classes,
+            config.optim.label_smoothing,
+            num_ranks=world.size,
+            allreduce=world.allreduce_sum if world.size > 1 else None,
+            schedule=schedule,
+            microbatch=config.train.microbatch,
+            plan=plan,
+            allgather=world.allgather if world.size > 1 else None,
+            exchanger=exchanger,
+        )
+        for plan in plans
+    )  # one per phase: each compiles at its phase's first step
     eval_reader = _eval_reader(config, store, val_idx, world, stack)
-    batches = stack.enter_context(contextlib.closing(
-        _train_batches(config, store, train_idx, world, sched, int(state.step))))
+    batches = stack.enter_context(
+        contextlib.closing(_train_batches(config, store, train_idx, world, sched, int(state.step)))
+    )
     log = stack.enter_context(contextlib.closing(MetricsLog(workdir, enabled=world.is_primary)))
-    progress = stack.enter_context(contextlib.closing(Progress(
-        total_steps, int(state.step), mode=config.train.progress, every=config.train.log_every_steps,
-        enabled=world.is_primary)))
+    progress = stack.enter_context(
+        contextlib.closing(
+            Progress(
+                total_steps,
+                int(state.step),
+                mode=config.train.progress,
+                every=config.train.log_every_steps,
+                enabled=world.is_primary,
+            )
+        )
+    )
     profiler = stack.enter_context(contextlib.closing(Profiler(config.train.profile_steps, workdir, world.rank)))
-    run = Run(config=config, workdir=workdir, world=world, store=store, batch_schedule=sched,
-              start_step=int(state.step), total_steps=total_steps, state=state, train_steps=train_steps,
-              batches=batches, evaluator=Evaluator(model, eval_reader, num_classes, world), ckpt=ckpt, log=log,
-              progress=progress, profiler=profiler, train_flops=mcnn_flops(model, *image_shape)["train"],
-              plans=plans, eval_steps=frozenset(sched.eval_steps(config.train.eval_every_epochs, total_steps)),
-              snapshot_steps=tuple(snapshots))
+    run = Run(
+        config=config,
+        workdir=workdir,
+        world=world,
+        store=store,
+        batch_schedule=sched,
+        start_step=int(state.step),
+        total_steps=total_steps,
+        state=state,
+        train_steps=train_steps,
+        batches=batches,
+        evaluator=Evaluator(model, eval_reader, num_classes, world),
+        ckpt=ckpt,
+        log=log,
+        progress=progress,
+        profiler=profiler,
+        train_flops=mcnn_flops(model, *image_shape)["train"],
+        plans=plans,
+        eval_steps=frozenset(sched.eval_steps(config.train.eval_every_epochs, total_steps)),
+        snapshot_steps=tuple(snapshots),
+    )
     h, w, c = image_shape
     mb = config.train.microbatch
     micro = f" (micro-batches of {mb} images)" if 0 < mb < gb // world.size else ""
     if world.is_primary:
         (workdir / "config.json").write_text(config_to_json(config))
-    logging.info(f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
-                 f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {gb // world.size} images = "
-                 f"global batch {gb}{micro}; {sched.describe()}; training steps {run.start_step}..{total_steps}")
+    logging.info(
+        f"{store.num_images} images in {store.path} ({len(train_idx)} train, {len(val_idx)} val, "
+        f"{num_classes} classes, {h}x{w}x{c}); {world.size} rank(s) x {gb // world.size} images = "
+        f"global batch {gb}{micro}; {sched.describe()}; training steps {run.start_step}..{total_steps}"
+    )
     return run
 
 
@@ -326,22 +405,30 @@ def _run_step(run: Run, state, chrono: Chrono, step: int, signum: int):
     if chrono.steps == 1:
         logging.info(f"the first step took {t2 - t1:.1f} s, {chrono.compile_s:.1f} s of it compiling")
     elif step - 1 == p.start_step and phase > 0:
-        run.progress.log(f"epoch {p.start_epoch}: the global batch grows to {p.global_batch} "
-                         f"({p.steps_per_epoch} steps/epoch; learning rate {float(m['lr']):.4g})")
+        run.progress.log(
+            f"epoch {p.start_epoch}: the global batch grows to {p.global_batch} "
+            f"({p.steps_per_epoch} steps/epoch; learning rate {float(m['lr']):.4g})"
+        )
     return state, m, t1 - t0, t2 - t1
 
 
 def _diverged(run: Run, step: int, loss: float) -> TrainingDiverged:
     run.ckpt.wait()
     last = run.world.bcast_object(run.ckpt.resolve("latest"))
-    kept, then = ((f"The last good checkpoint (step {last}) is kept in {run.ckpt.directory}", "to resume from it")
-                  if last is not None else
-                  (f"No checkpoint exists yet (the first would have been saved at step {_first_save(run)}), so "
-                   f"nothing is kept", "to start again from step 0"))
+    kept, then = (
+        (f"The last good checkpoint (step {last}) is kept in {run.ckpt.directory}", "to resume from it")
+        if last is not None
+        else (
+            f"No checkpoint exists yet (the first would have been saved at step {_first_save(run)}), so "
+            f"nothing is kept",
+            "to start again from step 0",
+        )
+    )
     return TrainingDiverged(
         f"the training loss became {loss} at step {step}: stopping. {kept}. Lower the learning rate "
         f"(optim.base_lr, optim.warmup_init_lr), lengthen the warmup (optim.warmup_epochs) or clip the "
-        f"gradients (optim.grad_clip), then rerun the same command {then}.")
+        f"gradients (optim.grad_clip), then rerun the same command {then}."
+    )
 
 
 def _first_save(run: Run) -> int:
@@ -362,10 +449,21 @@ def _log_train(run: Run, step: int, m: dict, chrono: Chrono, wait_s: float, step
             extra["allreduce_s"] = run.world.time_comm(**run.plans[phase].sizes())  # all of the step's collectives
         if not run.batch_schedule.constant:
             extra["global_batch"] = gb
-        run.log.write("train", step, loss=loss, accuracy=acc, lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
-                      images_per_s=gb / max(wait_s + step_s, 1e-9), epoch=run.batch_schedule.epoch(step),
-                      data_wait_s=wait_s, step_s=step_s, wall=chrono.elapsed(),
-                      gflop_per_s=run.train_flops * gb / max(step_s, 1e-9) / 1e9, **extra)
+        run.log.write(
+            "train",
+            step,
+            loss=loss,
+            accuracy=acc,
+            lr=float(m["lr"]),
+            grad_norm=float(m["grad_norm"]),
+            images_per_s=gb / max(wait_s + step_s, 1e-9),
+            epoch=run.batch_schedule.epoch(step),
+            data_wait_s=wait_s,
+            step_s=step_s,
+            wall=chrono.elapsed(),
+            gflop_per_s=run.train_flops * gb / max(step_s, 1e-9) / 1e9,
+            **extra,
+        )
     run.progress.set(step, loss=loss, acc=acc, lr=float(m["lr"]), **{"img/s": chrono.images_per_s})
 
 
@@ -374,11 +472,22 @@ def _evaluate(run: Run, state, step: int, chrono: Chrono, out: Outcome) -> float
     val_acc, wall = float(ev["accuracy"]), chrono.elapsed()
     treatment = {k: ev[k] for k in ("treatment_accuracy", "treatments") if ev.get(k) is not None}
     epoch = run.batch_schedule.epoch(step)
-    run.log.write("val", step, loss=ev["loss"], accuracy=val_acc, epoch=epoch, wall=wall,
-                  per_class_accuracy=ev["per_class_accuracy"], confusion=ev["confusion"],
-                  class_names=run.store.class_names, **treatment)
-    run.progress.log(f"step {step} (epoch {epoch:.2f}): validation accuracy {val_acc:.4f}, "
-                     f"loss {ev['loss']:.4f} on {ev['count']} images")
+    run.log.write(
+        "val",
+        step,
+        loss=ev["loss"],
+        accuracy=val_acc,
+        epoch=epoch,
+        wall=wall,
+        per_class_accuracy=ev["per_class_accuracy"],
+        confusion=ev["confusion"],
+        class_names=run.store.class_names,
+        **treatment,
+    )
+    run.progress.log(
+        f"step {step} (epoch {epoch:.2f}): validation accuracy {val_acc:.4f}, "
+        f"loss {ev['loss']:.4f} on {ev['count']} images"
+    )
     out.best = val_acc if out.best is None else max(out.best, val_acc)
     target = run.config.train.target_accuracy
     if target and val_acc >= target and out.reached is None:
@@ -403,8 +512,7 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
         if evaluate or itstime(step, ckpt_every, run.total_steps) or preempted or out.reached:
             run.ckpt.save(state, run.meta(state, chrono), val_accuracy=val_acc, wait=preempted)
         if preempted:
-            run.progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command to "
-                             f"resume")
+            run.progress.log(f"signal received: saved the checkpoint of step {step}; rerun the same command to resume")
             out.preempted_at = step
         if preempted or out.reached:
             break
@@ -412,19 +520,28 @@ def _loop(run: Run, stop: StopRequest, chrono: Chrono) -> tuple[Any, Outcome]:
 
 
 def _summary(run: Run, out: Outcome, chrono: Chrono) -> dict:
-    summary = dict(start_step=run.start_step, total_steps=run.total_steps, ranks=run.world.size,
-                   global_batch=run.config.train.global_batch)
+    summary = dict(
+        start_step=run.start_step,
+        total_steps=run.total_steps,
+        ranks=run.world.size,
+        global_batch=run.config.train.global_batch,
+    )
     if not run.batch_schedule.constant:
         summary["batch_schedule"] = [[p.start_epoch, p.global_batch] for p in run.batch_schedule.phases]
     if out.preempted_at is not None:
         summary["preempted_at_step"] = out.preempted_at
     summary.update(
-        final_step=out.step, wall_s=chrono.elapsed(), steps_run=out.step - run.start_step, **chrono.summary(),
-        best_val_accuracy=out.best, target_accuracy=run.config.train.target_accuracy or None,
+        final_step=out.step,
+        wall_s=chrono.elapsed(),
+        steps_run=out.step - run.start_step,
+        **chrono.summary(),
+        best_val_accuracy=out.best,
+        target_accuracy=run.config.train.target_accuracy or None,
         time_to_target_s=out.reached and out.reached["wall_s"],
         target_reached_at_step=out.reached and out.reached["step"],
         final_val_accuracy=None if out.last_eval is None else float(out.last_eval["accuracy"]),
-        class_names=run.store.class_names)
+        class_names=run.store.class_names,
+    )
     return summary
 
 

@@ -15,8 +15,7 @@ def data_synthetic_store(tmp_path_factory):
     from mcnn_jax.data import prepare_synthetic_store
 
     root = tmp_path_factory.mktemp("synthetic")
-    return prepare_synthetic_store(root, num_images=48, num_classes=4, height=128, width=128, seed=3,
-                                   progress=False)
+    return prepare_synthetic_store(root, num_images=48, num_classes=4, height=128, width=128, seed=3, progress=False)
 
 
 @pytest.fixture()
@@ -30,8 +29,12 @@ def data_tiny_store(tmp_path):
     for i, im in enumerate(images):
         w.write(i, im)
     labels = [i % 3 for i in range(10)]
-    w.finish(labels, ["a", "b", "c"], {"compound": [f"c{i % 5}" for i in range(10)],
-                                       "class": ["abc"[i % 3] for i in range(10)]}, ["x", "y"])
+    w.finish(
+        labels,
+        ["a", "b", "c"],
+        {"compound": [f"c{i % 5}" for i in range(10)], "class": ["abc"[i % 3] for i in range(10)]},
+        ["x", "y"],
+    )
     return tmp_path / "tiny", images
 
 
@@ -42,9 +45,17 @@ def store(tmp_path_factory):
     from mcnn_jax.data import prepare_synthetic_store
 
     cfg = load_config(str(REPO / "configs" / "tiny.py")).data.synthetic
-    return str(prepare_synthetic_store(tmp_path_factory.mktemp("tiny_data"), num_images=cfg.num_images,
-                                       num_classes=cfg.num_classes, height=cfg.height, width=cfg.width,
-                                       seed=cfg.seed, progress=False))
+    return str(
+        prepare_synthetic_store(
+            tmp_path_factory.mktemp("tiny_data"),
+            num_images=cfg.num_images,
+            num_classes=cfg.num_classes,
+            height=cfg.height,
+            width=cfg.width,
+            seed=cfg.seed,
+            progress=False,
+        )
+    )
 
 
 def rel_err(a, b) -> float:
@@ -69,8 +80,9 @@ def assert_same_model(plain, other, params, x, labels):
     """``other`` computes the same outputs (rtol 1e-5) and parameter gradients (relative 1e-4) as ``plain``."""
     import jax
 
-    np.testing.assert_allclose(jax.jit(other.apply)({"params": params}, x),
-                               jax.jit(plain.apply)({"params": params}, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(other.apply)({"params": params}, x), jax.jit(plain.apply)({"params": params}, x), rtol=1e-5, atol=1e-6
+    )
     grad = jax.jit(jax.grad(loss_fn(x, labels)), static_argnums=1)
     g0, g1 = grad(params, plain), grad(params, other)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):

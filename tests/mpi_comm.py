@@ -25,8 +25,10 @@ cfg = load_config("configs/tiny.py")
 model = from_config(cfg.model, num_classes=4)
 params = jax.device_get(world.bcast_tree(init_params(model, jax.random.key(0), (128, 128, 3))))
 rng = np.random.default_rng(10 + world.rank)
-batches = [dict(image=rng.random((LOCAL, 128, 128, 3), dtype=np.float32),
-                label=rng.integers(0, 4, LOCAL).astype(np.int32)) for _ in range(STEPS)]
+batches = [
+    dict(image=rng.random((LOCAL, 128, 128, 3), dtype=np.float32), label=rng.integers(0, 4, LOCAL).astype(np.int32))
+    for _ in range(STEPS)
+]
 
 
 def run(optimizer: str, scheme: str, rank: int = 4, exchanger=None, microbatch: int = 0):
@@ -38,9 +40,19 @@ def run(optimizer: str, scheme: str, rank: int = 4, exchanger=None, microbatch: 
     schedule = optim.make_schedule(c, 4, 2 * LOCAL)
     tx = optim.make_optimizer(c, schedule)
     plan = comm.make_plan(scheme, params, LOCAL, world.size, rank)
-    step = make_train_step(model, tx, 4, c.label_smoothing, allreduce=world.allreduce_sum, num_ranks=2,
-                           schedule=schedule, plan=plan, allgather=world.allgather, exchanger=exchanger,
-                           microbatch=microbatch)
+    step = make_train_step(
+        model,
+        tx,
+        4,
+        c.label_smoothing,
+        allreduce=world.allreduce_sum,
+        num_ranks=2,
+        schedule=schedule,
+        plan=plan,
+        allgather=world.allgather,
+        exchanger=exchanger,
+        microbatch=microbatch,
+    )
     state = create_state(jax.tree_util.tree_map(jax.numpy.array, params), tx, 0, plan)  # a copy: it is donated
     for b in batches:
         state, metrics = step(state, b)
@@ -50,9 +62,11 @@ def run(optimizer: str, scheme: str, rank: int = 4, exchanger=None, microbatch: 
 
 
 def rel(a, b, kernels_only=False):
-    return max(float(np.abs(x - y).max() / (np.abs(y).max() + 1e-12))
-               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-               if y.ndim > 1 or not kernels_only)
+    return max(
+        float(np.abs(x - y).max() / (np.abs(y).max() + 1e-12))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+        if y.ndim > 1 or not kernels_only
+    )
 
 
 out = {}
@@ -62,8 +76,9 @@ for optimizer in ("lars", "nesterov"):
     start = rel(ref, params, kernels_only=True)  # how far the kernels moved from the initial ones
     for scheme, rank in (("factored", 4), ("auto", 4), ("powersgd", 1)):
         p, plan = run(optimizer, scheme, rank)
-        out[f"{optimizer}/{scheme}/{rank}"] = dict(rel=rel(p, ref), moved=start,
-                                                   factored=["/".join(la.path) for la in plan.factored])
+        out[f"{optimizer}/{scheme}/{rank}"] = dict(
+            rel=rel(p, ref), moved=start, factored=["/".join(la.path) for la in plan.factored]
+        )
     for scheme, microbatch in (("allreduce", 0), ("auto", 2)):  # overlapped: the same parameters
         p, _ = run(optimizer, scheme, exchanger=exchanger, microbatch=microbatch)
         out[f"{optimizer}/overlap/{scheme}/{microbatch}"] = dict(rel=rel(p, ref), moved=start)

@@ -27,7 +27,10 @@ def _config(spec, global_batch, **optim_keys):
 def test_phases_steps_epochs_and_reader_steps():
     sched = batch_schedule.from_config(_config(((0, 4), (2, 10), (3, 20)), 20, epochs=5.0), num_train=103)
     assert [(p.start_epoch, p.global_batch, p.steps_per_epoch, p.start_step) for p in sched.phases] == [
-        (0, 4, 25, 0), (2, 10, 10, 50), (3, 20, 5, 60)]
+        (0, 4, 25, 0),
+        (2, 10, 10, 50),
+        (3, 20, 5, 60),
+    ]
     assert [sched.index(s) for s in (0, 49, 50, 59, 60, 70)] == [0, 0, 1, 1, 2, 2]
     assert sched.epoch(25) == 1.0 and sched.epoch(55) == 2.5 and sched.epoch(70) == 5.0
     for s in range(71):
@@ -57,8 +60,17 @@ def test_a_constant_schedule_is_the_plain_run():
 def test_each_phase_follows_the_constant_run_at_its_batch(decay):
     """With the warmup starting and the decay ending at 0 (the values that do not scale with the batch), every
     phase's learning rate is the constant-batch run's at that batch and epoch (the linear rule)."""
-    keys = dict(epochs=6.0, warmup_epochs=1.5, warmup_init_lr=0.0, end_lr=0.0, decay=decay, base_lr=0.01,
-                base_batch=4, step_epochs=(3.0, 5.0), power=2.0)
+    keys = dict(
+        epochs=6.0,
+        warmup_epochs=1.5,
+        warmup_init_lr=0.0,
+        end_lr=0.0,
+        decay=decay,
+        base_lr=0.01,
+        base_batch=4,
+        step_epochs=(3.0, 5.0),
+        power=2.0,
+    )
     c = _config(((0, 4), (2, 8), (4, 32)), 32, **keys)
     sched = batch_schedule.from_config(c, num_train=64)
     lr = sched.lr_schedule(c.optim)
@@ -81,22 +93,44 @@ def test_boundaries_are_crossed_at_the_same_step_as_at_a_constant_batch():
     import jax
     import jax.numpy as jnp
 
-    c = _config(((0, 16), (1, 64)), 64, epochs=4.0, warmup_epochs=0.0, decay="step", step_epochs=(26 / 12,),
-                step_gamma=0.1, base_lr=0.01, base_batch=64)
+    c = _config(
+        ((0, 16), (1, 64)),
+        64,
+        epochs=4.0,
+        warmup_epochs=0.0,
+        decay="step",
+        step_epochs=(26 / 12,),
+        step_gamma=0.1,
+        base_lr=0.01,
+        base_batch=64,
+    )
     sched = batch_schedule.from_config(c, num_train=768)  # 48 then 12 steps per epoch
     final = optim.make_schedule(c.optim, 12, 64)
     lr = jax.jit(jax.vmap(sched.lr_schedule(c.optim)))
     last = np.arange(sched.phases[1].start_step, sched.total_steps(c.optim))
     assert sched.shift == 36 and len(last) == 36
     assert np.array_equal(np.asarray(lr(jnp.asarray(last))), np.asarray(jax.vmap(final)(jnp.asarray(last - 36))))
-    assert float(lr(jnp.asarray([62]))[0]) == pytest.approx(0.001) and float(lr(jnp.asarray([61]))[0]) == pytest.approx(0.01)
+    assert float(lr(jnp.asarray([62]))[0]) == pytest.approx(0.001) and float(lr(jnp.asarray([61]))[0]) == pytest.approx(
+        0.01
+    )
 
 
 def test_a_growing_batch_with_cycles_snapshots_at_the_cycle_ends():
     """optim.cycles after a growing batch: each snapshot is taken after the last step of its cycle (at end_lr),
     and the next step restarts at the cycle's peak, as at a constant batch."""
-    c = _config(((0, 16), (1, 64)), 64, epochs=3.5, warmup_epochs=0.5, decay="cosine", cycles=2, cycle_epochs=2.0,
-                base_lr=0.008, base_batch=64, end_lr=1e-5, cycle_base_lr=0.008)
+    c = _config(
+        ((0, 16), (1, 64)),
+        64,
+        epochs=3.5,
+        warmup_epochs=0.5,
+        decay="cosine",
+        cycles=2,
+        cycle_epochs=2.0,
+        base_lr=0.008,
+        base_batch=64,
+        end_lr=1e-5,
+        cycle_base_lr=0.008,
+    )
     sched = batch_schedule.from_config(c, num_train=1000)  # 62 then 15 steps per epoch
     lr = sched.lr_schedule(c.optim)
     snapshots = sched.snapshot_steps(c.optim)
@@ -112,8 +146,17 @@ def test_a_growing_batch_with_cycles_snapshots_at_the_cycle_ends():
 
 
 def test_the_warmup_scales_with_the_batch_too():
-    c = _config(((0, 16), (5, 256)), 256, epochs=10.0, warmup_epochs=5.0, warmup_init_lr=0.0032, end_lr=0.00032,
-                base_lr=0.002, base_batch=16, decay="cosine")
+    c = _config(
+        ((0, 16), (5, 256)),
+        256,
+        epochs=10.0,
+        warmup_epochs=5.0,
+        warmup_init_lr=0.0032,
+        end_lr=0.00032,
+        base_lr=0.002,
+        base_batch=16,
+        decay="cosine",
+    )
     sched = batch_schedule.from_config(c, num_train=3280)
     lr = sched.lr_schedule(c.optim)
     assert float(lr(0)) == pytest.approx(0.0032 / 16)  # the batch-256 run's warmup start, at batch 16
@@ -121,17 +164,20 @@ def test_the_warmup_scales_with_the_batch_too():
     assert float(lr(sched.phases[1].start_step)) == pytest.approx(0.032, rel=1e-6)  # the batch-256 peak
 
 
-@pytest.mark.parametrize("spec, global_batch, message", [
-    (((1, 16), (5, 64)), 64, "must start at epoch 0"),
-    (((0, 16), (5, 64), (5, 128)), 128, "start epochs must increase"),
-    (((0, 16), (5, 64)), 128, "set train.global_batch=64"),
-    (((0, 16), (2.5, 64)), 64, "pairs of whole numbers"),
-    (((0, 16), (5,)), 64, "pairs of whole numbers"),
-    (((0, 0), (5, 64)), 64, "must be positive"),
-    (((0, 16), (50, 64)), 64, "starting at epoch 50, but the main run ends at epoch 10"),
-    (((0, 16), (10, 64)), 64, "starting at epoch 10, but the main run ends at epoch 10"),
-    (((0, 16), (5, 512)), 512, "train.batch_schedule: the training set has 300 images, fewer than one global"),
-])
+@pytest.mark.parametrize(
+    "spec, global_batch, message",
+    [
+        (((1, 16), (5, 64)), 64, "must start at epoch 0"),
+        (((0, 16), (5, 64), (5, 128)), 128, "start epochs must increase"),
+        (((0, 16), (5, 64)), 128, "set train.global_batch=64"),
+        (((0, 16), (2.5, 64)), 64, "pairs of whole numbers"),
+        (((0, 16), (5,)), 64, "pairs of whole numbers"),
+        (((0, 0), (5, 64)), 64, "must be positive"),
+        (((0, 16), (50, 64)), 64, "starting at epoch 50, but the main run ends at epoch 10"),
+        (((0, 16), (10, 64)), 64, "starting at epoch 10, but the main run ends at epoch 10"),
+        (((0, 16), (5, 512)), 512, "train.batch_schedule: the training set has 300 images, fewer than one global"),
+    ],
+)
 def test_bad_schedules_are_clear_errors(spec, global_batch, message):
     with pytest.raises(ValueError, match="train.batch_schedule|train.global_batch") as e:
         batch_schedule.from_config(_config(spec, global_batch, epochs=10.0), num_train=300)
@@ -139,9 +185,19 @@ def test_bad_schedules_are_clear_errors(spec, global_batch, message):
 
 
 def _tiny(store, *overrides):
-    return load_config(TINY, [f"data.store={store}", "train.max_steps=0", "optim.epochs=3.0",
-                              "train.global_batch=16", "train.batch_schedule=((0, 4), (1, 8), (2, 16))",
-                              "train.checkpoint_every_steps=1", "train.keep_checkpoints=30", *overrides])
+    return load_config(
+        TINY,
+        [
+            f"data.store={store}",
+            "train.max_steps=0",
+            "optim.epochs=3.0",
+            "train.global_batch=16",
+            "train.batch_schedule=((0, 4), (1, 8), (2, 16))",
+            "train.checkpoint_every_steps=1",
+            "train.keep_checkpoints=30",
+            *overrides,
+        ],
+    )
 
 
 def test_a_growing_batch_trains_logs_and_resumes_bit_for_bit(store, tmp_path):

@@ -123,8 +123,9 @@ def test_powersgd_at_full_rank_reproduces_the_plain_update(setup):
     plain, _ = _train(comm.make_plan("allreduce", params, 5, 1), params, batch)
     full, m = _train(comm.make_plan("powersgd", params, 5, 1, powersgd_rank=24), params, batch)
     low, _ = _train(comm.make_plan("powersgd", params, 5, 1, powersgd_rank=1), params, batch)
-    flat = {k: (flatten_dict(full.params)[k], flatten_dict(low.params)[k], v)
-            for k, v in flatten_dict(plain.params).items()}
+    flat = {
+        k: (flatten_dict(full.params)[k], flatten_dict(low.params)[k], v) for k, v in flatten_dict(plain.params).items()
+    }
     assert max(rel_err(a, c) for a, _, c in flat.values()) < 1e-5
     assert max(rel_err(b, c) for _, b, c in flat.values()) > 1e-3  # rank 1 is lossy: the comparison can fail
     assert rel_err(flat[("hidden", "kernel")][2], flatten_dict(params)[("hidden", "kernel")]) > 1e-2  # it moved
@@ -152,8 +153,13 @@ def test_two_ranks_factored_and_auto_equal_the_plain_allreduce(tmp_path):
     relative 1e-5; PowerSGD at rank 1 does not (so the comparison can fail)."""
     exe = shutil.which("mpiexec") or str(Path(sys.executable).parent / "mpiexec")
     out = tmp_path / "out.json"
-    proc = subprocess.run([exe, "-n", "2", sys.executable, str(ROOT / "tests" / "mpi_comm.py"), str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(
+        [exe, "-n", "2", sys.executable, str(ROOT / "tests" / "mpi_comm.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(out.read_text())
     for opt in ("lars", "nesterov"):
@@ -182,8 +188,9 @@ def test_factored_with_micro_batches_equals_the_plain_step(setup):
     assert rel_err(s0.params["hidden"]["kernel"], params["hidden"]["kernel"]) > 1e-3
 
 
-@pytest.mark.parametrize("scheme,allreduces,allgathers", [("allreduce", 1, 0), ("factored", 1, 1), ("auto", 1, 1),
-                                                           ("powersgd", 2, 0)])
+@pytest.mark.parametrize(
+    "scheme,allreduces,allgathers", [("allreduce", 1, 0), ("factored", 1, 1), ("auto", 1, 1), ("powersgd", 2, 0)]
+)
 def test_one_packed_allreduce_and_at_most_one_allgather_per_step(setup, scheme, allreduces, allgathers):
     """Counted while tracing the micro-batched step (3 micro-batches of 2 images, 2 ranks' plan)."""
     params, batch, _ = setup
@@ -200,7 +207,6 @@ def test_one_packed_allreduce_and_at_most_one_allgather_per_step(setup, scheme, 
 
     plan = comm.make_plan(scheme, params, 6, 2)  # auto: factors the hidden layer, sums the output layer
     tx = optax.sgd(0.1)
-    step = make_train_step(MODEL, tx, 3, microbatch=2, plan=plan, allreduce=allreduce, allgather=allgather,
-                           num_ranks=2)
+    step = make_train_step(MODEL, tx, 3, microbatch=2, plan=plan, allreduce=allreduce, allgather=allgather, num_ranks=2)
     step.lower(create_state(params, tx, 0, plan), batch6)  # traces, does not run
     assert calls == dict(allreduce=allreduces, allgather=allgathers)

@@ -26,15 +26,22 @@ def test_published_recipe_preset():
     c = load_config("bbbc021")
     assert (c.optim.name, c.optim.momentum, c.optim.nesterov) == ("nesterov", 0.9, True)
     assert (c.optim.warmup_init_lr, c.optim.base_lr, c.optim.warmup_epochs) == (0.001, 0.008, 5.0)
-    assert (c.optim.decay, c.optim.end_lr, c.optim.label_smoothing, c.optim.weight_decay) == \
-        ("linear", 1e-4, 0.1, 5e-5)
+    assert (c.optim.decay, c.optim.end_lr, c.optim.label_smoothing, c.optim.weight_decay) == ("linear", 1e-4, 0.1, 5e-5)
     assert tuple(c.model.input_shape) == (1024, 1280, 3)
     assert published_recipe(base_config()).optim.to_dict() == c.optim.to_dict()
 
 
 def test_overrides_are_typed():
-    c = load_config("tiny", ["optim.name=lars", "train.global_batch=16", "optim.base_lr=1", "model.widths=(1,2,3,4,5,6,7)",
-                             "data.augment.flips=false"])
+    c = load_config(
+        "tiny",
+        [
+            "optim.name=lars",
+            "train.global_batch=16",
+            "optim.base_lr=1",
+            "model.widths=(1,2,3,4,5,6,7)",
+            "data.augment.flips=false",
+        ],
+    )
     assert c.optim.name == "lars" and c.train.global_batch == 16 and c.optim.base_lr == 1.0
     assert tuple(c.model.widths) == (1, 2, 3, 4, 5, 6, 7) and c.data.augment.flips is False
     with pytest.raises(ValueError, match="section"):
@@ -44,8 +51,17 @@ def test_overrides_are_typed():
 
 
 def test_overrides_on_a_built_config_read_as_the_flags_do():
-    c = apply_overrides(base_config(), ["optim.b2=0.984", "train.global_batch=16", "optim.base_lr=1",
-                                        "model.widths=(1,2,3,4,5,6,7)", "data.augment.flips=false", "optim.name=lars"])
+    c = apply_overrides(
+        base_config(),
+        [
+            "optim.b2=0.984",
+            "train.global_batch=16",
+            "optim.base_lr=1",
+            "model.widths=(1,2,3,4,5,6,7)",
+            "data.augment.flips=false",
+            "optim.name=lars",
+        ],
+    )
     assert c.optim.b2 == 0.984 and c.train.global_batch == 16 and c.optim.base_lr == 1.0
     assert tuple(c.model.widths) == (1, 2, 3, 4, 5, 6, 7) and c.data.augment.flips is False and c.optim.name == "lars"
     with pytest.raises(ValueError, match="unknown config key 'optim.b3'.*Did you mean optim.b2"):
@@ -65,6 +81,7 @@ def test_large_batch_configs_are_the_study_recipe(name, multiplier, ranks):
     import sys
 
     from mcnn_jax.optim import make_schedule, scaled_lr
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import study_large_batch as study
 
@@ -72,10 +89,26 @@ def test_large_batch_configs_are_the_study_recipe(name, multiplier, ranks):
     a = study.parse_args(["--out", "x"])
     ref = study.make_config(a, "s", "adamw", multiplier * a.base_batch)
     assert c.train.global_batch == multiplier * a.base_batch
-    for key in ("name", "lr_scaling", "base_lr", "base_batch", "warmup_epochs", "decay", "epochs", "b1", "b2",
-                "warmup_init_lr", "end_lr", "label_smoothing", "weight_decay"):
-        assert c.optim[key] == pytest.approx(ref.optim[key]) if isinstance(c.optim[key], float) else \
-            c.optim[key] == ref.optim[key], key
+    for key in (
+        "name",
+        "lr_scaling",
+        "base_lr",
+        "base_batch",
+        "warmup_epochs",
+        "decay",
+        "epochs",
+        "b1",
+        "b2",
+        "warmup_init_lr",
+        "end_lr",
+        "label_smoothing",
+        "weight_decay",
+    ):
+        assert (
+            c.optim[key] == pytest.approx(ref.optim[key])
+            if isinstance(c.optim[key], float)
+            else c.optim[key] == ref.optim[key]
+        ), key
     peak = scaled_lr(c.optim.base_lr, c.train.global_batch, c.optim.base_batch, c.optim.lr_scaling)
     assert peak == pytest.approx(0.002 * multiplier)  # the linear rule
     schedule = make_schedule(c.optim, 12, c.train.global_batch)
@@ -99,10 +132,26 @@ def test_the_growing_batch_config_is_the_study_ramp():
     ref = study.make_config(a, "s", "adamw", 256, ramp=True)
     assert tuple(map(tuple, c.train.batch_schedule)) == tuple(map(tuple, ref.train.batch_schedule))
     assert c.train.global_batch == ref.train.global_batch == 256
-    for key in ("name", "lr_scaling", "base_lr", "base_batch", "warmup_epochs", "decay", "epochs", "b1", "b2",
-                "warmup_init_lr", "end_lr", "label_smoothing", "weight_decay"):
-        assert c.optim[key] == pytest.approx(ref.optim[key]) if isinstance(c.optim[key], float) else \
-            c.optim[key] == ref.optim[key], key
+    for key in (
+        "name",
+        "lr_scaling",
+        "base_lr",
+        "base_batch",
+        "warmup_epochs",
+        "decay",
+        "epochs",
+        "b1",
+        "b2",
+        "warmup_init_lr",
+        "end_lr",
+        "label_smoothing",
+        "weight_decay",
+    ):
+        assert (
+            c.optim[key] == pytest.approx(ref.optim[key])
+            if isinstance(c.optim[key], float)
+            else c.optim[key] == ref.optim[key]
+        ), key
     sched = batch_schedule.from_config(c, 3848)  # BBBC021's fields
     assert [p.global_batch % 16 for p in sched.phases] == [0, 0, 0]  # one rank on each of 16 nodes
     assert c.train.microbatch == 0

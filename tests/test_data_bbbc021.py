@@ -10,8 +10,9 @@ from mcnn_jax.data import ImportDataError, import_bbbc021, open_store
 from mcnn_jax.data.bbbc021 import CHANNELS, IMAGE_CSV, MOA_CSV, read_metadata, site_from_filename
 from mcnn_jax.data.store import is_complete
 
-pytestmark = pytest.mark.skipif(not (BBBC021_CSVS / IMAGE_CSV).is_file(),
-                                reason=f"the BBBC021 CSVs are not in {BBBC021_CSVS}")
+pytestmark = pytest.mark.skipif(
+    not (BBBC021_CSVS / IMAGE_CSV).is_file(), reason=f"the BBBC021 CSVs are not in {BBBC021_CSVS}"
+)
 H, W = 64, 80
 OFFSET = {"DAPI": 1000, "Tubulin": 20000, "Actin": 40000}  # channel-specific levels, to check the order
 
@@ -36,8 +37,10 @@ def subset(tmp_path):
     with open(BBBC021_CSVS / IMAGE_CSV, newline="") as f:
         reader = csv.DictReader(f)
         header, all_rows = reader.fieldnames, list(reader)
-    moa = {(r["compound"], float(r["concentration"])): r["moa"]
-           for r in csv.DictReader(open(BBBC021_CSVS / MOA_CSV, newline=""))}
+    moa = {
+        (r["compound"], float(r["concentration"])): r["moa"]
+        for r in csv.DictReader(open(BBBC021_CSVS / MOA_CSV, newline=""))
+    }
     want = ["DMSO", "Actin disruptors", "Eg5 inhibitors", "Microtubule stabilizers"]
     picked, per_class = [], {c: 0 for c in want}
     for r in all_rows:
@@ -85,8 +88,11 @@ def test_import_subset(subset, tmp_path):
 def test_scaling_and_illumination(subset, tmp_path):
     meta, images, _, _ = subset
     for scaling in ("plate", "image"):
-        s = open_store(import_bbbc021(meta, images, tmp_path / scaling, scaling=scaling, illumination=True,
-                                      dtype="uint8", progress=False))
+        s = open_store(
+            import_bbbc021(
+                meta, images, tmp_path / scaling, scaling=scaling, illumination=True, dtype="uint8", progress=False
+            )
+        )
         x = s.read(range(s.num_images))
         assert x.dtype == np.uint8 and x.min() == 0 and x.max() == 255
         # each channel now spans the range (percentile scaling); the channel offsets are gone
@@ -108,8 +114,9 @@ def _first_file(images, r, ch):
     return images / r[f"Image_PathName_{ch}"] / r[f"Image_FileName_{ch}"]
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "size", "dtype", "channel", "columns",
-                                    "duplicate"])
+@pytest.mark.parametrize(
+    "damage", ["missing", "corrupt", "truncated", "size", "dtype", "channel", "columns", "duplicate"]
+)
 def test_bad_input_is_a_clear_error_and_no_store_is_complete(subset, tmp_path, damage):
     meta, images, picked, header = subset
     r = picked[3]
@@ -170,5 +177,6 @@ def test_check_folder_with_the_real_csvs(subset, tmp_path):
     assert check_folder(meta, images).ok
     _first_file(images, picked[1], "DAPI").unlink()
     report = check_folder(meta, images)
-    assert not report.ok and report.missing_files == [(3, "DAPI", f"{picked[1]['Image_PathName_DAPI']}/"
-                                                                    f"{picked[1]['Image_FileName_DAPI']}")]
+    assert not report.ok and report.missing_files == [
+        (3, "DAPI", f"{picked[1]['Image_PathName_DAPI']}/{picked[1]['Image_FileName_DAPI']}")
+    ]

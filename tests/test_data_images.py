@@ -14,8 +14,9 @@ YXC = np.moveaxis(CYX, 0, -1)
 
 def test_cyx_yxc_and_multipage_tiffs_give_the_same_hwc(tmp_path):
     tifffile.imwrite(tmp_path / "cyx.ome.tif", CYX, metadata={"axes": "CYX"})
-    tifffile.imwrite(tmp_path / "yxc.ome.tif", YXC, metadata={"axes": "YXC"}, photometric="minisblack",
-                     planarconfig="contig")
+    tifffile.imwrite(
+        tmp_path / "yxc.ome.tif", YXC, metadata={"axes": "YXC"}, photometric="minisblack", planarconfig="contig"
+    )
     tifffile.imwrite(tmp_path / "pages.tif", CYX)  # no axis metadata: tifffile says QYX (one page per channel)
     tifffile.imwrite(tmp_path / "one.tif", CYX[0])
     for name in ("cyx.ome.tif", "yxc.ome.tif", "pages.tif"):
@@ -36,8 +37,12 @@ def test_zcyx_stack_with_a_chosen_plane(tmp_path):
 
 
 def test_unresolvable_axes_name_the_file_and_axes(tmp_path):
-    tifffile.imwrite(tmp_path / "two.tif", RNG.integers(0, 9, (2, 3, 12, 10), dtype=np.uint16), photometric="rgb",
-                     planarconfig="separate")  # two pages of 3 samples: QSYX
+    tifffile.imwrite(
+        tmp_path / "two.tif",
+        RNG.integers(0, 9, (2, 3, 12, 10), dtype=np.uint16),
+        photometric="rgb",
+        planarconfig="separate",
+    )  # two pages of 3 samples: QSYX
     with pytest.raises(ImportDataError) as e:
         read_image(tmp_path / "two.tif")
     assert str(tmp_path / "two.tif") in str(e.value) and "cannot resolve axes QSYX" in str(e.value)

@@ -27,8 +27,15 @@ def screen(tmp_path):
     """8 fields on 2 plates; channel k of field i holds 1000 * k + i + noise; odd fields use absolute paths."""
     rng = np.random.default_rng(0)
     root = tmp_path / "screen"
-    header = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Compound", "Metadata_Concentration",
-              "Metadata_Batch", *CH]
+    header = [
+        "Metadata_Plate",
+        "Metadata_Well",
+        "Metadata_Site",
+        "Metadata_Compound",
+        "Metadata_Concentration",
+        "Metadata_Batch",
+        *CH,
+    ]
     rows, pixels = [], []
     for i in range(8):
         plate, well = f"P{i // 4}", f"B{i % 4 + 2:02d}"
@@ -39,13 +46,29 @@ def screen(tmp_path):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(root / rel, img[..., k])
             paths.append(str(root / rel) if i % 2 else rel)
-        rows.append([plate, well, 1, ["DMSO", "taxol", "nocodazole", "AZ138"][i % 4], ["0", "0.3", "1", "3"][i % 4],
-                     f"batch{i % 2}", *paths])
+        rows.append(
+            [
+                plate,
+                well,
+                1,
+                ["DMSO", "taxol", "nocodazole", "AZ138"][i % 4],
+                ["0", "0.3", "1", "3"][i % 4],
+                f"batch{i % 2}",
+                *paths,
+            ]
+        )
         pixels.append(img)
     write_table(root / "index.csv", header, rows)
-    write_table(root / "moa.csv", ["compound", "concentration", "moa"],
-                [["DMSO", "0.0", "DMSO"], ["taxol", "0.30", "Microtubule stabilizers"],
-                 ["nocodazole", "1.0", "Microtubule destabilizers"], ["AZ138", "3", "Eg5 inhibitors"]])
+    write_table(
+        root / "moa.csv",
+        ["compound", "concentration", "moa"],
+        [
+            ["DMSO", "0.0", "DMSO"],
+            ["taxol", "0.30", "Microtubule stabilizers"],
+            ["nocodazole", "1.0", "Microtubule destabilizers"],
+            ["AZ138", "3", "Eg5 inhibitors"],
+        ],
+    )
     return root, header, rows, np.stack(pixels)
 
 
@@ -53,8 +76,14 @@ def manifest(screen_root, out, **kw):
     kw.setdefault("label", "Metadata_Compound,Metadata_Concentration")
     kw.setdefault("label_table", screen_root / "moa.csv")
     kw.setdefault("scaling", "none")
-    return import_manifest(screen_root / "index.csv", out, table_keys=["compound", "concentration"],
-                           table_class="moa", progress=False, **kw)
+    return import_manifest(
+        screen_root / "index.csv",
+        out,
+        table_keys=["compound", "concentration"],
+        table_class="moa",
+        progress=False,
+        **kw,
+    )
 
 
 def test_five_channels_relative_and_absolute_paths_metadata_kept(screen, tmp_path):
@@ -63,8 +92,12 @@ def test_five_channels_relative_and_absolute_paths_metadata_kept(screen, tmp_pat
     assert s.image_shape == (H, W, 5) and s.channels == list(CH) and s.num_images == 8
     np.testing.assert_array_equal(s.read(range(8)), pixels)  # channel order and every pixel kept
     assert s.class_names == ["DMSO", "Eg5 inhibitors", "Microtubule destabilizers", "Microtubule stabilizers"]
-    assert [s.class_names[k] for k in s.labels[:4]] == ["DMSO", "Microtubule stabilizers",
-                                                        "Microtubule destabilizers", "Eg5 inhibitors"]
+    assert [s.class_names[k] for k in s.labels[:4]] == [
+        "DMSO",
+        "Microtubule stabilizers",
+        "Microtubule destabilizers",
+        "Eg5 inhibitors",
+    ]
     md = s.metadata
     assert md["Metadata_Batch"] == [f"batch{i % 2}" for i in range(8)]  # any Metadata_* column is carried
     assert md["plate"][5] == "P1" and md["well"][5] == "B03" and md["site"][5] == 1
@@ -172,22 +205,50 @@ def test_tiny_five_channel_training_run(tmp_path):
     from mcnn_jax.train import train_and_evaluate
 
     store = tmp_path / "store"
-    assert main(["synthetic", "--channels", "5", "--out", str(tmp_path / "raw"), "--images", "48", "--classes", "4",
-                 "--height", "128", "--width", "128", "--store", str(store), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "synthetic",
+                "--channels",
+                "5",
+                "--out",
+                str(tmp_path / "raw"),
+                "--images",
+                "48",
+                "--classes",
+                "4",
+                "--height",
+                "128",
+                "--width",
+                "128",
+                "--store",
+                str(store),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "raw" / "manifest.csv").is_file()
     assert len(list((tmp_path / "raw" / "images").rglob("*_Mito.tif"))) == 48
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     with pytest.raises(ValueError, match=r"holds 128x128x5 images.*input_shape='\(128, 128, 5\)'"):
-        train_and_evaluate(load_config(tiny, [f"data.store={store}", "data.synthetic.enabled=false"]),
-                           tmp_path / "wrong")
+        train_and_evaluate(
+            load_config(tiny, [f"data.store={store}", "data.synthetic.enabled=false"]), tmp_path / "wrong"
+        )
     cfg = load_config(tiny, [f"data.store={store}", "data.synthetic.enabled=false", "model.input_shape=(128,128,5)"])
     summary = train_and_evaluate(cfg, tmp_path / "run")
-    assert summary["final_step"] == 2 and summary["class_names"] == ["DMSO", "coarse-dense", "fine-puncta",
-                                                                     "middle-large_nuclei"]
+    assert summary["final_step"] == 2 and summary["class_names"] == [
+        "DMSO",
+        "coarse-dense",
+        "fine-puncta",
+        "middle-large_nuclei",
+    ]
     import jax
+
     first_conv = [x for x in jax.tree_util.tree_leaves(summary["params"]["branch0"]) if x.ndim == 4][0]
     assert first_conv.shape[2] == 5  # the model takes five channels
     import json
+
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if x["split"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))

@@ -12,8 +12,10 @@ from mcnn_jax.data.store import is_complete
 
 RNG = np.random.default_rng(1)
 CH = ["DNA", "ER", "RNA", "AGP", "Mito"]
-WELLS = {"B/3": [RNG.integers(0, 60000, (5, 24, 32), dtype=np.uint16) for _ in range(2)],
-         "C/10": [RNG.integers(0, 60000, (5, 24, 32), dtype=np.uint16)]}
+WELLS = {
+    "B/3": [RNG.integers(0, 60000, (5, 24, 32), dtype=np.uint16) for _ in range(2)],
+    "C/10": [RNG.integers(0, 60000, (5, 24, 32), dtype=np.uint16)],
+}
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
@@ -28,8 +30,9 @@ def test_plate_roundtrip_both_versions(tmp_path, version):
         assert attrs["plate"]["version"] == "0.4" and (plate / "B/3/0/0/.zarray").is_file()
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([["Metadata_Well", "Metadata_MoA"], ["B03", "DMSO"], ["C10", "taxol"]])
-    s = open_store(import_ome_zarr(plate, tmp_path / "store", labels=tmp_path / "labels.csv", scaling="none",
-                                   progress=False))
+    s = open_store(
+        import_ome_zarr(plate, tmp_path / "store", labels=tmp_path / "labels.csv", scaling="none", progress=False)
+    )
     assert s.image_shape == (24, 32, 5) and s.channels == CH and s.info["ngff_version"] == version
     x = s.read(range(3))
     for k, img in enumerate([*WELLS["B/3"], *WELLS["C/10"]]):
@@ -51,8 +54,12 @@ def test_without_labels_and_bad_inputs(tmp_path):
         csv.writer(f).writerows([["Metadata_Well", "class"], ["B3", "a"]])
     with pytest.raises(ImportDataError, match=r"no class for well\(s\) \['C10'\]"):
         import_ome_zarr(plate, tmp_path / "t", labels=tmp_path / "labels.csv", progress=False)
-    assert open_store(import_ome_zarr(plate, tmp_path / "t", labels=tmp_path / "labels.csv", drop_unlabelled=True,
-                                      progress=False)).num_images == 2
+    assert (
+        open_store(
+            import_ome_zarr(plate, tmp_path / "t", labels=tmp_path / "labels.csv", drop_unlabelled=True, progress=False)
+        ).num_images
+        == 2
+    )
     meta = json.loads((plate / "zarr.json").read_text())
     meta["attributes"]["ome"]["plate"]["wells"].append(meta["attributes"]["ome"]["plate"]["wells"][0])
     (tmp_path / "dup.zarr").mkdir()

@@ -9,8 +9,9 @@ from mcnn_jax.data import open_store, split_indices
 
 def fake_store(labels, compounds=None):
     n = len(labels)
-    return types.SimpleNamespace(labels=np.asarray(labels, np.int32), path="fake",
-                                 metadata={"compound": compounds or [""] * n}, num_images=n)
+    return types.SimpleNamespace(
+        labels=np.asarray(labels, np.int32), path="fake", metadata={"compound": compounds or [""] * n}, num_images=n
+    )
 
 
 def test_random_split_is_stratified_seeded_and_disjoint():

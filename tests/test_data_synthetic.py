@@ -44,8 +44,9 @@ def test_phenotypes_differ_from_control_at_their_scale():
     h = w = 256
 
     def mean_stat(c, fn, n=6):
-        return np.mean([fn(S.render_field(np.random.default_rng([c, i]), h, w, S.phenotype_params(c)))
-                        for i in range(n)])
+        return np.mean(
+            [fn(S.render_field(np.random.default_rng([c, i]), h, w, S.phenotype_params(c))) for i in range(n)]
+        )
 
     dapi_area = lambda x: _foreground(x, 0)  # noqa: E731
     cell_area = lambda x: _foreground(x, 1)  # noqa: E731
@@ -62,6 +63,7 @@ def test_phenotypes_differ_from_control_at_their_scale():
         t = x[1].astype(np.float32)
         d = np.abs(np.diff(t, axis=1)).sum()
         return d / max(1.0, (t > 500).sum())
+
     assert mean_stat(idx["fine-filaments"], fine_energy) > 1.5 * mean_stat(0, fine_energy)
 
 
@@ -78,6 +80,7 @@ def test_prepare_is_idempotent_and_resumes(tmp_path, monkeypatch):
     # an interrupted import: the marker is gone and some chunks are missing -> a rerun finishes it
     (p / MARKER).unlink()
     import shutil
+
     shutil.rmtree(p / "images.zarr" / "c" / "5")
     assert not is_complete(p)
     prepare_synthetic_store(root, 16, 4, 64, 64, seed=1, progress=False)
@@ -102,8 +105,7 @@ def test_realistic_camera_flat_saturated_8bit(tmp_path):
     assert np.unique(default).size > 200  # the default camera: noise everywhere
     with pytest.raises(ValueError, match="background"):
         S.Camera(background="dark")
-    store = open_store(prepare_synthetic_store(tmp_path / "r", 16, 4, 128, 128, seed=1, progress=False,
-                                               camera=cam))
+    store = open_store(prepare_synthetic_store(tmp_path / "r", 16, 4, 128, 128, seed=1, progress=False, camera=cam))
     images = store.read(list(range(4)))
     zeros = (images == 0).mean()
     assert zeros > 0.4, zeros  # the flat background maps to exactly 0 after per-plate scaling

@@ -20,8 +20,16 @@ from mcnn_jax.runtime import enable_compilation_cache
 
 enable_compilation_cache()
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-META = ["Metadata_StoreIndex", "Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Compound",
-        "Metadata_Concentration", "Metadata_MoA", "Metadata_Label"]
+META = [
+    "Metadata_StoreIndex",
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_Compound",
+    "Metadata_Concentration",
+    "Metadata_MoA",
+    "Metadata_Label",
+]
 
 
 @pytest.mark.parametrize("impl", ["xla", "native"])
@@ -35,15 +43,17 @@ def test_features_are_the_models_layers(impl):
     np.testing.assert_allclose(hidden, jax.nn.relu(inter["hidden"]["__call__"][0]), rtol=1e-6)
     assert hidden.shape == (3, 8) and (hidden >= 0).all()
     # the output layer is a linear map of these features
-    np.testing.assert_allclose(hidden @ params["logits"]["kernel"] + params["logits"]["bias"], logits,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        hidden @ params["logits"]["kernel"] + params["logits"]["bias"], logits, rtol=1e-4, atol=1e-5
+    )
     merge = E.features(model, params, x, layer="merge")
     pooled = nn.max_pool(jax.nn.relu(inter["merge"]["__call__"][0]), (2, 2), strides=(2, 2))  # [3, 1, 2, 16]
     np.testing.assert_allclose(merge, pooled.mean(axis=(1, 2)), rtol=1e-6)
     # ... and the pooled merge map (before averaging) is what the hidden layer reads
     flat = pooled.reshape(3, -1)
-    np.testing.assert_allclose(jax.nn.relu(flat @ params["hidden"]["kernel"] + params["hidden"]["bias"]), hidden,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.nn.relu(flat @ params["hidden"]["kernel"] + params["hidden"]["bias"]), hidden, rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(ValueError, match="layer must be one of"):
         E.features(model, params, x, layer="conv")
 
@@ -51,6 +61,7 @@ def test_features_are_the_models_layers(impl):
 @pytest.fixture(scope="module")
 def run(store, tmp_path_factory):
     from mcnn_jax.train import train_and_evaluate
+
     wd = tmp_path_factory.mktemp("embed_run")
     train_and_evaluate(load_config(TINY, [f"data.store={store}", "train.max_steps=2"]), wd)
     return wd
@@ -58,6 +69,7 @@ def run(store, tmp_path_factory):
 
 def test_embedding_tables(run, store, tmp_path, capsys):
     from mcnn_jax.data import open_store, to_float
+
     st = open_store(store)
     embed_cli(["--workdir", str(run), "--out", str(tmp_path / "emb.parquet"), "--batch", "5"])
     assert "wrote 48 rows of hidden features" in capsys.readouterr().out
@@ -69,12 +81,14 @@ def test_embedding_tables(run, store, tmp_path, capsys):
     assert set(df.Metadata_Plate) == set(st.metadata["plate"]) and df.Metadata_Compound.str.len().min() > 0
     model, params, _ = evaluate.load_model(run)
     rows = [0, 7, 47]
-    np.testing.assert_allclose(df.loc[rows, feats].to_numpy(), E.features(model, params, to_float(st.read(rows))),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        df.loc[rows, feats].to_numpy(), E.features(model, params, to_float(st.read(rows))), rtol=1e-5, atol=1e-6
+    )
     embed_cli(["--workdir", str(run), "--out", str(tmp_path / "merge.csv"), "--layer", "merge", "--split", "val"])
     m = pd.read_csv(tmp_path / "merge.csv")
     assert len([c for c in m.columns if c.startswith("merge_")]) == 16
     from mcnn_jax.data import split_indices
+
     assert list(m.Metadata_StoreIndex) == list(split_indices(st, load_config(TINY).data)[1])
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -114,13 +128,24 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
     """A folder-style store (no compound metadata): predictions work, treatment accuracy says what is missing."""
     from mcnn_jax.data import open_store
     from mcnn_jax.data.store import StoreWriter
+
     st = open_store(store)
     w = StoreWriter(tmp_path / "folder_store", 6, st.image_shape, "uint16")
     for i in range(6):
         w.write(i, st.read([i])[0])
     w.finish(st.labels[:6], st.class_names, {"class": [st.class_names[i] for i in st.labels[:6]]}, st.channels)
-    evaluate.run(["--workdir", str(run), "--store", str(tmp_path / "folder_store"), "--split", "all",
-                  "--predictions", str(tmp_path / "p.csv")])
+    evaluate.run(
+        [
+            "--workdir",
+            str(run),
+            "--store",
+            str(tmp_path / "folder_store"),
+            "--split",
+            "all",
+            "--predictions",
+            str(tmp_path / "p.csv"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "the store records no compounds (Metadata_Compound is missing" in out
     evaluate.run(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "all.csv"), "--json"])

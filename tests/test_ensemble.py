@@ -25,9 +25,19 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 @pytest.fixture(scope="module")
 def cycled(store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cycled")
-    config = load_config(TINY, [f"data.store={store}", "train.max_steps=0", "optim.epochs=1.0",
-                                "optim.warmup_epochs=0.5", "optim.cycles=2", "optim.cycle_epochs=0.5",
-                                "train.keep_checkpoints=1", "train.eval_every_epochs=100.0"])
+    config = load_config(
+        TINY,
+        [
+            f"data.store={store}",
+            "train.max_steps=0",
+            "optim.epochs=1.0",
+            "optim.warmup_epochs=0.5",
+            "optim.cycles=2",
+            "optim.cycle_epochs=0.5",
+            "train.keep_checkpoints=1",
+            "train.eval_every_epochs=100.0",
+        ],
+    )
     summary = train_and_evaluate(config, workdir)
     return workdir, config, summary
 
@@ -55,8 +65,9 @@ def test_ensemble_evaluation_is_the_mean_of_the_members_probabilities(store, cyc
     probs, labels = [], []
     for _, batch in reader.iterate():
         keep = batch["mask"] > 0
-        member_probs = [np.asarray(jax.nn.softmax(model.apply({"params": p}, batch["image"])), np.float64)
-                        for p in members]
+        member_probs = [
+            np.asarray(jax.nn.softmax(model.apply({"params": p}, batch["image"])), np.float64) for p in members
+        ]
         probs.append(np.mean(member_probs, axis=0)[keep])
         labels.append(batch["label"][keep])
     reader.close()
@@ -84,10 +95,12 @@ def test_embed_and_predictions_tables_of_an_ensemble(store, cycled, tmp_path, ca
 
     from mcnn_jax.data import to_float
     from mcnn_jax.evaluation import embed as E
+
     workdir, _, _ = cycled
     model, members, metas = load_ensemble(workdir, "snapshots")
-    embed_cli(["--workdir", str(workdir), "--checkpoint", "snapshots", "--out", str(tmp_path / "emb.parquet"),
-            "--batch", "5"])
+    embed_cli(
+        ["--workdir", str(workdir), "--checkpoint", "snapshots", "--out", str(tmp_path / "emb.parquet"), "--batch", "5"]
+    )
     steps = ", ".join(str(m["step"]) for m in metas)
     assert f"wrote 48 rows of hidden features of 3 checkpoints (steps {steps})" in capsys.readouterr().out
     emb = pd.read_parquet(tmp_path / "emb.parquet")
@@ -95,10 +108,21 @@ def test_embed_and_predictions_tables_of_an_ensemble(store, cycled, tmp_path, ca
     assert feats == E.feature_names("hidden", 16, 3) and feats[16] == "hidden_m1_00" and len(feats) == 3 * 16
     st = open_store(store)
     x = to_float(st.read(list(range(st.num_images))))
-    np.testing.assert_allclose(emb[feats].to_numpy(), np.concatenate([E.features(model, p, x) for p in members], 1),
-                               rtol=1e-5, atol=1e-6)
-    eval_cli(["--workdir", str(workdir), "--checkpoint", "snapshots", "--split", "all", "--predictions",
-              str(tmp_path / "pred.parquet")])
+    np.testing.assert_allclose(
+        emb[feats].to_numpy(), np.concatenate([E.features(model, p, x) for p in members], 1), rtol=1e-5, atol=1e-6
+    )
+    eval_cli(
+        [
+            "--workdir",
+            str(workdir),
+            "--checkpoint",
+            "snapshots",
+            "--split",
+            "all",
+            "--predictions",
+            str(tmp_path / "pred.parquet"),
+        ]
+    )
     assert "ensemble of 3 checkpoints" in capsys.readouterr().out
     pred = pd.read_parquet(tmp_path / "pred.parquet")
     mean = np.mean([np.asarray(jax.nn.softmax(model.apply({"params": p}, x)), np.float64) for p in members], 0)

@@ -1,4 +1,5 @@
-"""The fast forms (mcnn_jax.model.xla_conv, mcnn_jax.model.pool, MCNN(impl="fast")) compute the same function, with the same parameters
+"""The fast forms (mcnn_jax.model.xla_conv, mcnn_jax.model.pool, MCNN(impl="fast")) compute the same function, with the
+same parameters
 and the same gradients, as the plain XLA forms (MCNN(impl="xla"))."""
 
 import jax
@@ -15,9 +16,16 @@ from mcnn_jax.model.mcnn import from_config
 SMALL = dict(num_classes=5, widths=(4, 4, 4, 8, 8, 8, 8), merge_width=16, head_width=8)
 
 
-@pytest.mark.parametrize("shape,k,chunk", [((2, 37, 45, 3, 5), 5, 0), ((2, 37, 45, 3, 5), 5, 7),
-                                           ((1, 40, 24, 16, 16), 5, 1000), ((3, 16, 20, 6, 4), 3, 5),
-                                           ((1, 12, 12, 2, 3), 4, 0)])
+@pytest.mark.parametrize(
+    "shape,k,chunk",
+    [
+        ((2, 37, 45, 3, 5), 5, 0),
+        ((2, 37, 45, 3, 5), 5, 7),
+        ((1, 40, 24, 16, 16), 5, 1000),
+        ((3, 16, 20, 6, 4), 3, 5),
+        ((1, 12, 12, 2, 3), 4, 0),
+    ],
+)
 def test_kernel_grad_matches_xla(shape, k, chunk):
     n, h, w, c, o = shape
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
@@ -56,10 +64,16 @@ def test_max_pool_same_as_flax():
 def test_same_parameter_tree_and_count():
     x = jax.ShapeDtypeStruct((1, 1024, 1280, 3), jnp.float32)
     shapes = lambda m: jax.tree_util.tree_map(  # noqa: E731
-        lambda p: p.shape, jax.eval_shape(m.init, jax.random.key(0), x)["params"])
+        lambda p: p.shape, jax.eval_shape(m.init, jax.random.key(0), x)["params"]
+    )
     assert shapes(MCNN(num_classes=13, impl="fast")) == shapes(MCNN(num_classes=13, impl="xla"))
-    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(
-        jax.eval_shape(MCNN(num_classes=13).init, jax.random.key(0), x))) == 42_577_261
+    assert (
+        sum(
+            int(np.prod(s.shape))
+            for s in jax.tree_util.tree_leaves(jax.eval_shape(MCNN(num_classes=13).init, jax.random.key(0), x))
+        )
+        == 42_577_261
+    )
     x = jnp.ones((1, 128, 128, 3))
     p0 = MCNN(impl="xla", **SMALL).init(jax.random.key(3), x)["params"]
     p1 = MCNN(impl="fast", **SMALL).init(jax.random.key(3), x)["params"]
@@ -105,10 +119,12 @@ def test_kernel_grad_on_realistic_fields(kind, shape, k, chunk):
     and leave a remainder: on fields with zero borders and flat regions, and a sparse output gradient (a
     max-pool's), it still equals XLA's kernel gradient."""
     from fields import fields
+
     n, h, w, c, o = shape
     x = jnp.asarray(fields(kind, n, h, w, c))
-    ct = jax.random.normal(jax.random.key(2), (n, h, w, o)) * (jax.random.uniform(jax.random.key(3), (n, h, w, o))
-                                                                < 1 / 16)
+    ct = jax.random.normal(jax.random.key(2), (n, h, w, o)) * (
+        jax.random.uniform(jax.random.key(3), (n, h, w, o)) < 1 / 16
+    )
     kern = jax.random.normal(jax.random.key(1), (k, k, c, o))
     ref = jax.vjp(lambda p: xla_conv.conv_xla(x, p), kern)[1](ct)[0]
     assert (n * (h + k - 1)) % chunk  # a remainder chunk

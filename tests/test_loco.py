@@ -21,27 +21,43 @@ HELD_OUT = ["cmpd01a", "cmpd02a", "cmpd03b"]
 
 
 def mcnn_loco(workdir, store, *args):
-    cmd = [sys.executable, "-m", "mcnn_jax.cli.loco", "--config", TINY, "--workdir", str(workdir),
-           f"--config.data.store={store}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.loco",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        f"--config.data.store={store}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
 def test_three_compound_loco_with_an_interrupted_fold(store, tmp_path):
     from mcnn_jax.train import train_and_evaluate
+
     st = open_store(store)
     compounds = loco.fold_compounds(st)
     assert "DMSO" not in compounds and set(HELD_OUT) <= set(compounds)
     # an interrupted fold: its training stopped at step 1 of 2 (a checkpoint, no FOLD_COMPLETE marker)
     interrupted = loco.fold_dir(tmp_path, compounds, "cmpd02a")
-    train_and_evaluate(load_config(TINY, [f"data.store={store}", "data.split=compound",
-                                          "data.holdout_compound=cmpd02a", "train.max_steps=1"]), interrupted)
+    train_and_evaluate(
+        load_config(
+            TINY, [f"data.store={store}", "data.split=compound", "data.holdout_compound=cmpd02a", "train.max_steps=1"]
+        ),
+        interrupted,
+    )
     first_s, attempts = loco.earlier_train_wall_s(interrupted)
     assert attempts == 1 and first_s > 0
     proc = mcnn_loco(tmp_path, store, "--compounds", ",".join(HELD_OUT))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"fold {interrupted.name}: training with 'cmpd02a' held out (resuming)" in proc.stdout
-    starts = {c: json.loads((loco.fold_dir(tmp_path, compounds, c) / "summary.json").read_text())["start_step"]
-              for c in HELD_OUT}
+    starts = {
+        c: json.loads((loco.fold_dir(tmp_path, compounds, c) / "summary.json").read_text())["start_step"]
+        for c in HELD_OUT
+    }
     assert starts == {"cmpd01a": 0, "cmpd02a": 1, "cmpd03b": 0}
     done = {c: json.loads((loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).read_text()) for c in HELD_OUT}
     assert {c: d["train_attempts"] for c, d in done.items()} == {"cmpd01a": 1, "cmpd02a": 2, "cmpd03b": 1}
@@ -71,13 +87,15 @@ def test_three_compound_loco_with_an_interrupted_fold(store, tmp_path):
     markers = {c: (loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).stat().st_mtime_ns for c in HELD_OUT}
     again = mcnn_loco(tmp_path, store, "--compounds", ",".join(HELD_OUT))
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 3
-    assert markers == {c: (loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).stat().st_mtime_ns
-                       for c in HELD_OUT}
+    assert markers == {c: (loco.fold_dir(tmp_path, compounds, c) / loco.MARKER).stat().st_mtime_ns for c in HELD_OUT}
     partial = mcnn_loco(tmp_path, store, "--report")  # every fold of the store: 3 of 6 finished
     assert partial.returncode == 0 and "3 of 6 folds finished (missing: cmpd01b, cmpd02b, cmpd03a)" in partial.stdout
     fold = loco.fold_dir(tmp_path, compounds, "cmpd01a")
-    with pytest.raises(loco.LocoError, match=rf"fold {fold.name} \(held-out compound 'cmpd01a'\), --checkpoint "
-                       r"snapshots: no snapshot checkpoint in .*add --config.optim.cycles=N"):
+    with pytest.raises(
+        loco.LocoError,
+        match=rf"fold {fold.name} \(held-out compound 'cmpd01a'\), --checkpoint "
+        r"snapshots: no snapshot checkpoint in .*add --config.optim.cycles=N",
+    ):
         loco.evaluate_fold(fold, store, "cmpd01a", checkpoint="snapshots")
 
 
@@ -96,8 +114,9 @@ def test_bad_input_names_what_is_missing(store, tmp_path):
 
 
 def test_single_compound_classes():
-    st = SimpleNamespace(metadata={"class": ["DMSO", "a", "a", "b", "b", "c"],
-                                   "compound": ["DMSO", "x", "y", "z", "z", "w"]})
+    st = SimpleNamespace(
+        metadata={"class": ["DMSO", "a", "a", "b", "b", "c"], "compound": ["DMSO", "x", "y", "z", "z", "w"]}
+    )
     assert loco.single_compound_classes(st) == {"b": "z", "c": "w"}
 
 
@@ -125,16 +144,26 @@ def test_best_is_refused(capsys):
 
 def test_earlier_attempts_add_up(tmp_path):
     """Each training attempt appends to metrics.jsonl with its own wall clock; a killed one may cut a line."""
-    records = [dict(split="train", step=1, wall=1.0), dict(split="val", step=1, wall=2.5),
-               dict(split="train", step=2, wall=0.5), dict(split="train", step=3, wall=1.5)]
+    records = [
+        dict(split="train", step=1, wall=1.0),
+        dict(split="val", step=1, wall=2.5),
+        dict(split="train", step=2, wall=0.5),
+        dict(split="train", step=3, wall=1.5),
+    ]
     text = "\n".join(json.dumps(r) for r in records) + '\n{"split": "train", "wa'
     (tmp_path / "metrics.jsonl").write_text(text)
     assert loco.earlier_train_wall_s(tmp_path) == (4.0, 2)
     assert loco.earlier_train_wall_s(tmp_path / "nothing") == (0.0, 0)
 
 
-CYCLES = ["--config.train.max_steps=0", "--config.optim.epochs=1.0", "--config.optim.warmup_epochs=0.5",
-          "--config.optim.cycles=2", "--config.optim.cycle_epochs=0.5", "--config.train.eval_every_epochs=100.0"]
+CYCLES = [
+    "--config.train.max_steps=0",
+    "--config.optim.epochs=1.0",
+    "--config.optim.warmup_epochs=0.5",
+    "--config.optim.cycles=2",
+    "--config.optim.cycle_epochs=0.5",
+    "--config.train.eval_every_epochs=100.0",
+]
 
 
 def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
@@ -146,8 +175,17 @@ def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
     from mcnn_jax.data import to_float
     from mcnn_jax.evaluation.embed import feature_names
     from mcnn_jax.evaluation.evaluate import load_ensemble
-    args = ["--config", TINY, "--workdir", str(tmp_path), f"--config.data.store={store}", "--compounds", "cmpd01a",
-            *CYCLES]
+
+    args = [
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.store={store}",
+        "--compounds",
+        "cmpd01a",
+        *CYCLES,
+    ]
     loco_cli.main([*args, "--checkpoint", "snapshots"])  # in this process, but for the fold's training
     assert "1 of 1 folds finished; evaluated checkpoint(s): snapshots" in capsys.readouterr().out
     st = open_store(store)
@@ -181,9 +219,16 @@ def test_a_fold_trains_on_the_trainers_store(tmp_path):
     from mcnn_jax.data.prepare import prepare_store
     from mcnn_jax.parallel.world import World
 
-    cfg = load_config(TINY, ["data.synthetic.num_images=24", "data.synthetic.background=offset",
-                             "data.synthetic.saturation=3000", "data.synthetic.bits=12",
-                             "data.synthetic.difficulty=0.5"])
+    cfg = load_config(
+        TINY,
+        [
+            "data.synthetic.num_images=24",
+            "data.synthetic.background=offset",
+            "data.synthetic.saturation=3000",
+            "data.synthetic.bits=12",
+            "data.synthetic.difficulty=0.5",
+        ],
+    )
     fold_store = loco.open_loco_store(cfg, tmp_path / "loco")
     train_store = prepare_store(cfg, tmp_path / "train", World())
     info = fold_store.info["synthetic"]

@@ -24,8 +24,13 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 def max_rel_diff(a, b):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(la) == len(lb) > 0
-    return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()
-                   / (np.abs(np.asarray(y, np.float64)).max() + 1e-12)) for x, y in zip(la, lb))
+    return max(
+        float(
+            np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()
+            / (np.abs(np.asarray(y, np.float64)).max() + 1e-12)
+        )
+        for x, y in zip(la, lb)
+    )
 
 
 def run_steps(microbatch, batches):
@@ -49,8 +54,13 @@ def batches():
         mask = np.ones(8, np.float32)
         if i == 2:
             mask[5:] = 0.0  # a padded batch: the masked images count in neither the loss nor the metrics
-        out.append(dict(image=jnp.asarray(rng.uniform(size=(8, 128, 128, 3)), jnp.float32),
-                        label=jnp.asarray(rng.integers(0, 4, 8), jnp.int32), mask=jnp.asarray(mask)))
+        out.append(
+            dict(
+                image=jnp.asarray(rng.uniform(size=(8, 128, 128, 3)), jnp.float32),
+                label=jnp.asarray(rng.integers(0, 4, 8), jnp.int32),
+                mask=jnp.asarray(mask),
+            )
+        )
     return out
 
 
@@ -73,8 +83,11 @@ def test_a_microbatch_that_does_not_divide_the_local_batch_is_a_clear_error(stor
         with pytest.raises(ValueError, match=f"train.microbatch={bad} does not divide the local batch of 8"):
             num_microbatches(8, bad)
     config = load_config(TINY, [f"data.store={store}", "train.microbatch=3"])
-    with pytest.raises(ValueError, match=r"train.microbatch=3 does not divide the local batch of 8 images per rank "
-                                         r"\(train.global_batch=8 / 1 MPI rank\(s\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.microbatch=3 does not divide the local batch of 8 images per rank "
+        r"\(train.global_batch=8 / 1 MPI rank\(s\)\)",
+    ):
         train_and_evaluate(config, tmp_path)
 
 
@@ -82,8 +95,9 @@ def test_a_run_in_microbatches_trains_checkpoints_and_resumes_as_one_without(sto
     """3 steps in micro-batches of 2, then resumed without micro-batches up to 5 = 5 steps without micro-batches."""
     common = [f"data.store={store}", "train.checkpoint_every_steps=1"]
     ref = train_and_evaluate(load_config(TINY, [*common, "train.max_steps=5"]), tmp_path / "ref")
-    first = train_and_evaluate(load_config(TINY, [*common, "train.max_steps=3", "train.microbatch=2"]),
-                               tmp_path / "micro")
+    first = train_and_evaluate(
+        load_config(TINY, [*common, "train.max_steps=3", "train.microbatch=2"]), tmp_path / "micro"
+    )
     assert first["final_step"] == 3
     assert max_rel_diff(load_model(tmp_path / "micro", 3)[1], load_model(tmp_path / "ref", 3)[1]) < 1e-5
     resumed = train_and_evaluate(load_config(TINY, [*common, "train.max_steps=5"]), tmp_path / "micro")

@@ -27,8 +27,17 @@ def mpiexec():
 
 
 def train(workdir, store, ranks, *overrides, timeout=600):
-    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(workdir),
-           f"--config.data.store={store}", *[f"--config.{o}" for o in overrides]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        f"--config.data.store={store}",
+        *[f"--config.{o}" for o in overrides],
+    ]
     if ranks > 1:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -46,8 +55,10 @@ def one_rank(store, tmp_path_factory):
 def max_rel_diff(a, b):
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(la) == len(lb)
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(y)).max() + 1e-12))
-               for x, y in zip(la, lb))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max() / (np.abs(np.asarray(y)).max() + 1e-12))
+        for x, y in zip(la, lb)
+    )
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_batch(store, one_rank, tmp_path):
@@ -79,8 +90,12 @@ def test_checkpoint_of_two_ranks_resumes_on_one(store, one_rank, tmp_path):
 
 def test_a_growing_batch_on_two_ranks_equals_one_rank(store, tmp_path):
     """train.batch_schedule 4 -> 8 images: 2 ranks x 2 then x 4 = 1 rank x 4 then x 8, across the phase change."""
-    keys = ("train.max_steps=0", "optim.epochs=2.0", "train.batch_schedule=((0, 4), (1, 8))",
-            "train.checkpoint_every_steps=1")
+    keys = (
+        "train.max_steps=0",
+        "optim.epochs=2.0",
+        "train.batch_schedule=((0, 4), (1, 8))",
+        "train.checkpoint_every_steps=1",
+    )
     train(tmp_path / "one", store, 1, *keys)
     proc = train(tmp_path / "two", store, 2, *keys)
     assert "global batch 4 from epoch 0" in proc.stdout and "the global batch grows to 8" in proc.stdout
@@ -90,8 +105,20 @@ def test_a_growing_batch_on_two_ranks_equals_one_rank(store, tmp_path):
 
 
 def test_global_batch_not_divisible_by_ranks_is_a_clear_error(store, tmp_path):
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir",
-           str(tmp_path), f"--config.data.store={store}", "--config.train.global_batch=7"]
+    cmd = [
+        mpiexec(),
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.store={store}",
+        "--config.train.global_batch=7",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "global_batch=7 is not divisible by the 2 MPI ranks" in proc.stdout + proc.stderr
@@ -99,8 +126,12 @@ def test_global_batch_not_divisible_by_ranks_is_a_clear_error(store, tmp_path):
 
 def test_a_rank_that_raises_stops_the_whole_job(tmp_path):
     t0 = time.time()
-    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(ROOT / "tests" / "mpi_fault.py")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [mpiexec(), "-n", "2", sys.executable, str(ROOT / "tests" / "mpi_fault.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert time.time() - t0 < 60, "the job took more than 60 s to stop"
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -108,11 +139,22 @@ def test_a_rank_that_raises_stops_the_whole_job(tmp_path):
 
 
 def test_a_killed_rank_stops_the_whole_job(store, tmp_path):
-    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir",
-           str(tmp_path), f"--config.data.store={store}", "--config.train.max_steps=100000",
-           "--config.train.eval_every_epochs=100000.0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        mpiexec(),
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.store={store}",
+        "--config.train.max_steps=100000",
+        "--config.train.eval_every_epochs=100000.0",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         metrics = tmp_path / "metrics.jsonl"
         deadline = time.time() + 300
@@ -144,8 +186,7 @@ def test_a_killed_rank_stops_the_whole_job(store, tmp_path):
 def test_allreduce_time_gflops_and_per_rank_logs(store, tmp_path):
     """Under 2 ranks: metrics.jsonl has the separately timed allreduce and GFLOP/s; each rank has its log."""
     train(tmp_path, store, 2, "train.max_steps=2")
-    train_records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
-                     if '"train"' in x]
+    train_records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert [r["step"] for r in train_records] == [1, 2]
     assert all(0 < r["allreduce_s"] < r["step_s"] + 1.0 and r["gflop_per_s"] > 0 for r in train_records)
     for rank in (0, 1):

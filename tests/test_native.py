@@ -35,14 +35,19 @@ def _conv64(x, kern):
     y = np.zeros((n, h, w, kern.shape[-1]))
     for i in range(k):
         for j in range(k):
-            y += np.einsum("nhwc,co->nhwo", xp[:, i:i + h, j:j + w], kern[i, j])
+            y += np.einsum("nhwc,co->nhwo", xp[:, i : i + h, j : j + w], kern[i, j])
     return y
 
 
 # (n, h, w, c, o, k): thin and wide channels, 3 input channels (the image), odd sizes that leave remainders in
 # every register tile, and a 3x3 kernel.
-CASES = [(1, 37, 45, 3, 16, 5), (2, 20, 29, 16, 16, 5), (1, 13, 50, 16, 32, 5), (2, 9, 11, 32, 64, 5),
-         (1, 16, 21, 16, 16, 3)]
+CASES = [
+    (1, 37, 45, 3, 16, 5),
+    (2, 20, 29, 16, 16, 5),
+    (1, 13, 50, 16, 32, 5),
+    (2, 9, 11, 32, 64, 5),
+    (1, 16, 21, 16, 16, 3),
+]
 
 
 @pytest.mark.parametrize("n,h,w,c,o,k", CASES)
@@ -61,8 +66,14 @@ def test_native_conv_value_and_grads(n, h, w, c, o, k):
     dx_ref = _conv64(ct, np.flip(np.asarray(kern), (0, 1)).transpose(0, 1, 3, 2)) if k % 2 else None
     lo = (k - 1) // 2
     xp = np.pad(np.asarray(x, np.float64), ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
-    dk_ref = np.stack([np.stack([np.einsum("nhwc,nhwo->co", xp[:, i:i + h, j:j + w], np.asarray(ct, np.float64))
-                                 for j in range(k)]) for i in range(k)])
+    dk_ref = np.stack(
+        [
+            np.stack(
+                [np.einsum("nhwc,nhwo->co", xp[:, i : i + h, j : j + w], np.asarray(ct, np.float64)) for j in range(k)]
+            )
+            for i in range(k)
+        ]
+    )
     assert _rel(dx1, dx_ref) < 1e-5 and _rel(dx0, dx_ref) < 1e-5
     assert _rel(dk1, dk_ref) < 1e-5 and _rel(dk0, dk_ref) < 1e-5
 
@@ -106,10 +117,14 @@ print("WARN", [str(x.message) for x in w if "native" in str(x.message)][:1])
 
 
 def test_falls_back_with_a_warning_when_no_compiler(tmp_path):
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), MCNN_NATIVE_CACHE=str(tmp_path / "cache"),
-               MCNN_COMPILATION_CACHE="0", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=300)
+    env = dict(
+        os.environ,
+        CXX=str(tmp_path / "no-such-compiler"),
+        MCNN_NATIVE_CACHE=str(tmp_path / "cache"),
+        MCNN_COMPILATION_CACHE="0",
+        JAX_PLATFORMS="cpu",
+    )
+    r = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "OK (1, 3)" in r.stdout and "no C++ compiler" in r.stdout
     assert "using the XLA form" in r.stdout
@@ -138,11 +153,13 @@ def test_native_kernels_on_realistic_fields(kind, n, h, w, c, o, k):
     at exactly 0 (the ReLU's mask at 0), flat regions give equal outputs, and the output gradient is sparse, as
     a max-pool's is (one entry per window). Values and all three gradients equal the plain XLA form's."""
     from fields import fields
+
     x = jnp.asarray(fields(kind, n, h, w, c))
     kern = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.2
     bias = jnp.zeros((o,))
-    ct = jax.random.normal(jax.random.key(2), (n, h, w, o)) * (jax.random.uniform(jax.random.key(3), (n, h, w, o))
-                                                                < 1 / 16)
+    ct = jax.random.normal(jax.random.key(2), (n, h, w, o)) * (
+        jax.random.uniform(jax.random.key(3), (n, h, w, o)) < 1 / 16
+    )
     plain = lambda x, kern, bias: jax.nn.relu(xla_conv.conv_xla(x, kern) + bias)  # noqa: E731
     z1, f1 = jax.vjp(jax.jit(native.conv_bias_relu), x, kern, bias)
     z0, f0 = jax.vjp(plain, x, kern, bias)

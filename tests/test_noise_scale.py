@@ -68,8 +68,13 @@ def test_chunk_gradients_of_a_linear_model_match_the_closed_form():
     labels = rng.integers(0, classes, n).astype(np.int32)
     model = Linear(classes)
     params = model.init(jax.random.key(0), jnp.asarray(images[:1]))["params"]
-    r = gradient_noise_scale(model, params, [dict(image=images[i:i + b], label=labels[i:i + b]) for i in
-                                             range(0, n, b)], classes, smoothing)
+    r = gradient_noise_scale(
+        model,
+        params,
+        [dict(image=images[i : i + b], label=labels[i : i + b]) for i in range(0, n, b)],
+        classes,
+        smoothing,
+    )
     x = images.reshape(n, -1).astype(np.float64)
     W, bias = np.asarray(params["Dense_0"]["kernel"], np.float64), np.asarray(params["Dense_0"]["bias"], np.float64)
     t = np.full((n, classes), smoothing / classes)
@@ -89,8 +94,11 @@ def test_identical_images_have_no_noise_and_padded_batches_are_left_out():
     image[0, 1:3, 1:3] = 1.0  # a saturated object on a flat background
     params = model.init(jax.random.key(0), jnp.asarray(image))["params"]
     same = dict(image=np.repeat(image, 4, 0), label=np.zeros(4, np.int32), mask=np.ones(4, np.float32))
-    padded = dict(image=rng.uniform(size=(4, 4, 4, 1)).astype(np.float32), label=np.ones(4, np.int32),
-                  mask=np.array([1, 1, 0, 0], np.float32))
+    padded = dict(
+        image=rng.uniform(size=(4, 4, 4, 1)).astype(np.float32),
+        label=np.ones(4, np.int32),
+        mask=np.array([1, 1, 0, 0], np.float32),
+    )
     r = gradient_noise_scale(model, params, [same, same, padded, same], 2)
     assert r["chunks"] == 3 and r["skipped_batches"] == 1
     assert abs(r["trace_sigma"]) <= 1e-9 * r["grad_norm_sq"] and r["grad_norm_sq"] > 0
@@ -109,12 +117,26 @@ def test_the_command_measures_a_runs_checkpoints(store, tmp_path):
     from mcnn_jax.config import load_config
     from mcnn_jax.train import train_and_evaluate
 
-    config = load_config(str(ROOT / "configs" / "tiny.py"), [f"data.store={store}", "train.max_steps=4",
-                                                              "train.checkpoint_every_steps=2"])
+    config = load_config(
+        str(ROOT / "configs" / "tiny.py"),
+        [f"data.store={store}", "train.max_steps=4", "train.checkpoint_every_steps=2"],
+    )
     train_and_evaluate(config, tmp_path / "run")
     out = tmp_path / "ns.json"
-    rows = cli.main(["--run", str(tmp_path / "run"), "--checkpoints", "init,all", "--chunk", "2",
-                     "--max-images", "8", "--out", str(out)])
+    rows = cli.main(
+        [
+            "--run",
+            str(tmp_path / "run"),
+            "--checkpoints",
+            "init,all",
+            "--chunk",
+            "2",
+            "--max-images",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert [r["checkpoint"] for r in rows] == ["init", 2, 4]
     assert json.loads(out.read_text())["rows"] == rows
     for r in rows:

@@ -15,19 +15,25 @@ def _cfg(**kw):
 
 
 def _params():
-    return {"conv": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([0.3, -0.1])},
-            "norm": {"scale": jnp.array([1.0, 1.0])}}
+    return {
+        "conv": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([0.3, -0.1])},
+        "norm": {"scale": jnp.array([1.0, 1.0])},
+    }
 
 
 def _grads():
-    return {"conv": {"kernel": jnp.array([[0.1, 0.2], [-0.3, 0.05]]), "bias": jnp.array([0.5, -0.5])},
-            "norm": {"scale": jnp.array([0.2, -0.1])}}
+    return {
+        "conv": {"kernel": jnp.array([[0.1, 0.2], [-0.3, 0.05]]), "bias": jnp.array([0.5, -0.5])},
+        "norm": {"scale": jnp.array([0.2, -0.1])},
+    }
 
 
 def test_lars_two_steps_equal_the_formula_by_hand():
     lr, wd, tc, mom = 0.1, 0.01, 0.02, 0.9
-    tx = optim.make_optimizer(_cfg(name="lars", weight_decay=wd, trust_coefficient=tc, eps=0.0, momentum=mom,
-                                   nesterov=False), optax.constant_schedule(lr))
+    tx = optim.make_optimizer(
+        _cfg(name="lars", weight_decay=wd, trust_coefficient=tc, eps=0.0, momentum=mom, nesterov=False),
+        optax.constant_schedule(lr),
+    )
     p, g = _params(), _grads()
     state = tx.init(p)
     u1, state = tx.update(g, state, p)
@@ -42,7 +48,10 @@ def test_lars_two_steps_equal_the_formula_by_hand():
         return tc * np.linalg.norm(param) / np.linalg.norm(d) * d
 
     for path, decay in ((("conv", "kernel"), True), (("conv", "bias"), False), (("norm", "scale"), False)):
-        get = lambda t: t[path[0]][path[1]]
+
+        def get(t, path=path):
+            return t[path[0]][path[1]]
+
         m1 = by_hand(get(p), get(g), decay)
         np.testing.assert_allclose(get(u1), -lr * m1, rtol=1e-5)
         m2 = by_hand(get(p) - lr * m1, get(g), decay) + mom * m1
@@ -85,8 +94,9 @@ def test_linear_scaling_rule_and_steps():
 
 def test_published_recipe_schedule():
     # warmup 0.001 -> 0.008 over 5 epochs, then linear decay to 1e-4 at the end (batch 32 = base batch)
-    c = _cfg(base_lr=0.008, base_batch=32, warmup_init_lr=0.001, warmup_epochs=5, decay="linear", end_lr=1e-4,
-             epochs=50)
+    c = _cfg(
+        base_lr=0.008, base_batch=32, warmup_init_lr=0.001, warmup_epochs=5, decay="linear", end_lr=1e-4, epochs=50
+    )
     s = optim.make_schedule(c, steps_per_epoch=100, global_batch=32)
     assert float(s(0)) == pytest.approx(0.001)
     assert float(s(250)) == pytest.approx(0.0045)
@@ -100,11 +110,22 @@ def test_published_recipe_schedule():
     assert float(optim.make_schedule(c, steps_per_epoch=25, global_batch=128)(125)) == pytest.approx(0.016)
 
 
-@pytest.mark.parametrize("decay,at_half", [("cosine", 0.5 * (0.1 + 0.001)), ("polynomial", None),
-                                           ("step", 0.01), ("constant", 0.1)])
+@pytest.mark.parametrize(
+    "decay,at_half", [("cosine", 0.5 * (0.1 + 0.001)), ("polynomial", None), ("step", 0.01), ("constant", 0.1)]
+)
 def test_decay_shapes(decay, at_half):
-    c = _cfg(base_lr=0.1, base_batch=8, warmup_init_lr=0.0, warmup_epochs=1, decay=decay, end_lr=0.001,
-             power=2.0, step_epochs=(5.0,), step_gamma=0.1, epochs=11)
+    c = _cfg(
+        base_lr=0.1,
+        base_batch=8,
+        warmup_init_lr=0.0,
+        warmup_epochs=1,
+        decay=decay,
+        end_lr=0.001,
+        power=2.0,
+        step_epochs=(5.0,),
+        step_gamma=0.1,
+        epochs=11,
+    )
     s = optim.make_schedule(c, steps_per_epoch=10, global_batch=8)
     assert float(s(5)) == pytest.approx(0.05)  # warming up
     assert float(s(10)) == pytest.approx(0.1)  # the peak
@@ -135,14 +156,34 @@ def test_label_smoothing_cross_entropy():
 def test_cyclic_schedule_values_at_chosen_steps():
     """3 main epochs (1 of warmup, linear decay), then 2 cosine-restart cycles of 1 epoch; 4 steps per epoch,
     global batch 64 = twice the base batch, so the peaks (0.008 main, 0.004 cycle) are doubled."""
-    cfg = _cfg(epochs=3.0, warmup_epochs=1.0, decay="linear", warmup_init_lr=0.001, base_lr=0.008, base_batch=32,
-               end_lr=1e-4, cycles=2, cycle_epochs=1.0, cycle_base_lr=0.004)
+    cfg = _cfg(
+        epochs=3.0,
+        warmup_epochs=1.0,
+        decay="linear",
+        warmup_init_lr=0.001,
+        base_lr=0.008,
+        base_batch=32,
+        end_lr=1e-4,
+        cycles=2,
+        cycle_epochs=1.0,
+        cycle_base_lr=0.004,
+    )
     schedule = optim.make_schedule(cfg, steps_per_epoch=4, global_batch=64)
     assert optim.snapshot_steps(cfg, 4) == [12, 16, 20] and optim.total_steps(cfg, 4) == 20
     cosine = lambda i, n: 1e-4 + (0.008 - 1e-4) * 0.5 * (1 + np.cos(np.pi * i / n))  # noqa: E731
-    expected = {0: 0.001, 4: 0.016, 11: 0.016 + (1e-4 - 0.016) * 7 / 8,  # main run: warmup, linear decay
-                12: 0.008, 13: cosine(1, 3), 14: cosine(2, 3), 15: 1e-4,  # cycle 1: restart, cosine to end_lr
-                16: 0.008, 18: cosine(2, 3), 19: 1e-4, 25: 1e-4}  # cycle 2; after the last: end_lr
+    expected = {
+        0: 0.001,
+        4: 0.016,
+        11: 0.016 + (1e-4 - 0.016) * 7 / 8,  # main run: warmup, linear decay
+        12: 0.008,
+        13: cosine(1, 3),
+        14: cosine(2, 3),
+        15: 1e-4,  # cycle 1: restart, cosine to end_lr
+        16: 0.008,
+        18: cosine(2, 3),
+        19: 1e-4,
+        25: 1e-4,
+    }  # cycle 2; after the last: end_lr
     for step, lr in expected.items():
         assert float(schedule(step)) == pytest.approx(lr, rel=1e-5), step
     no_cycles = _cfg(epochs=3.0, warmup_epochs=1.0, cycles=0)
@@ -168,8 +209,9 @@ def test_lamb_step_equals_the_formula_by_hand():
         return -lr * np.linalg.norm(param) / np.linalg.norm(d) * d
 
     for path, layerwise in ((("conv", "kernel"), True), (("conv", "bias"), False), (("norm", "scale"), False)):
-        np.testing.assert_allclose(u[path[0]][path[1]], by_hand(p[path[0]][path[1]], g[path[0]][path[1]], layerwise),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            u[path[0]][path[1]], by_hand(p[path[0]][path[1]], g[path[0]][path[1]], layerwise), rtol=1e-5
+        )
     # the kernel's step is the learning rate relative to its norm, whatever the gradient's scale
     big, _ = tx.update(jax.tree_util.tree_map(lambda x: 1e3 * x, g), tx.init(p), p)
     assert np.linalg.norm(big["conv"]["kernel"]) == pytest.approx(lr * np.linalg.norm(p["conv"]["kernel"]), rel=1e-5)

@@ -1,4 +1,5 @@
-"""``train.overlap``: the two-stage backward with the head's sum in flight (mcnn_jax.parallel.overlap, mcnn_jax.parallel.nonblocking),
+"""``train.overlap``: the two-stage backward with the head's sum in flight (mcnn_jax.parallel.overlap,
+mcnn_jax.parallel.nonblocking),
 in one process (the exchanger's thread returns the copy). Two ranks: tests/test_comm.py (tests/mpi_comm.py)."""
 
 import time
@@ -37,8 +38,9 @@ def _train(params, batch, plan, microbatch, exchanger, steps=3):
     return state, metrics
 
 
-@pytest.mark.parametrize("scheme,microbatch", [("auto", 0), ("allreduce", 2), ("factored", 0), ("factored", 3),
-                                               ("auto", 2)])
+@pytest.mark.parametrize(
+    "scheme,microbatch", [("auto", 0), ("allreduce", 2), ("factored", 0), ("factored", 3), ("auto", 2)]
+)
 def test_the_overlapped_step_gives_the_plain_steps_parameters(setup, scheme, microbatch):
     params, batch = setup
     plan = comm.make_plan(scheme, params, 6, 1)
@@ -122,6 +124,7 @@ def test_start_comes_before_the_branches_backward_pass_and_finish_after_it(setup
 
 def test_the_exchanger_sums_in_the_background():
     ex = Exchanger(reduce=lambda b: 3 * b, delay=0.05)
+
     def f(x):
         ticket, y = ex.start([x, x[:2].reshape(1, 2)], 2 * x)
         a, b = ex.finish(ticket, [x, x[:2].reshape(1, 2)], y)
@@ -143,8 +146,7 @@ def test_the_exchanger_sums_in_the_background():
 def test_overlap_rejects_powersgd_and_a_head_that_is_not_the_tail(setup):
     params, batch = setup
     with pytest.raises(ValueError, match="train.overlap=True supports the exact exchanges"):
-        make_train_step(MODEL, optax.sgd(0.1), 3, plan=comm.make_plan("powersgd", params, 6, 1),
-                        exchanger=Exchanger())
+        make_train_step(MODEL, optax.sgd(0.1), 3, plan=comm.make_plan("powersgd", params, 6, 1), exchanger=Exchanger())
 
     class Scaled(nn.Module):  # a dense layer, then a parameter that is not a dense layer's
         @nn.compact

@@ -66,12 +66,16 @@ def test_bbbc021_layout_counts_and_the_field_rule(bbbc021):
     assert len(taxol) == 1 and taxol.correct.iat[0]
     strict = E.profile_report(bbbc021, E.ProfileOptions(map=False, nscb_rule="strict"))
     assert strict["nscb"]["treatments"] == 91 and strict["nscb"]["accuracy"] == pytest.approx(88 / 91)
-    assert not ((strict["nscb"]["matches"].neighbour_compound == "taxol")
-                & (strict["nscb"]["matches"].neighbour_concentration == 0.3)).any()
+    assert not (
+        (strict["nscb"]["matches"].neighbour_compound == "taxol")
+        & (strict["nscb"]["matches"].neighbour_concentration == 0.3)
+    ).any()
     # every NSCB pair is of another compound and shares no week, unless one side is taxol @ 0.3
     prof = P.treatment_profiles(bbbc021)
-    weeks = {(c, x): set(b.split(";")) for c, x, b in zip(prof.Metadata_Compound, prof.Metadata_Concentration,
-                                                          prof.Metadata_Batches)}
+    weeks = {
+        (c, x): set(b.split(";"))
+        for c, x, b in zip(prof.Metadata_Compound, prof.Metadata_Concentration, prof.Metadata_Batches)
+    }
     for r in strict["nscb"]["matches"].itertuples():
         q, n = (r.Metadata_Compound, r.Metadata_Concentration), (r.neighbour_compound, r.neighbour_concentration)
         assert q[0] != n[0] and not weeks[q] & weeks[n]
@@ -79,7 +83,9 @@ def test_bbbc021_layout_counts_and_the_field_rule(bbbc021):
 
 def test_the_cli_names_what_nscb_leaves_out(bbbc021, tmp_path, capsys):
     bbbc021.to_parquet(tmp_path / "t.parquet")
-    profile_eval_cli([str(tmp_path / "t.parquet"), "--quiet", "--json", str(tmp_path / "r.json"), "--null-size", "2000"])
+    profile_eval_cli(
+        [str(tmp_path / "t.parquet"), "--quiet", "--json", str(tmp_path / "r.json"), "--null-size", "2000"]
+    )
     out = capsys.readouterr().out
     assert "NSC: 1-NN MoA accuracy 0.9709 over 103 treatments" in out
     assert "NSCB: 1-NN MoA accuracy 0.9674 over 92 treatments" in out
@@ -114,9 +120,15 @@ def test_average_precision_by_hand():
     # q's AP = (1/1 + 2/3) / 2 = 0.8333 (the same-compound x2 is no candidate)
     def v(deg):
         return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
-    prof = pd.DataFrame(dict(Metadata_Compound=["x", "x", "y", "z", "u", "w"],
-                             Metadata_Concentration=[1.0, 2.0, 1, 1, 1, 1], Metadata_MoA=["a", "a", "a", "a", "b", "b"],
-                             Metadata_Batches=["W1"] * 6))
+
+    prof = pd.DataFrame(
+        dict(
+            Metadata_Compound=["x", "x", "y", "z", "u", "w"],
+            Metadata_Concentration=[1.0, 2.0, 1, 1, 1, 1],
+            Metadata_MoA=["a", "a", "a", "a", "b", "b"],
+            Metadata_Batches=["W1"] * 6,
+        )
+    )
     f = np.array([v(0), v(1), v(np.degrees(np.arccos(0.99))), v(60), v(np.degrees(np.arccos(0.9))), v(180)])
     prof[["f0", "f1"]] = f
     ap = M.consistency_ap(prof, ["f0", "f1"], "nsc").set_index(["Metadata_Compound", "Metadata_Concentration"])
@@ -155,8 +167,11 @@ def test_coral_against_its_closed_form():
     parts = []
     for week, scale in (("Week1", [1.0, 3.0]), ("Week2", [2.0, 0.5])):
         x = rng.normal(size=(25, 2)) * scale + rng.normal(size=2)
-        parts.append(pd.DataFrame(x, columns=["a", "b"]).assign(
-            Metadata_Plate=f"{week}_1", Metadata_Compound=["DMSO"] * 15 + ["X"] * 10))
+        parts.append(
+            pd.DataFrame(x, columns=["a", "b"]).assign(
+                Metadata_Plate=f"{week}_1", Metadata_Compound=["DMSO"] * 15 + ["X"] * 10
+            )
+        )
     df = pd.concat(parts, ignore_index=True)
     x = df[["a", "b"]].to_numpy()
     ctrl = (df.Metadata_Compound == "DMSO").to_numpy()
@@ -182,20 +197,34 @@ def test_normalisation_steps_run_in_order_and_bad_steps_are_named():
     assert N.parse_steps("") == () and N.parse_steps(None) == ()
     with pytest.raises(ValueError, match="unknown normalisation step.*'zca'.*plate, tvn, coral"):
         N.parse_steps("tvn,zca")
-    df = pd.DataFrame(dict(Metadata_Plate=["W1_1"] * 4, Metadata_Compound=["DMSO", "DMSO", "DMSO", "X"],
-                           a=[1.0, 2.0, 4.0, 8.0], b=[0.0, 1.0, 0.0, 5.0]))
+    df = pd.DataFrame(
+        dict(
+            Metadata_Plate=["W1_1"] * 4,
+            Metadata_Compound=["DMSO", "DMSO", "DMSO", "X"],
+            a=[1.0, 2.0, 4.0, 8.0],
+            b=[0.0, 1.0, 0.0, 5.0],
+        )
+    )
     both = N.normalize(df, ["a", "b"], "plate,tvn")
-    np.testing.assert_allclose(both[["a", "b"]].to_numpy(),
-                               N.tvn(N.standardize_per_plate(df, ["a", "b"]), ["a", "b"])[["a", "b"]].to_numpy())
+    np.testing.assert_allclose(
+        both[["a", "b"]].to_numpy(), N.tvn(N.standardize_per_plate(df, ["a", "b"]), ["a", "b"])[["a", "b"]].to_numpy()
+    )
     with pytest.raises(P.TableError, match="TVN is fitted on the DMSO .* has 1"):
         N.tvn(df.assign(Metadata_Compound=["DMSO", "X", "X", "X"]), ["a", "b"])
 
 
 def test_well_level_profiles():
     # two wells of treatment X (sites 1, 2 each), one of DMSO; well means, then the treatment's median of them
-    df = pd.DataFrame(dict(Metadata_Plate=["W1_1"] * 6, Metadata_Well=["A01", "A01", "A02", "A02", "B01", "B01"],
-                           Metadata_Compound=["X"] * 4 + ["DMSO"] * 2, Metadata_Concentration=[1.0] * 4 + [0.0] * 2,
-                           Metadata_MoA=["m"] * 4 + ["DMSO"] * 2, f=[1.0, 3.0, 10.0, 30.0, 0.0, 0.0]))
+    df = pd.DataFrame(
+        dict(
+            Metadata_Plate=["W1_1"] * 6,
+            Metadata_Well=["A01", "A01", "A02", "A02", "B01", "B01"],
+            Metadata_Compound=["X"] * 4 + ["DMSO"] * 2,
+            Metadata_Concentration=[1.0] * 4 + [0.0] * 2,
+            Metadata_MoA=["m"] * 4 + ["DMSO"] * 2,
+            f=[1.0, 3.0, 10.0, 30.0, 0.0, 0.0],
+        )
+    )
     wells = P.well_profiles(df)
     assert list(wells.f) == [2.0, 20.0, 0.0] and list(wells.Metadata_Images) == [2, 2, 2]
     assert list(wells.Metadata_Compound) == ["X", "X", "DMSO"]
@@ -209,8 +238,10 @@ def test_well_level_on_the_bbbc021_layout(bbbc021):
     res = E.profile_report(bbbc021, E.ProfileOptions(level="well", normalize="tvn,coral", null_size=1000))
     assert res["nsc"]["treatments"] == 103 and res["nscb"]["treatments"] == 92
     wells = bbbc021.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
-    assert res["map"]["activity"]["queries"] == wells - bbbc021[bbbc021.Metadata_Compound == "DMSO"].groupby(
-        ["Metadata_Plate", "Metadata_Well"]).ngroups
+    assert (
+        res["map"]["activity"]["queries"]
+        == wells - bbbc021[bbbc021.Metadata_Compound == "DMSO"].groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
+    )
 
 
 def test_pycytominer_on_our_tables(bbbc021):
@@ -220,8 +251,9 @@ def test_pycytominer_on_our_tables(bbbc021):
     rng = np.random.default_rng(0)
     table = bbbc021.assign(**{c: bbbc021[c] + 0.01 * rng.normal(size=len(bbbc021)) for c in features})
     wells = pycytominer.aggregate(table, strata=meta, features=features, operation="mean")
-    norm = pycytominer.normalize(wells, features=features, meta_features=meta,
-                                 samples="Metadata_Compound == 'DMSO'", method="standardize")
+    norm = pycytominer.normalize(
+        wells, features=features, meta_features=meta, samples="Metadata_Compound == 'DMSO'", method="standardize"
+    )
     kept = pycytominer.feature_select(norm, features=features, operation=["variance_threshold", "drop_na_columns"])
     assert len(wells) == bbbc021.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
     res = E.profile_report(kept, E.ProfileOptions(map=False))
@@ -237,8 +269,10 @@ def test_bad_options_are_named(bbbc021, tmp_path, capsys):
     bbbc021.drop(columns=["Metadata_Well"]).to_csv(path, index=False)
     with pytest.raises(SystemExit) as e:
         profile_eval_cli([str(path), "--level", "well", "--no-map"])
-    assert e.value.code == 2 and "lacks the column(s) Metadata_Well needed for well-level profiles" in \
-        capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and "lacks the column(s) Metadata_Well needed for well-level profiles" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit) as e:
         profile_eval_cli([str(path), "--normalize", "whiten"])
     assert e.value.code == 2 and "unknown normalisation step(s) 'whiten'" in capsys.readouterr().err

@@ -14,25 +14,53 @@ from mcnn_jax.evaluation import profiles as P
 
 # (compound, concentration, MoA, plate, angle in degrees) of hand-placed 2-d treatment profiles
 TREATMENTS = [
-    ("A", 1.0, "m1", "Week1_100", 0), ("A", 2.0, "m1", "Week1_100", 5), ("B", 1.0, "m1", "Week1_101", 10),
-    ("C", 1.0, "m1", "Week2_200", 52), ("D", 1.0, "m2", "Week2_200", 30), ("E", 1.0, "m2", "Week1_101", 80),
+    ("A", 1.0, "m1", "Week1_100", 0),
+    ("A", 2.0, "m1", "Week1_100", 5),
+    ("B", 1.0, "m1", "Week1_101", 10),
+    ("C", 1.0, "m1", "Week2_200", 52),
+    ("D", 1.0, "m2", "Week2_200", 30),
+    ("E", 1.0, "m2", "Week1_101", 80),
     ("F", 1.0, "m2", "Week2_201", 85),
 ]
 # NSC (another compound), cosine = angle: A@1 -> B (10 deg), A@2 -> B (5), B -> A@2 (5), C -> D (22), D -> B (20),
 # E -> F (5), F -> E (5): correct for A, A, B, E, F = 5 / 7.
-NSC = {("A", 1.0): "B", ("A", 2.0): "B", ("B", 1.0): "A", ("C", 1.0): "D", ("D", 1.0): "B", ("E", 1.0): "F",
-       ("F", 1.0): "E"}
+NSC = {
+    ("A", 1.0): "B",
+    ("A", 2.0): "B",
+    ("B", 1.0): "A",
+    ("C", 1.0): "D",
+    ("D", 1.0): "B",
+    ("E", 1.0): "F",
+    ("F", 1.0): "E",
+}
 # NSCB (another compound in another week): A, A and B (Week1) only see C, D, F (Week2): D is nearest (m2, wrong);
 # C -> E (28, wrong), D -> B (20, wrong), E -> F (right), F -> E (right): 2 / 7.
-NSCB = {("A", 1.0): "D", ("A", 2.0): "D", ("B", 1.0): "D", ("C", 1.0): "E", ("D", 1.0): "B", ("E", 1.0): "F",
-        ("F", 1.0): "E"}
+NSCB = {
+    ("A", 1.0): "D",
+    ("A", 2.0): "D",
+    ("B", 1.0): "D",
+    ("C", 1.0): "E",
+    ("D", 1.0): "B",
+    ("E", 1.0): "F",
+    ("F", 1.0): "E",
+}
 
 
 def _image_rows(compound, conc, moa, plate, angle):
     v = np.array([np.cos(np.radians(angle)), np.sin(np.radians(angle))])
     # images v, 2v and an outlier (100, 100): the per-feature median is 2v (same angle); a mean would not be
-    return [dict(Metadata_Compound=compound, Metadata_Concentration=conc, Metadata_MoA=moa, Metadata_Plate=plate,
-                 Metadata_Well="B02", f0=x[0], f1=x[1]) for x in (v, 2 * v, np.array([100.0, 100.0]))]
+    return [
+        dict(
+            Metadata_Compound=compound,
+            Metadata_Concentration=conc,
+            Metadata_MoA=moa,
+            Metadata_Plate=plate,
+            Metadata_Well="B02",
+            f0=x[0],
+            f1=x[1],
+        )
+        for x in (v, 2 * v, np.array([100.0, 100.0]))
+    ]
 
 
 @pytest.fixture()
@@ -86,8 +114,13 @@ def test_query_compounds_and_missing_neighbours(table):
 
 
 def test_per_plate_normalisation_against_controls():
-    df = pd.DataFrame(dict(Metadata_Plate=["p1"] * 3 + ["p2"] * 3, Metadata_Compound=["DMSO", "DMSO", "X"] * 2,
-                           f0=[1.0, 3.0, 4.0, 10.0, 30.0, 40.0]))
+    df = pd.DataFrame(
+        dict(
+            Metadata_Plate=["p1"] * 3 + ["p2"] * 3,
+            Metadata_Compound=["DMSO", "DMSO", "X"] * 2,
+            f0=[1.0, 3.0, 4.0, 10.0, 30.0, 40.0],
+        )
+    )
     out = N.standardize_per_plate(df, ["f0"])
     # p1: DMSO mean 2, std 1 -> X = 2; p2: mean 20, std 10 -> X = 2
     assert list(out.f0) == pytest.approx([-1, 1, 2, -1, 1, 2])
@@ -97,10 +130,16 @@ def test_per_plate_normalisation_against_controls():
 
 def test_treatment_level_accuracy_averages_probabilities():
     # treatment (X, 1): images say m1, m1, m2; mean probabilities (0.4, 0.6) say m2, which is right
-    df = pd.DataFrame(dict(
-        Metadata_Compound=["X", "X", "X", "Y", "Y", "DMSO"], Metadata_Concentration=[1.0, 1, 1, 1, 1, 0],
-        Metadata_MoA=["m2", "m2", "m2", "m1", "m1", "DMSO"], P_m1=[0.6, 0.6, 0.0, 0.9, 0.2, 0.1],
-        P_m2=[0.4, 0.4, 1.0, 0.1, 0.8, 0.1], P_DMSO=[0, 0, 0, 0, 0, 0.8]))
+    df = pd.DataFrame(
+        dict(
+            Metadata_Compound=["X", "X", "X", "Y", "Y", "DMSO"],
+            Metadata_Concentration=[1.0, 1, 1, 1, 1, 0],
+            Metadata_MoA=["m2", "m2", "m2", "m1", "m1", "DMSO"],
+            P_m1=[0.6, 0.6, 0.0, 0.9, 0.2, 0.1],
+            P_m2=[0.4, 0.4, 1.0, 0.1, 0.8, 0.1],
+            P_DMSO=[0, 0, 0, 0, 0, 0.8],
+        )
+    )
     df["Metadata_Predicted_MoA"] = [c[2:] for c in df[["P_m1", "P_m2", "P_DMSO"]].idxmax(axis=1)]
     tr = P.treatment_predictions(df).set_index("Metadata_Compound")
     assert tr.loc["X", "Metadata_Predicted_MoA"] == "m2" and tr.loc["Y", "Metadata_Predicted_MoA"] == "m1"

@@ -78,7 +78,8 @@ def test_max_pool_propagates_nan_like_max():
 def _shift_biases(params, shift):
     """Biases + shift: a flat region then gives a constant positive activation (ties above 0, not at 0)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, v: v + shift if jax.tree_util.keystr(path).endswith("['bias']") else v, params)
+        lambda path, v: v + shift if jax.tree_util.keystr(path).endswith("['bias']") else v, params
+    )
 
 
 _grad = jax.jit(jax.grad(lambda p, m, x, y: loss_fn(x, y)(p, m)), static_argnums=1)
@@ -99,9 +100,15 @@ def test_model_gradients_equal_plain_xla(kind, shift):
 
 
 # the issue's parameter, then the largest-gradient entry of a leaf in every part of the model
-CHOSEN = [(("branch0", "conv0", "bias"), (0,)), (("branch0", "conv2", "bias"), None),
-          (("branch2", "conv1", "kernel"), None), (("branch6", "conv2", "kernel"), None),
-          (("merge", "kernel"), None), (("hidden", "kernel"), None), (("logits", "bias"), None)]
+CHOSEN = [
+    (("branch0", "conv0", "bias"), (0,)),
+    (("branch0", "conv2", "bias"), None),
+    (("branch2", "conv1", "kernel"), None),
+    (("branch6", "conv2", "kernel"), None),
+    (("merge", "kernel"), None),
+    (("hidden", "kernel"), None),
+    (("logits", "bias"), None),
+]
 
 
 def _perturbed(params, path, idx, delta):
@@ -129,8 +136,9 @@ def test_native_gradient_matches_finite_differences(kind):
         for path, idx in CHOSEN:
             leaf = functools.reduce(lambda t, k: t[k], path, g)
             idx = idx or np.unravel_index(int(np.abs(leaf).argmax()), leaf.shape)
-            fd = float(loss64(_perturbed(p64, path, idx, eps), x64)
-                       - loss64(_perturbed(p64, path, idx, -eps), x64)) / (2 * eps)
+            fd = float(loss64(_perturbed(p64, path, idx, eps), x64) - loss64(_perturbed(p64, path, idx, -eps), x64)) / (
+                2 * eps
+            )
             got = float(leaf[idx])
             assert abs(fd) > 1e-6 or path == ("branch0", "conv0", "bias"), (path, fd)  # a real check
             assert abs(got - fd) <= 1e-3 * max(abs(fd), 1e-4), (path, idx, got, fd)

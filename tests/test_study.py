@@ -14,11 +14,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     import study_large_batch as study
 
-    args = ["--out", str(tmp_path), "--store", store, "--epochs", "1", "--warmup-epochs", "0.5", "--base-batch", "4",
-            "--multipliers", "1,2", "--recipes", "nesterov,lars", "--ensemble-batches", "8", "--cycles", "1",
-            "--cycle-epochs", "0.5", "--widths", "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2",
-            "--lr", "nesterov=0.05,lars=2.0", "--ensemble-recipe", "nesterov", "--powersgd", "nesterov:8",
-            "--ramp", ""]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--store",
+        store,
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0.5",
+        "--base-batch",
+        "4",
+        "--multipliers",
+        "1,2",
+        "--recipes",
+        "nesterov,lars",
+        "--ensemble-batches",
+        "8",
+        "--cycles",
+        "1",
+        "--cycle-epochs",
+        "0.5",
+        "--widths",
+        "2,2,2,4,4,4,4",
+        "--size",
+        "128",
+        "--merge-pool",
+        "2",
+        "--lr",
+        "nesterov=0.05,lars=2.0",
+        "--ensemble-recipe",
+        "nesterov",
+        "--powersgd",
+        "nesterov:8",
+        "--ramp",
+        "",
+    ]
     result = study.main(args)
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["complete"] and (tmp_path / "study.png").stat().st_size > 10_000
@@ -26,8 +57,14 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     assert all(f"| {r['name']} | {r['global_batch']} |" in table for r in saved["runs"])
     assert "| its collapsed ensemble |" in table
     names = [r["name"] for r in saved["runs"]]
-    assert names == ["nesterov_b4", "nesterov_b8", "lars_b4", "lars_b8", "nesterov_b8_ensemble1",
-                     "nesterov_b8_powersgd4"]
+    assert names == [
+        "nesterov_b4",
+        "nesterov_b8",
+        "lars_b4",
+        "lars_b8",
+        "nesterov_b8_ensemble1",
+        "nesterov_b8_powersgd4",
+    ]
     for r in saved["runs"]:
         assert 0.0 <= r["final"]["image_accuracy"] <= 1.0 and 0.0 <= r["final"]["treatment_accuracy"] <= 1.0
         assert r["best_val_accuracy"] == max(r["val_accuracy"]) and r["train_loss"] and r["val_loss"]
@@ -37,10 +74,12 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
     c = saved["conclusions"]
     reference = saved["runs"][0]["best_val_accuracy"]
     assert c["reference"] == "nesterov_b4" and c["target"] == pytest.approx(round(reference - 0.01, 4))
-    assert c["lars"]["gap_to_reference"]["8"] == pytest.approx(reference - saved["runs"][3]["best_val_accuracy"],
-                                                                abs=1e-4)
+    assert c["lars"]["gap_to_reference"]["8"] == pytest.approx(
+        reference - saved["runs"][3]["best_val_accuracy"], abs=1e-4
+    )
     assert c["powersgd_cost"]["nesterov_b8_powersgd4"] == pytest.approx(
-        saved["runs"][1]["best_val_accuracy"] - saved["runs"][-1]["best_val_accuracy"], abs=1e-4)
+        saved["runs"][1]["best_val_accuracy"] - saved["runs"][-1]["best_val_accuracy"], abs=1e-4
+    )
     assert all(r["epochs_to_target"] is None or r["epochs_to_target"] <= 1.0 for r in saved["runs"])
     again = study.main(args)  # every run is finished: reused, not retrained
     assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in result["runs"]]
@@ -54,10 +93,42 @@ def test_the_study_runs_in_a_tiny_form(store, tmp_path):
 def test_replicas_train_again_with_other_seeds_and_the_conclusions_use_the_means(store, tmp_path):
     import study_large_batch as study
 
-    args = ["--out", str(tmp_path), "--store", store, "--epochs", "1", "--warmup-epochs", "0.5", "--base-batch", "4",
-            "--multipliers", "1,2", "--recipes", "nesterov", "--cycles", "0", "--powersgd", "", "--widths",
-            "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2", "--lr", "nesterov=0.05", "--seed", "3",
-            "--ramp", "", "--replicas", "5", "--replicate", "nesterov_b4"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--store",
+        store,
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0.5",
+        "--base-batch",
+        "4",
+        "--multipliers",
+        "1,2",
+        "--recipes",
+        "nesterov",
+        "--cycles",
+        "0",
+        "--powersgd",
+        "",
+        "--widths",
+        "2,2,2,4,4,4,4",
+        "--size",
+        "128",
+        "--merge-pool",
+        "2",
+        "--lr",
+        "nesterov=0.05",
+        "--seed",
+        "3",
+        "--ramp",
+        "",
+        "--replicas",
+        "5",
+        "--replicate",
+        "nesterov_b4",
+    ]
     saved = study.main(args)
     runs = {r["name"]: r for r in saved["runs"]}
     assert list(runs) == ["nesterov_b4", "nesterov_b8", "nesterov_b4_seed5"]
@@ -72,7 +143,8 @@ def test_replicas_train_again_with_other_seeds_and_the_conclusions_use_the_means
     c = saved["conclusions"]
     assert c["reference_best"] == pytest.approx(np.mean(pair)) and c["nesterov"]["seeds"] == {4: 2, 8: 1}
     assert c["nesterov"]["gap_to_reference"][8] == pytest.approx(
-        np.mean(pair) - runs["nesterov_b8"]["best_val_accuracy"], abs=1e-4)
+        np.mean(pair) - runs["nesterov_b8"]["best_val_accuracy"], abs=1e-4
+    )
     with pytest.raises(SystemExit, match="nesterov_b4, nesterov_b8"):
         study.main(args[:-1] + ["nesterov_b16"])
     with pytest.raises(SystemExit, match="--seed"):
@@ -83,10 +155,36 @@ def test_a_growing_batch_run_is_compared_with_the_base_batch(store, tmp_path):
     """--ramp: a run whose global batch grows (train.batch_schedule) from the base batch, with its gaps."""
     import study_large_batch as study
 
-    args = ["--out", str(tmp_path), "--store", store, "--epochs", "2", "--warmup-epochs", "0.5", "--base-batch", "4",
-            "--multipliers", "1", "--recipes", "nesterov", "--cycles", "0", "--powersgd", "", "--widths",
-            "2,2,2,4,4,4,4", "--size", "128", "--merge-pool", "2", "--lr", "nesterov=0.05",
-            "--ramp", "nesterov:0=4,1=8"]
+    args = [
+        "--out",
+        str(tmp_path),
+        "--store",
+        store,
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "0.5",
+        "--base-batch",
+        "4",
+        "--multipliers",
+        "1",
+        "--recipes",
+        "nesterov",
+        "--cycles",
+        "0",
+        "--powersgd",
+        "",
+        "--widths",
+        "2,2,2,4,4,4,4",
+        "--size",
+        "128",
+        "--merge-pool",
+        "2",
+        "--lr",
+        "nesterov=0.05",
+        "--ramp",
+        "nesterov:0=4,1=8",
+    ]
     saved = study.main(args)
     base, ramp = saved["runs"]
     assert ramp["name"] == "nesterov_b8_ramp" and ramp["batch_schedule"] == [[0, 4], [1, 8]]
@@ -113,10 +211,22 @@ def test_merged_replicas_average_the_validation_curves():
     import study_large_batch as study
 
     def row(name, seed, acc):
-        return dict(name=name + (f"_seed{seed}" if seed else ""), group=name, seed=seed, recipe="adamw",
-                    global_batch=16, multiplier=1.0, cycles=0, comm="", peak_lr=0.002, steps=10, val_epoch=[1.0, 2.0],
-                    val_accuracy=acc, best_val_accuracy=max(acc), final=dict(image_accuracy=acc[-1],
-                                                                             treatment_accuracy=1.0))
+        return dict(
+            name=name + (f"_seed{seed}" if seed else ""),
+            group=name,
+            seed=seed,
+            recipe="adamw",
+            global_batch=16,
+            multiplier=1.0,
+            cycles=0,
+            comm="",
+            peak_lr=0.002,
+            steps=10,
+            val_epoch=[1.0, 2.0],
+            val_accuracy=acc,
+            best_val_accuracy=max(acc),
+            final=dict(image_accuracy=acc[-1], treatment_accuracy=1.0),
+        )
 
     (merged,) = study.merge_seeds([row("adamw_b16", 0, [0.5, 0.7]), row("adamw_b16", 1, [0.6, 0.6])])
     assert merged["val_accuracy"] == pytest.approx([0.55, 0.65]) and merged["best_val_accuracy"] == pytest.approx(0.65)
@@ -155,16 +265,35 @@ def test_per_recipe_options_reach_the_config():
 
 def _study_json(tmp_path, epochs_to_target):
     def curve(e):  # validation accuracy 0.5 until epoch e (or always), then 0.8
-        return dict(val_epoch=[1.0 * k for k in range(1, 21)],
-                    val_accuracy=[0.8 if e is not None and k >= e else 0.5 for k in range(1, 21)])
+        return dict(
+            val_epoch=[1.0 * k for k in range(1, 21)],
+            val_accuracy=[0.8 if e is not None and k >= e else 0.5 for k in range(1, 21)],
+        )
 
-    runs = [dict(name=f"nesterov_b{b}", recipe="nesterov", global_batch=b, cycles=0, comm="", best_val_accuracy=acc,
-                 **curve(e)) for b, acc, e in zip((16, 64, 256), (0.80, 0.80, 0.5), epochs_to_target)]
-    runs.append(dict(name="adamw_b16", recipe="adamw", global_batch=16, cycles=0, comm="", best_val_accuracy=0.5,
-                     **curve(None)))
-    study = dict(runs=runs, conclusions=dict(reference="nesterov_b16", target=0.79,
-                                             nesterov=dict(within_1_point=[16, 64, 256]),
-                                             adamw=dict(within_1_point=[])))
+    runs = [
+        dict(
+            name=f"nesterov_b{b}",
+            recipe="nesterov",
+            global_batch=b,
+            cycles=0,
+            comm="",
+            best_val_accuracy=acc,
+            **curve(e),
+        )
+        for b, acc, e in zip((16, 64, 256), (0.80, 0.80, 0.5), epochs_to_target)
+    ]
+    runs.append(
+        dict(name="adamw_b16", recipe="adamw", global_batch=16, cycles=0, comm="", best_val_accuracy=0.5, **curve(None))
+    )
+    study = dict(
+        runs=runs,
+        conclusions=dict(
+            reference="nesterov_b16",
+            target=0.79,
+            nesterov=dict(within_1_point=[16, 64, 256]),
+            adamw=dict(within_1_point=[]),
+        ),
+    )
     path = tmp_path / "study.json"
     path.write_text(json.dumps(study))
     return path
@@ -174,8 +303,20 @@ def test_time_to_accuracy_is_measured_epochs_times_projected_throughput(tmp_path
     import time_to_accuracy as tta
 
     path = _study_json(tmp_path, (10.0, 12.0, None))
-    result = tta.main(["--study", str(path), "--node-batch", "32", "--images", "1000", "--node-image-s", "0.1",
-                       "--scheme", "allreduce"])
+    result = tta.main(
+        [
+            "--study",
+            str(path),
+            "--node-batch",
+            "32",
+            "--images",
+            "1000",
+            "--node-image-s",
+            "0.1",
+            "--scheme",
+            "allreduce",
+        ]
+    )
     assert result["recipe"] == "nesterov"  # the one within 1 point at the largest batch
     rows = {r["global_batch"]: r for r in result["rows"]}
     assert (rows[16]["nodes"], rows[16]["images_per_node"]) == (1, 16)
@@ -213,9 +354,17 @@ def test_time_to_accuracy_of_a_growing_batch_sums_its_phases(tmp_path):
 
     path = _study_json(tmp_path, (10.0, 12.0, None))
     study = json.loads(path.read_text())
-    ramp = dict(name="nesterov_b256_ramp", recipe="nesterov", global_batch=256, cycles=0, comm="",
-                batch_schedule=[[0, 16], [10, 64], [20, 256]], best_val_accuracy=0.8,
-                val_epoch=[1.0 * k for k in range(1, 21)], val_accuracy=[0.8 if k >= 15 else 0.5 for k in range(1, 21)])
+    ramp = dict(
+        name="nesterov_b256_ramp",
+        recipe="nesterov",
+        global_batch=256,
+        cycles=0,
+        comm="",
+        batch_schedule=[[0, 16], [10, 64], [20, 256]],
+        best_val_accuracy=0.8,
+        val_epoch=[1.0 * k for k in range(1, 21)],
+        val_accuracy=[0.8 if k >= 15 else 0.5 for k in range(1, 21)],
+    )
     study["runs"].append(ramp)
     path.write_text(json.dumps(study))
     common = ["--study", str(path), "--images", "1000", "--node-image-s", "0.1", "--scheme", "allreduce"]
@@ -229,5 +378,6 @@ def test_time_to_accuracy_of_a_growing_batch_sums_its_phases(tmp_path):
     at8 = {x["global_batch"]: x for x in tta.main(common + ["--node-batch", "8"])["rows"] if x["efficiency"]}
     assert at2[16]["nodes"] == at8[64]["nodes"] == 8
     assert r["hours_to_target"] == pytest.approx(
-        (10 * 1000 / at2[16]["images_per_s"] + 5 * 1000 / at8[64]["images_per_s"]) / 3600)
+        (10 * 1000 / at2[16]["images_per_s"] + 5 * 1000 / at8[64]["images_per_s"]) / 3600
+    )
     assert r["speedup"] == pytest.approx(rows["nesterov_b16"]["hours_to_target"] / r["hours_to_target"])

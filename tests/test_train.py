@@ -28,8 +28,17 @@ def tiny(store, *overrides):
 
 
 def cli(workdir, store, *overrides, **kw):
-    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(workdir),
-           f"--config.data.store={store}", *[f"--config.{o}" for o in overrides]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        f"--config.data.store={store}",
+        *[f"--config.{o}" for o in overrides],
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -52,8 +61,12 @@ def uninterrupted(store, tmp_path_factory):
 
 def test_two_step_run_end_to_end(tmp_path):
     """The CLI on the tiny config, generating its synthetic data: metrics, TensorBoard, checkpoint, summary."""
-    proc = subprocess.run([sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_step"] == 2 and summary["steps_run"] == 2
@@ -99,8 +112,9 @@ def test_sigkill_and_resume_equals_uninterrupted(store, uninterrupted, tmp_path,
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(store, tmp_path):
-    proc = cli(tmp_path, store, "train.max_steps=1000", "train.checkpoint_every_steps=1000",
-               "train.eval_every_epochs=1000.0")
+    proc = cli(
+        tmp_path, store, "train.max_steps=1000", "train.checkpoint_every_steps=1000", "train.eval_every_epochs=1000.0"
+    )
     deadline = time.time() + 300
     metrics = tmp_path / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
@@ -118,8 +132,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(store, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(store, tmp_path):
-    proc = cli(tmp_path, store, "train.max_steps=50", "train.checkpoint_every_steps=1", "optim.base_lr=1e30",
-               "optim.warmup_init_lr=1e30", "optim.name=sgd", "optim.momentum=0.0")
+    proc = cli(
+        tmp_path,
+        store,
+        "train.max_steps=50",
+        "train.checkpoint_every_steps=1",
+        "optim.base_lr=1e30",
+        "optim.warmup_init_lr=1e30",
+        "optim.name=sgd",
+        "optim.momentum=0.0",
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 3, out
     assert "the training loss became nan" in out.lower() or "the training loss became inf" in out.lower(), out
@@ -147,20 +169,29 @@ def test_evaluation_from_a_checkpoint(store, uninterrupted):
     assert result["step"] == 6
     assert result["accuracy"] == pytest.approx(summary["final_val_accuracy"])
     assert np.asarray(result["confusion"]).sum() == result["count"] > 0
-    proc = subprocess.run([sys.executable, "-m", "mcnn_jax.cli.evaluate", "--workdir", str(ref_dir), "--checkpoint",
-                           "best"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcnn_jax.cli.evaluate", "--workdir", str(ref_dir), "--checkpoint", "best"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "true \\ predicted" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "mcnn_jax.cli.evaluate", "--workdir", str(ref_dir), "--checkpoint",
-                          "12345"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mcnn_jax.cli.evaluate", "--workdir", str(ref_dir), "--checkpoint", "12345"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "no checkpoint of step 12345" in bad.stderr
 
 
 def test_overlap_trains_the_same_parameters(store, uninterrupted, tmp_path):
     """``train.overlap=True`` through the trainer (one process: the background thread returns the copy): the
     uninterrupted run's parameters after 6 steps, within float32 rounding."""
-    summary = train_and_evaluate(tiny(store, "train.max_steps=6", "train.checkpoint_every_steps=1",
-                                      "train.overlap=True"), tmp_path)
+    summary = train_and_evaluate(
+        tiny(store, "train.max_steps=6", "train.checkpoint_every_steps=1", "train.overlap=True"), tmp_path
+    )
     assert summary["final_step"] == 6
     ref = final_params(uninterrupted[0])
     for a, b in zip(jax.tree_util.tree_leaves(final_params(tmp_path)), jax.tree_util.tree_leaves(ref)):
@@ -176,6 +207,7 @@ def test_target_accuracy_stops_and_reports_time_to_train(store, tmp_path):
 
 def test_report_writes_plots(uninterrupted, tmp_path):
     from mcnn_jax.evaluation.plots import make_report
+
     written = make_report(uninterrupted[0], tmp_path)
     names = {p.name for p in written}
     assert {"curves_by_step.png", "curves_by_time.png", "learning_rate.png", "confusion.png"} <= names
@@ -187,6 +219,7 @@ def test_a_half_written_checkpoint_is_never_restored(store, uninterrupted, tmp_p
     import shutil
 
     from mcnn_jax.checkpoint import Checkpointer
+
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], workdir)
     ckpts = workdir / "checkpoints"
@@ -202,6 +235,7 @@ def test_a_half_written_checkpoint_is_never_restored(store, uninterrupted, tmp_p
 
 def test_eval_on_a_missing_store_is_a_clear_error(uninterrupted, tmp_path, capsys):
     from mcnn_jax.cli.evaluate import main as run
+
     (tmp_path / "not_a_store").mkdir()
     with pytest.raises(SystemExit) as e:
         run(["--workdir", str(uninterrupted[0]), "--store", str(tmp_path / "not_a_store")])

@@ -32,8 +32,7 @@ TINY = str(ROOT / "configs" / "tiny.py")
 def test_steady_images_per_s_excludes_the_first_step_and_compile_time_is_apart(store, tmp_path):
     config = load_config(TINY, [f"data.store={store}", "train.max_steps=4", "train.profile_steps=(2, 3)"])
     summary = train_and_evaluate(config, tmp_path)
-    train = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-             if r["split"] == "train"]
+    train = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     steady = sum(r["data_wait_s"] + r["step_s"] for r in train[1:])
     assert summary["images_per_s"] == pytest.approx(3 * 8 / steady, rel=1e-3)
@@ -51,10 +50,23 @@ def test_steady_images_per_s_excludes_the_first_step_and_compile_time_is_apart(s
 
 
 def test_nan_before_the_first_checkpoint_says_none_exists_and_what_to_change(store, tmp_path):
-    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", TINY, "--workdir", str(tmp_path),
-           f"--config.data.store={store}", "--config.train.max_steps=50", "--config.train.checkpoint_every_steps=100",
-           "--config.train.eval_every_epochs=100.0", "--config.optim.base_lr=1e30",
-           "--config.optim.warmup_init_lr=1e30", "--config.optim.name=momentum", "--config.optim.momentum=0.0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.store={store}",
+        "--config.train.max_steps=50",
+        "--config.train.checkpoint_every_steps=100",
+        "--config.train.eval_every_epochs=100.0",
+        "--config.optim.base_lr=1e30",
+        "--config.optim.warmup_init_lr=1e30",
+        "--config.optim.name=momentum",
+        "--config.optim.momentum=0.0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out

@@ -12,14 +12,19 @@ from mcnn_jax.runtime import enable_compilation_cache
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mcnn-embed", description=embed.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mcnn-embed", description=embed.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True, help="a .parquet or .csv file")
     p.add_argument("--layer", default="hidden", choices=LAYERS)
-    p.add_argument("--checkpoint", default="best", help="best (default), latest, a step number, or an ensemble: "
-                   "snapshots (the collapsed ensemble's, optim.cycles > 0) or a comma-separated list of the "
-                   "former; an ensemble's features are its members' side by side (hidden_m0_000, ...)")
+    p.add_argument(
+        "--checkpoint",
+        default="best",
+        help="best (default), latest, a step number, or an ensemble: "
+        "snapshots (the collapsed ensemble's, optim.cycles > 0) or a comma-separated list of the "
+        "former; an ensemble's features are its members' side by side (hidden_m0_000, ...)",
+    )
     p.add_argument("--store", default="", help="another store (default: the run's)")
     p.add_argument("--split", default="all", choices=("all", "val", "train"))
     p.add_argument("--batch", type=int, default=8)
@@ -33,8 +38,9 @@ def main(argv=None):
         sys.exit(2)
     steps = ", ".join(str(m["step"]) for m in metas)
     what = "" if len(metas) == 1 else f" of {len(metas)} checkpoints (steps {steps})"
-    print(f"wrote {res['rows']} rows of {args.layer} features{what} to {res['path']} "
-          f"({res['images_per_s']:.2f} images/s)")
+    print(
+        f"wrote {res['rows']} rows of {args.layer} features{what} to {res['path']} ({res['images_per_s']:.2f} images/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,24 +17,34 @@ from mcnn_jax.runtime import enable_compilation_cache
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mcnn-eval", description=evaluate.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mcnn-eval", description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default="best", help="best (default), latest, a step number, or an "
-                        "ensemble: snapshots (the collapsed ensemble's) or a comma-separated list of the former")
+    parser.add_argument(
+        "--checkpoint",
+        default="best",
+        help="best (default), latest, a step number, or an "
+        "ensemble: snapshots (the collapsed ensemble's) or a comma-separated list of the former",
+    )
     parser.add_argument("--store", default="", help="another store to evaluate on (default: the run's)")
     parser.add_argument("--split", default="val", choices=("val", "train", "all"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--predictions", default="", help="write one row per image (Metadata_*, true and "
-                        "predicted class, P_<class> probabilities) to this CSV or .parquet file, and print "
-                        "treatment-level and per-compound accuracy (mcnn_jax.evaluation.embed)")
+    parser.add_argument(
+        "--predictions",
+        default="",
+        help="write one row per image (Metadata_*, true and "
+        "predicted class, P_<class> probabilities) to this CSV or .parquet file, and print "
+        "treatment-level and per-compound accuracy (mcnn_jax.evaluation.embed)",
+    )
     args = parser.parse_args(argv)
     enable_compilation_cache()
     try:
         if args.predictions:
-            result = evaluate_to_table(args.workdir, args.checkpoint, args.store, args.split, args.batch,
-                                       args.predictions)
+            result = evaluate_to_table(
+                args.workdir, args.checkpoint, args.store, args.split, args.batch, args.predictions
+            )
         else:
             result = evaluate_checkpoint(args.workdir, args.checkpoint, args.store, args.split, args.batch)
     except (FileNotFoundError, ValueError, StoreError) as e:
@@ -44,8 +54,11 @@ def main(argv=None):
     if args.json:
         print(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}))
         return
-    what = (f"checkpoint step {result['step']}" if len(result["members"]) == 1 else
-            f"ensemble of {len(result['members'])} checkpoints (steps {', '.join(map(str, result['members']))})")
+    what = (
+        f"checkpoint step {result['step']}"
+        if len(result["members"]) == 1
+        else f"ensemble of {len(result['members'])} checkpoints (steps {', '.join(map(str, result['members']))})"
+    )
     print(f"{what} of {args.workdir}; {result['count']} images of {result['store']} ({args.split})")
     print(f"accuracy {result['accuracy']:.4f}   loss {result['loss']:.4f}")
     for name, acc in zip(result["class_names"], result["per_class_accuracy"]):

@@ -26,8 +26,9 @@ from mcnn_jax.runtime import enable_compilation_cache
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mcnn-loco", description=loco.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mcnn-loco", description=loco.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="the training config (every fold uses it)")
     p.add_argument("--workdir", required=True, help="folds go to WORKDIR/folds/, the report to WORKDIR")
     which = p.add_mutually_exclusive_group()
@@ -38,21 +39,27 @@ def parse_args(argv):
     p.add_argument("--no-report", action="store_true", help="run the fold(s) only (SLURM array tasks)")
     p.add_argument("--launcher", default="", help="prefix of each fold's training command, e.g. 'mpiexec -n 2'")
     p.add_argument("--layer", default="hidden", choices=("hidden", "merge"), help="embedding layer for NSC/NSCB")
-    p.add_argument("--checkpoint", default="latest", help="what each fold evaluates: latest (default), snapshots "
-                   "(the collapsed ensemble: needs --config.optim.cycles=N) or a comma-separated list of steps; an "
-                   "ensemble predicts with the mean of its members' probabilities and embeds with their features "
-                   "side by side. Not best: it is picked by accuracy on the held-out compound, the test set")
+    p.add_argument(
+        "--checkpoint",
+        default="latest",
+        help="what each fold evaluates: latest (default), snapshots "
+        "(the collapsed ensemble: needs --config.optim.cycles=N) or a comma-separated list of steps; an "
+        "ensemble predicts with the mean of its members' probabilities and embeds with their features "
+        "side by side. Not best: it is picked by accuracy on the held-out compound, the test set",
+    )
     p.add_argument("--batch", type=int, default=8, help="evaluation batch")
     add_profile_options(p)  # --normalize, --level, --nscb-rule, --control (also not a fold), mAP options
     args, rest = p.parse_known_args(argv)
     if "best" in [w.strip() for w in args.checkpoint.split(",")]:
-        p.error("--checkpoint best is refused: the best checkpoint is the one with the highest accuracy on the "
-                "fold's validation images, which are the held-out compound's, so picking it would select on the "
-                "test set; use latest (default), snapshots or step numbers")
+        p.error(
+            "--checkpoint best is refused: the best checkpoint is the one with the highest accuracy on the "
+            "fold's validation images, which are the held-out compound's, so picking it would select on the "
+            "test set; use latest (default), snapshots or step numbers"
+        )
     bad = [r for r in rest if not r.startswith("--config.") or "=" not in r]
     if bad:
         p.error(f"unrecognised argument(s) {bad}; config overrides look like --config.train.max_steps=8")
-    return args, [r[len("--config."):] for r in rest]
+    return args, [r[len("--config.") :] for r in rest]
 
 
 def main(argv=None):
@@ -63,9 +70,11 @@ def main(argv=None):
         opts = options_from_args(args)
         config = load_config(args.config, overrides)
         if args.checkpoint == "snapshots" and not config.optim.cycles and not (args.list or args.report):
-            raise LocoError("--checkpoint snapshots evaluates the collapsed ensemble's snapshots, which a fold's "
-                            "training makes only with optim.cycles > 0: add --config.optim.cycles=N (see "
-                            "optim.cycle_epochs and optim.cycle_base_lr)")
+            raise LocoError(
+                "--checkpoint snapshots evaluates the collapsed ensemble's snapshots, which a fold's "
+                "training makes only with optim.cycles > 0: add --config.optim.cycles=N (see "
+                "optim.cycle_epochs and optim.cycle_base_lr)"
+            )
         store = open_loco_store(config, args.workdir)
         compounds = fold_compounds(store, args.control)
         if args.list:

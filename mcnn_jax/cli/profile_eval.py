@@ -11,9 +11,11 @@ from mcnn_jax.evaluation.profiles import TableError, read_table, write_json
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="mcnn-profile-eval", description="NSC / NSCB 1-nearest-neighbour MoA accuracy and mAP (copairs) of "
+        prog="mcnn-profile-eval",
+        description="NSC / NSCB 1-nearest-neighbour MoA accuracy and mAP (copairs) of "
         "an image-level embedding table (Parquet or CSV with Metadata_Compound, Metadata_Concentration, "
-        "Metadata_MoA, Metadata_Plate (Metadata_Well for --level well) and numeric feature columns).")
+        "Metadata_MoA, Metadata_Plate (Metadata_Well for --level well) and numeric feature columns).",
+    )
     p.add_argument("table")
     add_options(p)
     p.add_argument("--json", default="", help="also write the result (and every match) to this JSON file")

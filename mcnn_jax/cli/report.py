@@ -10,8 +10,9 @@ from mcnn_jax.evaluation.plots import make_report
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mcnn-report", description=plots.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mcnn-report", description=plots.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdir")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from absl import flags, logging
 def _user_errors():
     """Errors that are the input's fault: printed as one line, without a traceback."""
     from mcnn_jax.data import StoreError
+
     return (ValueError, FileNotFoundError, StoreError)
 
 
@@ -58,6 +59,7 @@ def main(argv=None):
         config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
         enable_compilation_cache()
         from mcnn_jax.train import TrainingDiverged, train_and_evaluate
+
         try:
             train_and_evaluate(config, workdir, world)
         except TrainingDiverged as e:  # every rank sees the same (reduced) loss

@@ -24,19 +24,37 @@ from mcnn_jax.data.omezarr import import_ome_zarr
 from mcnn_jax.data.reader import Reader
 from mcnn_jax.data.split import split_indices
 from mcnn_jax.data.store import (
-           CODECS,
-           DEFAULT_CODEC,
-           ImportDataError,
-           IncompleteStoreError,
-           Store,
-           StoreError,
-           float_scale,
-           open_store,
-           to_float,
+    CODECS,
+    DEFAULT_CODEC,
+    ImportDataError,
+    IncompleteStoreError,
+    Store,
+    StoreError,
+    float_scale,
+    open_store,
+    to_float,
 )
 from mcnn_jax.data.synthetic import generate_screen, prepare_synthetic_store
 
-__all__ = ["Augment", "BBBC021_CHANNELS", "CODECS", "DEFAULT_CODEC", "ImportDataError", "IncompleteStoreError",
-           "Reader", "Store", "StoreError", "float_scale", "generate_cellpainting_screen", "generate_screen",
-           "import_bbbc021", "import_folder", "import_manifest", "import_ome_zarr", "open_store",
-           "prepare_synthetic_store", "split_indices", "to_float"]
+__all__ = [
+    "Augment",
+    "BBBC021_CHANNELS",
+    "CODECS",
+    "DEFAULT_CODEC",
+    "ImportDataError",
+    "IncompleteStoreError",
+    "Reader",
+    "Store",
+    "StoreError",
+    "float_scale",
+    "generate_cellpainting_screen",
+    "generate_screen",
+    "import_bbbc021",
+    "import_folder",
+    "import_manifest",
+    "import_ome_zarr",
+    "open_store",
+    "prepare_synthetic_store",
+    "split_indices",
+    "to_float",
+]

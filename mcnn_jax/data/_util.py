@@ -91,11 +91,11 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
     atomic_write_text(Path(path), buf.getvalue())
 
 
-
 def progress_counter(total: int, desc: str):
     """A ``metrics_log.Progress`` over ``total`` images: call ``update(n)`` and ``close()``."""
     from mcnn_jax.metrics_log import Progress
     from mcnn_jax.runtime import ensure_terminal_logging
+
     ensure_terminal_logging()
     return Progress(total, desc=desc, unit="image")
 
@@ -104,6 +104,7 @@ def progress(it, total: int, desc: str, enabled: bool = True):
     """Iterates ``it`` with progress shown as ``progress_counter`` does (nothing when not ``enabled``)."""
     from mcnn_jax.metrics_log import track
     from mcnn_jax.runtime import ensure_terminal_logging
+
     if enabled:
         ensure_terminal_logging()
     yield from track(it, total, desc, enabled)

@@ -2,7 +2,8 @@
 
 No crop and no resampling: horizontal / vertical flips, a 180-degree rotation, a 90-degree rotation (square images
 only) and a small per-channel intensity jitter: a gain 1 + u, u uniform in [-j, j] (j = ``intensity_jitter``),
-so zero stays zero (a change of exposure / staining strength; values may exceed 1 slightly, not clipped). The random numbers of an image depend only on (seed, epoch, store index), so a batch is
+so zero stays zero (a change of exposure / staining strength; values may exceed 1 slightly, not clipped). The random
+numbers of an image depend only on (seed, epoch, store index), so a batch is
 the same whatever the number of ranks and a resumed run is bit-identical. The conversion to float32 (stored
 integer range -> [0, 1]) happens in the same pass.
 """
@@ -28,8 +29,12 @@ class Augment:
 
     @classmethod
     def from_config(cls, cfg) -> "Augment":
-        return cls(bool(_get(cfg, "flips", False)), bool(_get(cfg, "rot180", False)),
-                   bool(_get(cfg, "rot90", False)), float(_get(cfg, "intensity_jitter", 0.0) or 0.0))
+        return cls(
+            bool(_get(cfg, "flips", False)),
+            bool(_get(cfg, "rot180", False)),
+            bool(_get(cfg, "rot90", False)),
+            float(_get(cfg, "intensity_jitter", 0.0) or 0.0),
+        )
 
     @property
     def active(self) -> bool:
@@ -41,9 +46,13 @@ def draw(aug: Augment, seed: int, epoch: int, index: int, channels: int, square:
     rng = np.random.default_rng([int(seed), int(epoch), int(index), 0xA06])
     u = rng.random(4)
     j = rng.uniform(-1.0, 1.0, (2, channels))
-    return dict(flip_ud=aug.flips and u[0] < 0.5, flip_lr=aug.flips and u[1] < 0.5,
-                rot180=aug.rot180 and u[2] < 0.5, rot90=aug.rot90 and square and u[3] < 0.5,
-                gain=(1.0 + aug.intensity_jitter * j[0]).astype(np.float32))
+    return dict(
+        flip_ud=aug.flips and u[0] < 0.5,
+        flip_lr=aug.flips and u[1] < 0.5,
+        rot180=aug.rot180 and u[2] < 0.5,
+        rot90=aug.rot90 and square and u[3] < 0.5,
+        gain=(1.0 + aug.intensity_jitter * j[0]).astype(np.float32),
+    )
 
 
 def apply_into(out: np.ndarray, image: np.ndarray, params: dict | None) -> None:

@@ -36,10 +36,21 @@ from mcnn_jax.data.store import DEFAULT_CODEC, ImportDataError, StoreWriter
 IMAGE_CSV = "BBBC021_v1_image.csv"
 MOA_CSV = "BBBC021_v1_moa.csv"
 CHANNELS = ("DAPI", "Tubulin", "Actin")  # the stacking order of the store's channel axis
-IMAGE_COLUMNS = ("TableNumber", "ImageNumber", "Image_FileName_DAPI", "Image_PathName_DAPI",
-                 "Image_FileName_Tubulin", "Image_PathName_Tubulin", "Image_FileName_Actin",
-                 "Image_PathName_Actin", "Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI", "Replicate",
-                 "Image_Metadata_Compound", "Image_Metadata_Concentration")
+IMAGE_COLUMNS = (
+    "TableNumber",
+    "ImageNumber",
+    "Image_FileName_DAPI",
+    "Image_PathName_DAPI",
+    "Image_FileName_Tubulin",
+    "Image_PathName_Tubulin",
+    "Image_FileName_Actin",
+    "Image_PathName_Actin",
+    "Image_Metadata_Plate_DAPI",
+    "Image_Metadata_Well_DAPI",
+    "Replicate",
+    "Image_Metadata_Compound",
+    "Image_Metadata_Concentration",
+)
 MOA_COLUMNS = ("compound", "concentration", "moa")
 _SITE = re.compile(r"_s(\d+)_w\d", re.IGNORECASE)
 
@@ -98,12 +109,23 @@ def read_metadata(metadata_dir) -> list[Row]:
         for ch in CHANNELS:
             name, folder = r[f"Image_FileName_{ch}"], r[f"Image_PathName_{ch}"]
             if not name:
-                raise ImportDataError(f"{image_csv} row {k}: the {ch} channel is missing (empty "
-                                      f"Image_FileName_{ch})")
+                raise ImportDataError(f"{image_csv} row {k}: the {ch} channel is missing (empty Image_FileName_{ch})")
             files.append(f"{folder}/{name}" if folder else name)
-        rows.append(Row(k, tuple(files), r["Image_Metadata_Plate_DAPI"], r["Image_Metadata_Well_DAPI"],
-                        site_from_filename(r["Image_FileName_DAPI"]), r["Replicate"], key[0], key[1], moa[key],
-                        r["TableNumber"], r["ImageNumber"]))
+        rows.append(
+            Row(
+                k,
+                tuple(files),
+                r["Image_Metadata_Plate_DAPI"],
+                r["Image_Metadata_Well_DAPI"],
+                site_from_filename(r["Image_FileName_DAPI"]),
+                r["Replicate"],
+                key[0],
+                key[1],
+                moa[key],
+                r["TableNumber"],
+                r["ImageNumber"],
+            )
+        )
     if not rows:
         raise ImportDataError(f"{image_csv}: no image has a (compound, concentration) listed in {moa_csv}")
     _check_unique(rows, image_csv)
@@ -117,11 +139,17 @@ def metadata_table(metadata_dir):
     import pandas as pd
 
     rows = read_metadata(metadata_dir)
-    return pd.DataFrame(dict(
-        Metadata_Plate=[r.plate for r in rows], Metadata_Well=[r.well for r in rows],
-        Metadata_Site=[r.site for r in rows], Metadata_Replicate=[r.replicate for r in rows],
-        Metadata_Compound=[r.compound for r in rows], Metadata_Concentration=[r.concentration for r in rows],
-        Metadata_MoA=[r.moa for r in rows]))
+    return pd.DataFrame(
+        dict(
+            Metadata_Plate=[r.plate for r in rows],
+            Metadata_Well=[r.well for r in rows],
+            Metadata_Site=[r.site for r in rows],
+            Metadata_Replicate=[r.replicate for r in rows],
+            Metadata_Compound=[r.compound for r in rows],
+            Metadata_Concentration=[r.concentration for r in rows],
+            Metadata_MoA=[r.moa for r in rows],
+        )
+    )
 
 
 def _check_unique(rows: list[Row], image_csv: Path) -> None:
@@ -130,8 +158,10 @@ def _check_unique(rows: list[Row], image_csv: Path) -> None:
     for r in rows:
         key = (r.plate, r.well, r.site) if r.site else r.files[0]
         if key in seen:
-            raise ImportDataError(f"{image_csv} rows {seen[key]} and {r.line}: the same "
-                                  + (f"(plate, well, site) {key}" if r.site else f"DAPI file {key}"))
+            raise ImportDataError(
+                f"{image_csv} rows {seen[key]} and {r.line}: the same "
+                + (f"(plate, well, site) {key}" if r.site else f"DAPI file {key}")
+            )
         seen[key] = r.line
 
 
@@ -155,15 +185,20 @@ def load_image(images_dir: Path, row: Row, shape=None, dtype=None, csv_name: str
         if a.dtype not in (np.uint8, np.uint16):
             raise ImportDataError(f"{where} has dtype {a.dtype}; expected uint8 or uint16")
         if shape is not None and a.shape != tuple(shape):
-            raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]}, the other images are "
-                                  f"{shape[0]}x{shape[1]}")
+            raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]}, the other images are {shape[0]}x{shape[1]}")
         if dtype is not None and a.dtype != dtype:
             raise ImportDataError(f"{where} has dtype {a.dtype}, the other images have {np.dtype(dtype)}")
         planes.append(a)
-    if planes[0].shape != planes[1].shape or planes[0].shape != planes[2].shape or \
-            planes[0].dtype != planes[1].dtype or planes[0].dtype != planes[2].dtype:
-        raise ImportDataError(f"the channels of {csv_name} row {row.line} differ in size or dtype: "
-                              f"{[(p.shape, str(p.dtype)) for p in planes]}")
+    if (
+        planes[0].shape != planes[1].shape
+        or planes[0].shape != planes[2].shape
+        or planes[0].dtype != planes[1].dtype
+        or planes[0].dtype != planes[2].dtype
+    ):
+        raise ImportDataError(
+            f"the channels of {csv_name} row {row.line} differ in size or dtype: "
+            f"{[(p.shape, str(p.dtype)) for p in planes]}"
+        )
     return np.stack(planes, axis=-1)
 
 
@@ -183,12 +218,15 @@ class FolderCheck:
 
     def summary(self, limit: int = 10) -> str:
         present = len(self.plates) - len(self.missing_plates)
-        lines = [f"{self.num_images} images with a mechanism of action, in {len(self.plates)} plate folders; "
-                 f"{present} of them present under {self.images_dir}"]
+        lines = [
+            f"{self.num_images} images with a mechanism of action, in {len(self.plates)} plate folders; "
+            f"{present} of them present under {self.images_dir}"
+        ]
         if self.missing_plates:
-            lines.append(f"missing plate folders ({len(self.missing_plates)}; unpack each "
-                         f"BBBC021_v1_images_<plate>.zip into {self.images_dir}/<week>/): "
-                         + ", ".join(self.missing_plates))
+            lines.append(
+                f"missing plate folders ({len(self.missing_plates)}; unpack each "
+                f"BBBC021_v1_images_<plate>.zip into {self.images_dir}/<week>/): " + ", ".join(self.missing_plates)
+            )
         if self.missing_files:
             lines.append(f"missing files in present plate folders: {len(self.missing_files)}")
             lines += [f"  row {r} ({ch}): {self.images_dir / rel}" for r, ch, rel in self.missing_files[:limit]]
@@ -212,16 +250,30 @@ def check_folder(metadata_dir, images_dir) -> FolderCheck:
             plates[_folder(rel)] = plates.get(_folder(rel), 0) + 1
     missing_plates = sorted(p for p in plates if not (images_dir / p).is_dir())
     absent = set(missing_plates)
-    missing_files = [(r.line, ch, rel) for r in rows for ch, rel in zip(CHANNELS, r.files)
-                     if _folder(rel) not in absent
-                     and not (images_dir / rel).is_file()]
+    missing_files = [
+        (r.line, ch, rel)
+        for r in rows
+        for ch, rel in zip(CHANNELS, r.files)
+        if _folder(rel) not in absent and not (images_dir / rel).is_file()
+    ]
     return FolderCheck(images_dir, len(rows), dict(sorted(plates.items())), missing_plates, missing_files)
 
 
-def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", illumination: bool = False,
-                   percentiles: tuple[float, float] = (0.1, 99.9), dtype: str | None = None,
-                   codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
-                   progress: bool = True, extra_info: dict | None = None) -> Path:
+def import_bbbc021(
+    metadata_dir,
+    images_dir,
+    out,
+    *,
+    scaling: str = "plate",
+    illumination: bool = False,
+    percentiles: tuple[float, float] = (0.1, 99.9),
+    dtype: str | None = None,
+    codec: str = DEFAULT_CODEC,
+    overwrite: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    extra_info: dict | None = None,
+) -> Path:
     """Imports BBBC021 into the store ``out`` and returns its path (see the module docstring).
 
     ``dtype``: the stored dtype (``uint8`` / ``uint16``); None keeps the TIFFs' dtype.
@@ -240,20 +292,46 @@ def import_bbbc021(metadata_dir, images_dir, out, *, scaling: str = "plate", ill
     out_dtype = np.dtype(dtype or src_dtype)
     class_names = sorted({r.moa for r in rows})
     digest = hashlib.sha256("\n".join(f"{r.line}|{'|'.join(r.files)}|{r.moa}" for r in rows).encode()).hexdigest()
-    fingerprint = dict(kind="bbbc021", rows=digest, scaling=scaling, illumination=bool(illumination),
-                       percentiles=list(percentiles), images_dir=str(images_dir.resolve()))
+    fingerprint = dict(
+        kind="bbbc021",
+        rows=digest,
+        scaling=scaling,
+        illumination=bool(illumination),
+        percentiles=list(percentiles),
+        images_dir=str(images_dir.resolve()),
+    )
     writer = StoreWriter(out, len(rows), (*shape, 3), out_dtype.name, codec, fingerprint, overwrite)
-    write_images(writer, [r.plate for r in rows],
-                 lambda i: load_image(images_dir, rows[i], shape, src_dtype, csv_name), scaling=scaling,
-                 illumination=illumination, percentiles=percentiles, workers=workers, progress=progress)
+    write_images(
+        writer,
+        [r.plate for r in rows],
+        lambda i: load_image(images_dir, rows[i], shape, src_dtype, csv_name),
+        scaling=scaling,
+        illumination=illumination,
+        percentiles=percentiles,
+        workers=workers,
+        progress=progress,
+    )
     labels = [class_names.index(r.moa) for r in rows]
     metadata = dict(
-        **{"class": [r.moa for r in rows]}, compound=[r.compound for r in rows],
-        concentration=[r.concentration for r in rows], plate=[r.plate for r in rows],
-        well=[r.well for r in rows], site=[r.site for r in rows], replicate=[r.replicate for r in rows],
-        table_number=[r.table_number for r in rows], image_number=[r.image_number for r in rows],
-        file_dapi=[r.files[0] for r in rows])
-    info = dict(extra_info or {}, source="bbbc021", metadata_dir=str(Path(metadata_dir).resolve()),
-                images_dir=str(images_dir.resolve()), scaling=scaling, percentiles=list(percentiles),
-                illumination=bool(illumination), source_dtype=str(src_dtype))
+        **{"class": [r.moa for r in rows]},
+        compound=[r.compound for r in rows],
+        concentration=[r.concentration for r in rows],
+        plate=[r.plate for r in rows],
+        well=[r.well for r in rows],
+        site=[r.site for r in rows],
+        replicate=[r.replicate for r in rows],
+        table_number=[r.table_number for r in rows],
+        image_number=[r.image_number for r in rows],
+        file_dapi=[r.files[0] for r in rows],
+    )
+    info = dict(
+        extra_info or {},
+        source="bbbc021",
+        metadata_dir=str(Path(metadata_dir).resolve()),
+        images_dir=str(images_dir.resolve()),
+        scaling=scaling,
+        percentiles=list(percentiles),
+        illumination=bool(illumination),
+        source_dtype=str(src_dtype),
+    )
     return writer.finish(labels, class_names, metadata, [c.lower() for c in CHANNELS], info)

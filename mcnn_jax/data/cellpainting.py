@@ -42,8 +42,14 @@ CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
 INDEX = "manifest.csv"
 MARKER = ".cellpainting_complete.json"
 STARTED = ".cellpainting_started.json"
-META_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Compound",
-                "Metadata_Concentration", "Metadata_MoA")
+META_COLUMNS = (
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_Compound",
+    "Metadata_Concentration",
+    "Metadata_MoA",
+)
 
 
 def _cells(rng, h: int, w: int, p: dict) -> dict:
@@ -63,9 +69,17 @@ def _cells(rng, h: int, w: int, p: dict) -> dict:
     shift = np.concatenate([np.arange(c) - (c - 1) / 2 for c in count]) * 1.3 * rn[owner]
     small = np.where(count[owner] > 1, 0.75, 1.0)
     nuc = pos[owner] + shift[:, None] * np.stack([np.sin(theta[owner]), np.cos(theta[owner])], 1)
-    return dict(n=n, pos=pos, theta=theta, a=rc * math.sqrt(p["aspect_c"]), b=rc / math.sqrt(p["aspect_c"]),
-                owner=owner, nuc=nuc, na=rn[owner] * small * math.sqrt(p["aspect_n"]),
-                nb=rn[owner] * small / math.sqrt(p["aspect_n"]))
+    return dict(
+        n=n,
+        pos=pos,
+        theta=theta,
+        a=rc * math.sqrt(p["aspect_c"]),
+        b=rc / math.sqrt(p["aspect_c"]),
+        owner=owner,
+        nuc=nuc,
+        na=rn[owner] * small * math.sqrt(p["aspect_n"]),
+        nb=rn[owner] * small / math.sqrt(p["aspect_n"]),
+    )
 
 
 def _spots(rng, c: dict, per_cell, reach: float, h: int, w: int, sigma: float, amp) -> np.ndarray:
@@ -93,16 +107,27 @@ def render_cellpainting(rng: np.random.Generator, h: int, w: int, params: dict, 
     k = rng.integers(2, 4, len(ny))
     which = np.repeat(np.arange(len(ny)), k)
     off = rng.normal(0, 0.35, (len(which), 2)) * np.stack([c["na"][which], c["nb"][which]], 1)
-    rna = 250.0 * body * (1.0 - inside) + _gaussians(h, w, ny[which] + off[:, 0], nx[which] + off[:, 1], 1.5,
-                                                     np.full(len(which), 1800.0))
-    ring = np.clip(body - _ellipses(h, w, *c["pos"].T, np.maximum(c["a"] - 3, 1), np.maximum(c["b"] - 3, 1),
-                                    c["theta"], np.ones(c["n"])), 0, None)
-    golgi = _gaussians(h, w, c["pos"][:, 0] + 1.3 * p["rn"] * np.sin(c["theta"]),
-                       c["pos"][:, 1] + 1.3 * p["rn"] * np.cos(c["theta"]), 2.5, np.full(c["n"], 1500.0))
-    agp = 200.0 * body + 900.0 * ring + golgi + _spots(rng, c, rng.poisson(p["puncta"], c["n"]), 0.8, h, w, 1.0,
-                                                      2000.0)
-    mito = 150.0 * body * (1.0 - inside) + _spots(rng, c, rng.poisson(40 * p["rc"] / 15, c["n"]), 0.9, h, w,
-                                                  0.8, 700.0)
+    rna = 250.0 * body * (1.0 - inside) + _gaussians(
+        h, w, ny[which] + off[:, 0], nx[which] + off[:, 1], 1.5, np.full(len(which), 1800.0)
+    )
+    ring = np.clip(
+        body
+        - _ellipses(
+            h, w, *c["pos"].T, np.maximum(c["a"] - 3, 1), np.maximum(c["b"] - 3, 1), c["theta"], np.ones(c["n"])
+        ),
+        0,
+        None,
+    )
+    golgi = _gaussians(
+        h,
+        w,
+        c["pos"][:, 0] + 1.3 * p["rn"] * np.sin(c["theta"]),
+        c["pos"][:, 1] + 1.3 * p["rn"] * np.cos(c["theta"]),
+        2.5,
+        np.full(c["n"], 1500.0),
+    )
+    agp = 200.0 * body + 900.0 * ring + golgi + _spots(rng, c, rng.poisson(p["puncta"], c["n"]), 0.8, h, w, 1.0, 2000.0)
+    mito = 150.0 * body * (1.0 - inside) + _spots(rng, c, rng.poisson(40 * p["rc"] / 15, c["n"]), 0.9, h, w, 0.8, 700.0)
     img = np.stack([dna, er, rna, agp, mito]).astype(np.float32)
     img *= rng.uniform(0.9, 1.1, (5, 1, 1)).astype(np.float32)
     if illumination is not None:
@@ -112,9 +137,17 @@ def render_cellpainting(rng: np.random.Generator, h: int, w: int, params: dict, 
     return np.clip(img + 6.0 * rng.standard_normal(img.shape, dtype=np.float32), 0, 65535).astype(np.uint16)
 
 
-def generate_cellpainting_screen(out, num_images: int = 240, num_classes: int = 8, height: int = 1080,
-                                 width: int = 1080, seed: int = 0, compounds_per_class: int = 3,
-                                 concentrations: int = 2, progress: bool = True) -> Path:
+def generate_cellpainting_screen(
+    out,
+    num_images: int = 240,
+    num_classes: int = 8,
+    height: int = 1080,
+    width: int = 1080,
+    seed: int = 0,
+    compounds_per_class: int = 3,
+    concentrations: int = 2,
+    progress: bool = True,
+) -> Path:
     """Writes the five-channel screen and its ``manifest.csv`` under ``out``; returns the table's path.
 
     Idempotent (a finished screen with the same parameters is reused) and resumable (TIFFs are written
@@ -123,9 +156,17 @@ def generate_cellpainting_screen(out, num_images: int = 240, num_classes: int = 
     out = Path(out)
     if height < 16 or width < 16:
         raise ValueError(f"field size must be at least 16x16, got {height}x{width}")
-    params = dict(num_images=int(num_images), num_classes=int(num_classes), height=int(height), width=int(width),
-                  seed=int(seed), compounds_per_class=int(compounds_per_class),
-                  concentrations=int(concentrations), version=GENERATOR_VERSION, channels=list(CHANNELS))
+    params = dict(
+        num_images=int(num_images),
+        num_classes=int(num_classes),
+        height=int(height),
+        width=int(width),
+        seed=int(seed),
+        compounds_per_class=int(compounds_per_class),
+        concentrations=int(concentrations),
+        version=GENERATOR_VERSION,
+        channels=list(CHANNELS),
+    )
     try:
         if json.loads((out / MARKER).read_text()) == params and (out / INDEX).is_file():
             return out / INDEX
@@ -148,8 +189,13 @@ def generate_cellpainting_screen(out, num_images: int = 240, num_classes: int = 
             continue
         if s.plate not in fields:
             fields[s.plate] = illumination_field(height, width, [seed, 1_000_003, s.plate])
-        img = render_cellpainting(np.random.default_rng([seed, s.image_number, 5]), height, width,
-                                  phenotype_params(s.class_index, s.strength), fields[s.plate])
+        img = render_cellpainting(
+            np.random.default_rng([seed, s.image_number, 5]),
+            height,
+            width,
+            phenotype_params(s.class_index, s.strength),
+            fields[s.plate],
+        )
         (out / rel[0]).parent.mkdir(parents=True, exist_ok=True)
         for plane, r in zip(img, rel):
             _write_tiff(out / r, plane)

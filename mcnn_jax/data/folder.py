@@ -30,29 +30,36 @@ def list_images(images_dir) -> tuple[list[str], list[tuple[Path, int]]]:
         raise ImportDataError(f"{images_dir} has no class sub-folders (expected {images_dir}/<class>/<image>)")
     files = []
     for k, c in enumerate(classes):
-        found = sorted(p for p in (images_dir / c).rglob("*")
-                       if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
+        found = sorted(
+            p
+            for p in (images_dir / c).rglob("*")
+            if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")
+        )
         if not found:
             raise ImportDataError(f"class folder {images_dir / c} is empty: it has no TIFF / PNG / JPEG images")
         files += [(p, k) for p in found]
     return classes, files
 
 
-def import_folder(images_dir, out, *, codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
-                  progress: bool = True) -> Path:
+def import_folder(
+    images_dir, out, *, codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2, progress: bool = True
+) -> Path:
     """Imports ``images_dir`` (one sub-folder per class) into the store ``out``; returns its path."""
     images_dir, out = Path(images_dir), Path(out)
     classes, files = list_images(images_dir)
     first = read_image(files[0][0])
     digest = hashlib.sha256("\n".join(f"{p}|{k}|{p.stat().st_size}" for p, k in files).encode()).hexdigest()
-    writer = StoreWriter(out, len(files), first.shape, first.dtype.name, codec,
-                         dict(kind="folder", files=digest), overwrite)
+    writer = StoreWriter(
+        out, len(files), first.shape, first.dtype.name, codec, dict(kind="folder", files=digest), overwrite
+    )
 
     def load(i):
         a = read_image(files[i][0])
         if a.shape != first.shape or a.dtype != first.dtype:
-            raise ImportDataError(f"{files[i][0]} is {a.shape} {a.dtype}; the first image ({files[0][0]}) is "
-                                  f"{first.shape} {first.dtype}: all images must match")
+            raise ImportDataError(
+                f"{files[i][0]} is {a.shape} {a.dtype}; the first image ({files[0][0]}) is "
+                f"{first.shape} {first.dtype}: all images must match"
+            )
         return i, a
 
     todo = [i for i in range(len(files)) if not writer.done(i)]
@@ -66,9 +73,16 @@ def import_folder(images_dir, out, *, codec: str = DEFAULT_CODEC, overwrite: boo
         it.shutdown(cancel_futures=True)
         writer.drain()
     rel = [str(p.relative_to(images_dir)) for p, _ in files]
-    metadata = {"class": [classes[k] for _, k in files], "compound": [""] * len(files),
-                "concentration": [0.0] * len(files), "plate": [""] * len(files), "well": [""] * len(files),
-                "site": [0] * len(files), "file": rel}
+    metadata = {
+        "class": [classes[k] for _, k in files],
+        "compound": [""] * len(files),
+        "concentration": [0.0] * len(files),
+        "plate": [""] * len(files),
+        "well": [""] * len(files),
+        "site": [0] * len(files),
+        "file": rel,
+    }
     channels = [f"c{i}" for i in range(first.shape[2])]
-    return writer.finish([k for _, k in files], classes, metadata, channels,
-                         dict(source="folder", images_dir=str(images_dir.resolve())))
+    return writer.finish(
+        [k for _, k in files], classes, metadata, channels, dict(source="folder", images_dir=str(images_dir.resolve()))
+    )

@@ -44,12 +44,16 @@ def to_yxc(a: np.ndarray, axes: str, where: str, planes: Mapping[str, int] | Non
     rest = axes.replace("Y", "").replace("X", "")
     for ax in rest:
         if ax in PLANE_AXES:
-            raise ImportDataError(f"{where}: axes {found} have {a.shape[axes.index(ax)]} {ax} planes; choose one "
-                                  f"(planes={{'{ax}': k}}, --plane {ax}=k)")
+            raise ImportDataError(
+                f"{where}: axes {found} have {a.shape[axes.index(ax)]} {ax} planes; choose one "
+                f"(planes={{'{ax}': k}}, --plane {ax}=k)"
+            )
     channel = [ax for ax in rest if ax in CHANNEL_AXES] or [ax for ax in rest if ax in PAGE_AXES]
     if len(rest) > 1 or (rest and not channel):
-        raise ImportDataError(f"{where}: cannot resolve axes {found} (shape after dropping length-1 axes "
-                              f"{a.shape}) to Y, X and one channel axis")
+        raise ImportDataError(
+            f"{where}: cannot resolve axes {found} (shape after dropping length-1 axes "
+            f"{a.shape}) to Y, X and one channel axis"
+        )
     order = [axes.index("Y"), axes.index("X")] + [axes.index(ax) for ax in channel]
     a = np.transpose(a, order)
     return a if a.ndim == 3 else a[..., None]
@@ -64,7 +68,7 @@ def center_crop(a: np.ndarray, size, where: str) -> np.ndarray:
     if a.shape[0] < h or a.shape[1] < w:
         raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]}, smaller than the crop {h}x{w}")
     y0, x0 = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
-    return a[y0:y0 + h, x0:x0 + w]
+    return a[y0 : y0 + h, x0 : x0 + w]
 
 
 def check_dtype(a: np.ndarray, where: str) -> np.ndarray:
@@ -99,8 +103,9 @@ def read_image(path, planes: Mapping[str, int] | None = None, where: str | None 
         return read_tiff(path, planes, where)
     try:
         from PIL import Image
+
         with Image.open(path) as im:
             a = np.asarray(im)
     except Exception as e:  # noqa: BLE001
         raise ImportDataError(f"cannot read image {where}: {type(e).__name__}: {e}") from None
-    return check_dtype(to_yxc(a, "YXS"[:a.ndim], where), where)
+    return check_dtype(to_yxc(a, "YXS"[: a.ndim], where), where)

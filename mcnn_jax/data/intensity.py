@@ -34,7 +34,7 @@ def illumination_field_small(mean_image: np.ndarray) -> np.ndarray:
     H, W, C = mean_image.shape
     f = max(1, min(H, W) // 64)
     h, w = H // f, W // f
-    small = mean_image[:h * f, :w * f].reshape(h, f, w, f, C).mean(axis=(1, 3))
+    small = mean_image[: h * f, : w * f].reshape(h, f, w, f, C).mean(axis=(1, 3))
     sigma = max(1.0, min(h, w) / 8)
     small = _gauss1d(_gauss1d(small, sigma, 0), sigma, 1)
     small = np.maximum(small, 1e-6)
@@ -67,8 +67,9 @@ def robust_range(samples: np.ndarray, low: float, high: float) -> tuple[np.ndarr
 def scale(image: np.ndarray, lo, hi, dtype) -> np.ndarray:
     """Maps [lo, hi] per channel linearly onto the full range of ``dtype`` (clipped, rounded)."""
     top = np.iinfo(dtype).max
-    x = (image.astype(np.float32) - np.asarray(lo, np.float32)) * (top / (np.asarray(hi, np.float32)
-                                                                           - np.asarray(lo, np.float32)))
+    x = (image.astype(np.float32) - np.asarray(lo, np.float32)) * (
+        top / (np.asarray(hi, np.float32) - np.asarray(lo, np.float32))
+    )
     return np.clip(np.rint(x), 0, top).astype(dtype)
 
 

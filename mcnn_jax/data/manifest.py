@@ -61,15 +61,16 @@ def _norm(value: str) -> str:
         return value.strip()
 
 
-def channel_columns(header: Sequence[str], channels: Sequence[str] | None, label_cols: Sequence[str],
-                    where: str) -> list[tuple[str, str, str | None]]:
+def channel_columns(
+    header: Sequence[str], channels: Sequence[str] | None, label_cols: Sequence[str], where: str
+) -> list[tuple[str, str, str | None]]:
     """(channel name, file column, folder column or None) per channel; see the module docstring."""
     if not channels:
-        channels = [h[len("FileName_"):] for h in header if h.startswith("FileName_")] or [
-            h for h in header if not h.startswith(("Metadata_", "PathName_")) and h not in label_cols]
+        channels = [h[len("FileName_") :] for h in header if h.startswith("FileName_")] or [
+            h for h in header if not h.startswith(("Metadata_", "PathName_")) and h not in label_cols
+        ]
     if not channels:
-        raise ImportDataError(f"{where}: no channel columns (the header is {list(header)}); name them with "
-                              f"--channels")
+        raise ImportDataError(f"{where}: no channel columns (the header is {list(header)}); name them with --channels")
     out = []
     for ch in channels:
         if ch in header:
@@ -77,8 +78,9 @@ def channel_columns(header: Sequence[str], channels: Sequence[str] | None, label
         elif f"FileName_{ch}" in header:
             out.append((ch, f"FileName_{ch}", f"PathName_{ch}" if f"PathName_{ch}" in header else None))
         else:
-            raise ImportDataError(f"{where}: no column {ch!r} or 'FileName_{ch}' for channel {ch}; the header "
-                                  f"is {list(header)}")
+            raise ImportDataError(
+                f"{where}: no column {ch!r} or 'FileName_{ch}' for channel {ch}; the header is {list(header)}"
+            )
     return out
 
 
@@ -89,8 +91,7 @@ def _label_lookup(label_cols, label_table, table_keys, table_class):
         return None
     keys = list(table_keys or label_cols)
     if len(keys) != len(label_cols):
-        raise ImportDataError(f"{len(label_cols)} label columns {list(label_cols)} but {len(keys)} table keys "
-                              f"{keys}")
+        raise ImportDataError(f"{len(label_cols)} label columns {list(label_cols)} but {len(keys)} table keys {keys}")
     try:
         rows = read_csv(label_table, [*keys, table_class])
     except ValueError as e:
@@ -106,9 +107,15 @@ def _file(base: Path, row: dict, col: str, folder_col: str | None) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def read_manifest(index, channels: Sequence[str] | None = None, label: str | Sequence[str] | None = None,
-                  label_table=None, table_keys: Sequence[str] | None = None, table_class: str = "class",
-                  drop_unlabelled: bool = False) -> tuple[list[str], list[Field]]:
+def read_manifest(
+    index,
+    channels: Sequence[str] | None = None,
+    label: str | Sequence[str] | None = None,
+    label_table=None,
+    table_keys: Sequence[str] | None = None,
+    table_class: str = "class",
+    drop_unlabelled: bool = False,
+) -> tuple[list[str], list[Field]]:
     """Reads and checks the table; returns (channel names, fields) in table order (no file is opened)."""
     index = Path(index)
     try:
@@ -123,8 +130,9 @@ def read_manifest(index, channels: Sequence[str] | None = None, label: str | Seq
     label_cols = list(label or [next((c for c in LABEL_COLUMNS if c in header), "")])
     missing = [c for c in label_cols if c not in header]
     if missing:
-        raise ImportDataError(f"{index}: no label column {missing[0]!r} (choose one with --label; the header is "
-                              f"{header})")
+        raise ImportDataError(
+            f"{index}: no label column {missing[0]!r} (choose one with --label; the header is {header})"
+        )
     cols = channel_columns(header, channels, label_cols, str(index))
     lookup = _label_lookup(label_cols, label_table, table_keys, table_class)
     fields, seen = [], {}
@@ -140,11 +148,20 @@ def read_manifest(index, channels: Sequence[str] | None = None, label: str | Seq
         if not cls:
             if drop_unlabelled:
                 continue
-            raise ImportDataError(f"{index} row {k}: no class for {', '.join(f'{c}={r[c]!r}' for c in label_cols)}"
-                                  + (f" in {label_table}" if lookup is not None else "")
-                                  + " (or pass --drop-unlabelled)")
-        fields.append(Field(k, *key, tuple(_file(index.parent, r, c, d) for _, c, d in cols), cls,
-                            {c: v for c, v in r.items() if c.startswith("Metadata_")}))
+            raise ImportDataError(
+                f"{index} row {k}: no class for {', '.join(f'{c}={r[c]!r}' for c in label_cols)}"
+                + (f" in {label_table}" if lookup is not None else "")
+                + " (or pass --drop-unlabelled)"
+            )
+        fields.append(
+            Field(
+                k,
+                *key,
+                tuple(_file(index.parent, r, c, d) for _, c, d in cols),
+                cls,
+                {c: v for c, v in r.items() if c.startswith("Metadata_")},
+            )
+        )
     if not fields:
         raise ImportDataError(f"{index}: no labelled rows")
     return [ch for ch, _, _ in cols], fields
@@ -160,11 +177,15 @@ def load_field(f: Field, channels: Sequence[str], index: Path, planes=None, like
         if like is not None:
             shape, dtype, counts = like
             if a.shape[:2] != shape or a.dtype != dtype or a.shape[2] != counts[len(parts)]:
-                raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]}x{a.shape[2]} {a.dtype}; the first row's "
-                                      f"is {shape[0]}x{shape[1]}x{counts[len(parts)]} {np.dtype(dtype)}")
+                raise ImportDataError(
+                    f"{where} is {a.shape[0]}x{a.shape[1]}x{a.shape[2]} {a.dtype}; the first row's "
+                    f"is {shape[0]}x{shape[1]}x{counts[len(parts)]} {np.dtype(dtype)}"
+                )
         elif parts and (a.shape[:2] != parts[0].shape[:2] or a.dtype != parts[0].dtype):
-            raise ImportDataError(f"{where} is {a.shape[0]}x{a.shape[1]} {a.dtype}, its row's first channel "
-                                  f"{parts[0].shape[0]}x{parts[0].shape[1]} {parts[0].dtype}")
+            raise ImportDataError(
+                f"{where} is {a.shape[0]}x{a.shape[1]} {a.dtype}, its row's first channel "
+                f"{parts[0].shape[0]}x{parts[0].shape[1]} {parts[0].dtype}"
+            )
         parts.append(a)
     return center_crop(np.concatenate(parts, axis=-1), crop, f"{index} row {f.line}")
 
@@ -179,20 +200,42 @@ def _store_metadata(fields: Sequence[Field]) -> dict:
         except ValueError:
             return 0.0
 
-    md = {"class": [f.label for f in fields], "compound": [f.meta.get("Metadata_Compound", "") for f in fields],
-          "concentration": [conc(f) for f in fields], "plate": [f.plate for f in fields],
-          "well": [f.well for f in fields], "site": [int(f.site) if f.site.isdigit() else f.site for f in fields],
-          "file": [str(f.files[0]) for f in fields], "row": [f.line for f in fields]}
+    md = {
+        "class": [f.label for f in fields],
+        "compound": [f.meta.get("Metadata_Compound", "") for f in fields],
+        "concentration": [conc(f) for f in fields],
+        "plate": [f.plate for f in fields],
+        "well": [f.well for f in fields],
+        "site": [int(f.site) if f.site.isdigit() else f.site for f in fields],
+        "file": [str(f.files[0]) for f in fields],
+        "row": [f.line for f in fields],
+    }
     md.update({c: [f.meta.get(c, "") for f in fields] for c in cols})
     return md
 
 
-def import_manifest(index, out, *, channels: Sequence[str] | None = None, label=None, label_table=None,
-                    table_keys: Sequence[str] | None = None, table_class: str = "class",
-                    drop_unlabelled: bool = False, planes: Mapping[str, int] | None = None, crop=None,
-                    scaling: str = "plate", illumination: bool = False, percentiles=(0.1, 99.9),
-                    dtype: str | None = None, codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
-                    progress: bool = True, extra_info: dict | None = None) -> Path:
+def import_manifest(
+    index,
+    out,
+    *,
+    channels: Sequence[str] | None = None,
+    label=None,
+    label_table=None,
+    table_keys: Sequence[str] | None = None,
+    table_class: str = "class",
+    drop_unlabelled: bool = False,
+    planes: Mapping[str, int] | None = None,
+    crop=None,
+    scaling: str = "plate",
+    illumination: bool = False,
+    percentiles=(0.1, 99.9),
+    dtype: str | None = None,
+    codec: str = DEFAULT_CODEC,
+    overwrite: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    extra_info: dict | None = None,
+) -> Path:
     """Imports the screen the table ``index`` describes into the store ``out``; see the module docstring.
     ``crop`` = (h, w) keeps the central h x w of every field."""
     index, out = Path(index), Path(out)
@@ -206,17 +249,41 @@ def import_manifest(index, out, *, channels: Sequence[str] | None = None, label=
     first = load_field(fields[0], names, index, planes, like, crop)
     channel_names = [n if k == 1 else f"{n}_{j}" for n, k in zip(names, like[2]) for j in range(k)]
     class_names = sorted({f.label for f in fields})
-    digest = hashlib.sha256("\n".join(f"{f.line}|{'|'.join(map(str, f.files))}|{f.label}"
-                                      for f in fields).encode()).hexdigest()
-    fingerprint = dict(kind="manifest", rows=digest, scaling=scaling, illumination=bool(illumination),
-                       percentiles=list(percentiles), planes=dict(planes or {}), index=str(index.resolve()),
-                       crop=list(crop) if crop else None)
-    writer = StoreWriter(out, len(fields), first.shape, np.dtype(dtype or first.dtype).name, codec, fingerprint,
-                         overwrite)
-    write_images(writer, [f.plate for f in fields], lambda i: load_field(fields[i], names, index, planes, like, crop),
-                 scaling=scaling, illumination=illumination, percentiles=percentiles, workers=workers,
-                 progress=progress)
-    info = dict(extra_info or {}, source="manifest", index=str(index.resolve()), scaling=scaling,
-                percentiles=list(percentiles), illumination=bool(illumination), source_dtype=str(first.dtype))
-    return writer.finish([class_names.index(f.label) for f in fields], class_names,
-                         _store_metadata(fields), channel_names, info)
+    digest = hashlib.sha256(
+        "\n".join(f"{f.line}|{'|'.join(map(str, f.files))}|{f.label}" for f in fields).encode()
+    ).hexdigest()
+    fingerprint = dict(
+        kind="manifest",
+        rows=digest,
+        scaling=scaling,
+        illumination=bool(illumination),
+        percentiles=list(percentiles),
+        planes=dict(planes or {}),
+        index=str(index.resolve()),
+        crop=list(crop) if crop else None,
+    )
+    writer = StoreWriter(
+        out, len(fields), first.shape, np.dtype(dtype or first.dtype).name, codec, fingerprint, overwrite
+    )
+    write_images(
+        writer,
+        [f.plate for f in fields],
+        lambda i: load_field(fields[i], names, index, planes, like, crop),
+        scaling=scaling,
+        illumination=illumination,
+        percentiles=percentiles,
+        workers=workers,
+        progress=progress,
+    )
+    info = dict(
+        extra_info or {},
+        source="manifest",
+        index=str(index.resolve()),
+        scaling=scaling,
+        percentiles=list(percentiles),
+        illumination=bool(illumination),
+        source_dtype=str(first.dtype),
+    )
+    return writer.finish(
+        [class_names.index(f.label) for f in fields], class_names, _store_metadata(fields), channel_names, info
+    )

@@ -115,15 +115,21 @@ def load_field(f: FieldImage, planes=None, like=None, crop=None) -> np.ndarray:
     (shape, dtype) of the first field."""
     driver = "zarr3" if f.zarr_format == 3 else "zarr"
     try:
-        a = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(f.array)}},
-                    read=True).result().read().result()
+        a = (
+            ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(f.array)}}, read=True)
+            .result()
+            .read()
+            .result()
+        )
     except Exception as e:  # noqa: BLE001 - TensorStore raises ValueError / OSError variants
         raise ImportDataError(f"cannot read the zarr array {f.array} (well {f.well}): {e}") from None
     where = f"{f.array} (well {f.well})"
     a = center_crop(check_dtype(to_yxc(np.asarray(a), f.axes, where, planes), where), crop, where)
     if like is not None and (a.shape != like[0] or a.dtype != like[1]):
-        raise ImportDataError(f"{f.array} (well {f.well}, field {f.field}) is {a.shape} {a.dtype}; the first "
-                              f"field is {like[0]} {np.dtype(like[1])}")
+        raise ImportDataError(
+            f"{f.array} (well {f.well}, field {f.field}) is {a.shape} {a.dtype}; the first "
+            f"field is {like[0]} {np.dtype(like[1])}"
+        )
     return a
 
 
@@ -140,17 +146,31 @@ def _labels(fields: Sequence[FieldImage], labels, label: str | None, drop: bool)
     table = {well_name(r["Metadata_Well"]): r[col] for r in rows}
     missing = [f.well for f in fields if not table.get(f.well)]
     if missing and not drop:
-        raise ImportDataError(f"{labels}: no class for well(s) {sorted(set(missing))[:10]} (or pass "
-                              f"--drop-unlabelled)")
+        raise ImportDataError(f"{labels}: no class for well(s) {sorted(set(missing))[:10]} (or pass --drop-unlabelled)")
     kept = [f for f in fields if table.get(f.well)]
     return kept, [table[f.well] for f in kept]
 
 
-def import_ome_zarr(plate, out, *, level: int = 0, labels=None, label: str | None = None,
-                    drop_unlabelled: bool = False, planes: Mapping[str, int] | None = None, crop=None,
-                    scaling: str = "plate", illumination: bool = False, percentiles=(0.1, 99.9),
-                    dtype: str | None = None, codec: str = DEFAULT_CODEC, overwrite: bool = False, workers: int = 2,
-                    progress: bool = True, extra_info: dict | None = None) -> Path:
+def import_ome_zarr(
+    plate,
+    out,
+    *,
+    level: int = 0,
+    labels=None,
+    label: str | None = None,
+    drop_unlabelled: bool = False,
+    planes: Mapping[str, int] | None = None,
+    crop=None,
+    scaling: str = "plate",
+    illumination: bool = False,
+    percentiles=(0.1, 99.9),
+    dtype: str | None = None,
+    codec: str = DEFAULT_CODEC,
+    overwrite: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    extra_info: dict | None = None,
+) -> Path:
     """Imports the OME-Zarr plate ``plate`` into the store ``out``; see the module docstring. ``crop`` = (h, w)
     keeps the central h x w of every field."""
     plate, out = Path(plate), Path(out)
@@ -166,21 +186,52 @@ def import_ome_zarr(plate, out, *, level: int = 0, labels=None, label: str | Non
     plate_name = str(attrs["plate"].get("name") or plate.stem)
     class_names = sorted(set(classes))
     digest = hashlib.sha256("\n".join(f"{f.array}|{c}" for f, c in zip(fields, classes)).encode()).hexdigest()
-    fingerprint = dict(kind="ome-zarr", fields=digest, level=level, scaling=scaling, illumination=bool(illumination),
-                       percentiles=list(percentiles), planes=dict(planes or {}), plate=str(plate.resolve()),
-                       crop=list(crop) if crop else None)
-    writer = StoreWriter(out, len(fields), first.shape, np.dtype(dtype or first.dtype).name, codec, fingerprint,
-                         overwrite)
-    write_images(writer, [plate_name] * len(fields), lambda i: load_field(fields[i], planes, like, crop),
-                 scaling=scaling, illumination=illumination, percentiles=percentiles, workers=workers,
-                 progress=progress)
+    fingerprint = dict(
+        kind="ome-zarr",
+        fields=digest,
+        level=level,
+        scaling=scaling,
+        illumination=bool(illumination),
+        percentiles=list(percentiles),
+        planes=dict(planes or {}),
+        plate=str(plate.resolve()),
+        crop=list(crop) if crop else None,
+    )
+    writer = StoreWriter(
+        out, len(fields), first.shape, np.dtype(dtype or first.dtype).name, codec, fingerprint, overwrite
+    )
+    write_images(
+        writer,
+        [plate_name] * len(fields),
+        lambda i: load_field(fields[i], planes, like, crop),
+        scaling=scaling,
+        illumination=illumination,
+        percentiles=percentiles,
+        workers=workers,
+        progress=progress,
+    )
     n = len(fields)
-    metadata = {"class": classes, "compound": [""] * n, "concentration": [0.0] * n, "plate": [plate_name] * n,
-                "well": [f.well for f in fields], "well_path": [f.well_path for f in fields],
-                "field": [f.field for f in fields], "site": [f.site for f in fields]}
-    info = dict(extra_info or {}, source="ome-zarr", plate=str(plate.resolve()), level=level, scaling=scaling,
-                percentiles=list(percentiles), illumination=bool(illumination), source_dtype=str(first.dtype),
-                ngff_version=str(attrs.get("version") or attrs["plate"].get("version", "")))
+    metadata = {
+        "class": classes,
+        "compound": [""] * n,
+        "concentration": [0.0] * n,
+        "plate": [plate_name] * n,
+        "well": [f.well for f in fields],
+        "well_path": [f.well_path for f in fields],
+        "field": [f.field for f in fields],
+        "site": [f.site for f in fields],
+    }
+    info = dict(
+        extra_info or {},
+        source="ome-zarr",
+        plate=str(plate.resolve()),
+        level=level,
+        scaling=scaling,
+        percentiles=list(percentiles),
+        illumination=bool(illumination),
+        source_dtype=str(first.dtype),
+        ngff_version=str(attrs.get("version") or attrs["plate"].get("version", "")),
+    )
     return writer.finish([class_names.index(c) for c in classes], class_names, metadata, names, info)
 
 
@@ -188,46 +239,86 @@ def import_ome_zarr(plate, out, *, level: int = 0, labels=None, label: str | Non
 def _group(path: Path, attrs: dict, version: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if version == "0.5":
-        atomic_write_json(path / "zarr.json", dict(zarr_format=3, node_type="group",
-                                                   attributes={"ome": dict(attrs, version=version)}))
+        atomic_write_json(
+            path / "zarr.json", dict(zarr_format=3, node_type="group", attributes={"ome": dict(attrs, version=version)})
+        )
     else:
         atomic_write_json(path / ".zgroup", dict(zarr_format=2))
-        atomic_write_json(path / ".zattrs", {k: dict(v, version=version) if k in ("plate", "well") else v
-                                             for k, v in attrs.items()})
+        atomic_write_json(
+            path / ".zattrs", {k: dict(v, version=version) if k in ("plate", "well") else v for k, v in attrs.items()}
+        )
 
 
 def _array(path: Path, image: np.ndarray, version: str) -> None:
     kv = {"driver": "file", "path": str(path)}
     if version == "0.5":
-        spec = {"driver": "zarr3", "kvstore": kv, "metadata": {
-            "shape": list(image.shape), "data_type": image.dtype.name, "dimension_names": list("cyx"),
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *image.shape[1:]]}}}}
+        spec = {
+            "driver": "zarr3",
+            "kvstore": kv,
+            "metadata": {
+                "shape": list(image.shape),
+                "data_type": image.dtype.name,
+                "dimension_names": list("cyx"),
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *image.shape[1:]]}},
+            },
+        }
     else:
-        spec = {"driver": "zarr", "kvstore": kv, "metadata": {
-            "shape": list(image.shape), "chunks": [1, *image.shape[1:]], "dtype": image.dtype.str,
-            "dimension_separator": "/"}}
+        spec = {
+            "driver": "zarr",
+            "kvstore": kv,
+            "metadata": {
+                "shape": list(image.shape),
+                "chunks": [1, *image.shape[1:]],
+                "dtype": image.dtype.str,
+                "dimension_separator": "/",
+            },
+        }
     ts.open(spec, create=True, delete_existing=True).result().write(image).result()
 
 
-def write_plate(path, wells: Mapping[str, Sequence[np.ndarray]], version: str = "0.4",
-                channels: Sequence[str] = (), name: str = "plate") -> Path:
+def write_plate(
+    path,
+    wells: Mapping[str, Sequence[np.ndarray]],
+    version: str = "0.4",
+    channels: Sequence[str] = (),
+    name: str = "plate",
+) -> Path:
     """Writes an NGFF HCS plate: ``wells`` maps a well path (``B/3``) to its fields, each [C, Y, X]."""
     if version not in VERSIONS:
         raise ValueError(f"NGFF version must be one of {VERSIONS}, got {version!r}")
     path = Path(path)
     rows = sorted({w.split("/")[0] for w in wells})
     cols = sorted({w.split("/")[1] for w in wells}, key=lambda c: (len(c), c))
-    _group(path, {"plate": {"name": name, "rows": [{"name": r} for r in rows],
-                            "columns": [{"name": c} for c in cols],
-                            "wells": [{"path": w, "rowIndex": rows.index(w.split("/")[0]),
-                                       "columnIndex": cols.index(w.split("/")[1])} for w in wells]}}, version)
+    _group(
+        path,
+        {
+            "plate": {
+                "name": name,
+                "rows": [{"name": r} for r in rows],
+                "columns": [{"name": c} for c in cols],
+                "wells": [
+                    {"path": w, "rowIndex": rows.index(w.split("/")[0]), "columnIndex": cols.index(w.split("/")[1])}
+                    for w in wells
+                ],
+            }
+        },
+        version,
+    )
     for w, images in wells.items():
         _group(path / w, {"well": {"images": [{"path": str(k)} for k in range(len(images))]}}, version)
         for k, img in enumerate(images):
             axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-            attrs = {"multiscales": [{"axes": axes, "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}],
-                     "omero": {"channels": [{"label": c} for c in channels]}}
+            attrs = {
+                "multiscales": [
+                    {
+                        "axes": axes,
+                        "datasets": [
+                            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}
+                        ],
+                    }
+                ],
+                "omero": {"channels": [{"label": c} for c in channels]},
+            }
             if version == "0.4":
                 attrs["multiscales"][0]["version"] = version
             _group(path / w / str(k), attrs, version)

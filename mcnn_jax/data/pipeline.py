@@ -22,8 +22,17 @@ from mcnn_jax.data.store import StoreWriter
 STATS_FILE = "illumination.npz"
 
 
-def plate_statistics(plates: Sequence[str], load: Callable[[int], np.ndarray], shape, *, scaling: str,
-                     illumination: bool, percentiles, workers: int = 2, progress: bool = True):
+def plate_statistics(
+    plates: Sequence[str],
+    load: Callable[[int], np.ndarray],
+    shape,
+    *,
+    scaling: str,
+    illumination: bool,
+    percentiles,
+    workers: int = 2,
+    progress: bool = True,
+):
     """Per plate: the coarse illumination field (if ``illumination``) and the per-channel robust range (if
     ``scaling == "plate"``); returns (fields, ranges), dicts keyed by plate."""
     fields: dict[str, np.ndarray] = {}
@@ -38,14 +47,14 @@ def plate_statistics(plates: Sequence[str], load: Callable[[int], np.ndarray], s
             samples = []
             for img in pool.map(load, members):
                 total += img
-                samples.append(img[::intensity.SUBSAMPLE, ::intensity.SUBSAMPLE])
+                samples.append(img[:: intensity.SUBSAMPLE, :: intensity.SUBSAMPLE])
                 if bar is not None:
                     bar.update(1)
             samples = np.stack(samples).astype(np.float32)
             if illumination:
                 fields[p] = intensity.illumination_field_small(total / len(members))
                 full = intensity.expand_field(fields[p], *shape[:2])
-                samples /= full[::intensity.SUBSAMPLE, ::intensity.SUBSAMPLE]
+                samples /= full[:: intensity.SUBSAMPLE, :: intensity.SUBSAMPLE]
             if scaling == "plate":
                 ranges[p] = intensity.robust_range(samples, *percentiles)
     if bar is not None:
@@ -62,19 +71,38 @@ def _stats(writer: StoreWriter, plates, load, shape, scaling, illumination, perc
         fields = {p: z["fields"][i] for i, p in enumerate(names)} if illumination else {}
         ranges = {p: (z["lo"][i], z["hi"][i]) for i, p in enumerate(names)} if scaling == "plate" else {}
         return fields, ranges
-    fields, ranges = plate_statistics(plates, load, shape, scaling=scaling, illumination=illumination,
-                                      percentiles=percentiles, workers=workers, progress=progress)
+    fields, ranges = plate_statistics(
+        plates,
+        load,
+        shape,
+        scaling=scaling,
+        illumination=illumination,
+        percentiles=percentiles,
+        workers=workers,
+        progress=progress,
+    )
     empty = np.zeros(0)
-    np.savez(path, plates=np.array(names),
-             fields=np.stack([fields[p] for p in names]) if illumination else empty,
-             lo=np.stack([ranges[p][0] for p in names]) if scaling == "plate" else empty,
-             hi=np.stack([ranges[p][1] for p in names]) if scaling == "plate" else empty)
+    np.savez(
+        path,
+        plates=np.array(names),
+        fields=np.stack([fields[p] for p in names]) if illumination else empty,
+        lo=np.stack([ranges[p][0] for p in names]) if scaling == "plate" else empty,
+        hi=np.stack([ranges[p][1] for p in names]) if scaling == "plate" else empty,
+    )
     return fields, ranges
 
 
-def write_images(writer: StoreWriter, plates: Sequence[str], load: Callable[[int], np.ndarray], *,
-                 scaling: str = "plate", illumination: bool = False, percentiles=(0.1, 99.9), workers: int = 2,
-                 progress: bool = True) -> None:
+def write_images(
+    writer: StoreWriter,
+    plates: Sequence[str],
+    load: Callable[[int], np.ndarray],
+    *,
+    scaling: str = "plate",
+    illumination: bool = False,
+    percentiles=(0.1, 99.9),
+    workers: int = 2,
+    progress: bool = True,
+) -> None:
     """Processes (illumination correction, scaling to the store's dtype) and writes every image the store does
     not have yet; see the module docstring. Errors of ``load`` propagate (the store stays incomplete)."""
     if scaling not in intensity.SCALINGS:
@@ -82,8 +110,9 @@ def write_images(writer: StoreWriter, plates: Sequence[str], load: Callable[[int
     shape, out_dtype = writer.image_shape, np.dtype(writer.dtype)
     fields_small, ranges = {}, {}
     if scaling == "plate" or illumination:
-        fields_small, ranges = _stats(writer, plates, load, shape, scaling, illumination, percentiles, workers,
-                                      progress)
+        fields_small, ranges = _stats(
+            writer, plates, load, shape, scaling, illumination, percentiles, workers, progress
+        )
     full_fields: dict[str, np.ndarray] = {}
 
     def work(i):
@@ -98,8 +127,7 @@ def write_images(writer: StoreWriter, plates: Sequence[str], load: Callable[[int
     todo = [i for i in range(len(plates)) if not writer.done(i)]
     pool = ThreadPoolExecutor(max(1, workers))
     try:
-        for i, img in progress_bar(pool.map(work, todo), len(todo), f"import: writing {writer.path.name}",
-                                   progress):
+        for i, img in progress_bar(pool.map(work, todo), len(todo), f"import: writing {writer.path.name}", progress):
             writer.write(i, img)
     finally:
         pool.shutdown(cancel_futures=True)

@@ -1,7 +1,7 @@
 """The store a config trains on: ``data.store``, or the synthetic screen generated into the work directory.
 
-    from mcnn_jax.data.prepare import prepare_store, store_path
-    store = prepare_store(config, workdir, world)   # every rank; rank 0 generates a synthetic screen first
+from mcnn_jax.data.prepare import prepare_store, store_path
+store = prepare_store(config, workdir, world)   # every rank; rank 0 generates a synthetic screen first
 """
 
 from __future__ import annotations
@@ -25,16 +25,25 @@ def prepare_store(config, workdir, world):
     syn = config.data.synthetic
     if syn.enabled and not config.data.store:
         if world.is_primary:
-            logging.info(f"preparing the synthetic screen ({syn.num_images} images, {syn.num_classes} classes, "
-                         f"{syn.height}x{syn.width}) in {Path(workdir) / 'data'}")
-            prepare_synthetic_store(Path(workdir) / "data", num_images=syn.num_images,
-                                    num_classes=syn.num_classes, height=syn.height, width=syn.width,
-                                    seed=syn.seed, camera=Camera(syn.background, syn.saturation, syn.bits),
-                                    difficulty=syn.get("difficulty", 0.0))
+            logging.info(
+                f"preparing the synthetic screen ({syn.num_images} images, {syn.num_classes} classes, "
+                f"{syn.height}x{syn.width}) in {Path(workdir) / 'data'}"
+            )
+            prepare_synthetic_store(
+                Path(workdir) / "data",
+                num_images=syn.num_images,
+                num_classes=syn.num_classes,
+                height=syn.height,
+                width=syn.width,
+                seed=syn.seed,
+                camera=Camera(syn.background, syn.saturation, syn.bits),
+                difficulty=syn.get("difficulty", 0.0),
+            )
         world.barrier()
     path = store_path(config, workdir)
     if not path.exists():
         raise FileNotFoundError(
             f"no image store at {path}: import one first (mcnn-data bbbc021|folder|synthetic ... --out {path}) "
-            f"or set --config.data.store")
+            f"or set --config.data.store"
+        )
     return open_store(path)

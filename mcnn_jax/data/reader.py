@@ -32,14 +32,26 @@ class Reader:
     ``mask`` float32 [b] with ``b = global_batch // num_ranks``.
     """
 
-    def __init__(self, store, indices: Sequence[int], global_batch: int, rank: int = 0, num_ranks: int = 1,
-                 seed: int = 0, augment=None, train: bool = True, prefetch: int = 2, threads: int = 2):
+    def __init__(
+        self,
+        store,
+        indices: Sequence[int],
+        global_batch: int,
+        rank: int = 0,
+        num_ranks: int = 1,
+        seed: int = 0,
+        augment=None,
+        train: bool = True,
+        prefetch: int = 2,
+        threads: int = 2,
+    ):
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if global_batch < 1 or num_ranks < 1:
             raise ValueError(f"global_batch and num_ranks must be >= 1, got {global_batch} and {num_ranks}")
         if global_batch % num_ranks:
-            raise ValueError(f"the global batch ({global_batch}) must be divisible by the number of ranks "
-                             f"({num_ranks})")
+            raise ValueError(
+                f"the global batch ({global_batch}) must be divisible by the number of ranks ({num_ranks})"
+            )
         if not 0 <= rank < num_ranks:
             raise ValueError(f"rank {rank} is not in [0, {num_ranks})")
         if len(indices) == 0:
@@ -47,8 +59,9 @@ class Reader:
         if indices.min() < 0 or indices.max() >= store.num_images:
             raise ValueError(f"image indices must be in [0, {store.num_images}) for {store.path}")
         if train and len(indices) < global_batch:
-            raise ValueError(f"the training set has {len(indices)} images, fewer than one global batch of "
-                             f"{global_batch}")
+            raise ValueError(
+                f"the training set has {len(indices)} images, fewer than one global batch of {global_batch}"
+            )
         self.store, self.indices, self.global_batch = store, indices, int(global_batch)
         self.rank, self.num_ranks, self.seed, self.train = int(rank), int(num_ranks), int(seed), bool(train)
         self.local_batch = self.global_batch // self.num_ranks
@@ -59,10 +72,10 @@ class Reader:
         if not train:
             self.augment = Augment()
         self.prefetch = max(0, int(prefetch))
-        self.steps_per_epoch = (len(indices) // self.global_batch if train
-                                else math.ceil(len(indices) / self.global_batch))
-        self._pool = ThreadPoolExecutor(max(1, min(threads, self.prefetch or 1)),
-                                        thread_name_prefix="mcnn-reader")
+        self.steps_per_epoch = (
+            len(indices) // self.global_batch if train else math.ceil(len(indices) / self.global_batch)
+        )
+        self._pool = ThreadPoolExecutor(max(1, min(threads, self.prefetch or 1)), thread_name_prefix="mcnn-reader")
         self._labels = np.asarray(store.labels, dtype=np.int32)
         self._closed = False
 
@@ -77,7 +90,7 @@ class Reader:
         g = self.global_batch
         if self.train:
             epoch, pos = divmod(int(step), self.steps_per_epoch)
-            return self.epoch_order(epoch)[pos * g:(pos + 1) * g], np.ones(g, bool)
+            return self.epoch_order(epoch)[pos * g : (pos + 1) * g], np.ones(g, bool)
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"evaluation step {step} is outside [0, {self.steps_per_epoch})")
         pos = np.arange(step * g, (step + 1) * g)

@@ -38,16 +38,22 @@ def split_indices(store, data_config) -> tuple[np.ndarray, np.ndarray]:
         compounds = np.asarray(store.metadata.get("compound", [""] * n), dtype=object)
         known = sorted({c for c in compounds if c})
         if not known:
-            raise ValueError(f"data.split='compound' needs compounds, but the store {store.path} records none "
-                             f"(a folder import has no compounds; use split='random')")
+            raise ValueError(
+                f"data.split='compound' needs compounds, but the store {store.path} records none "
+                f"(a folder import has no compounds; use split='random')"
+            )
         if name not in known:
-            raise ValueError(f"data.holdout_compound={name!r} is not a compound of the store {store.path}; "
-                             f"choose one of: {', '.join(known)}")
+            raise ValueError(
+                f"data.holdout_compound={name!r} is not a compound of the store {store.path}; "
+                f"choose one of: {', '.join(known)}"
+            )
         val = np.flatnonzero(compounds == name)
     else:
         raise ValueError(f"data.split must be 'random' or 'compound', got {kind!r}")
     train = np.setdiff1d(np.arange(n), val)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"the {kind!r} split of {store.path} ({n} images) leaves an empty "
-                         f"{'training' if len(train) == 0 else 'validation'} set")
+        raise ValueError(
+            f"the {kind!r} split of {store.path} ({n} images) leaves an empty "
+            f"{'training' if len(train) == 0 else 'validation'} set"
+        )
     return train.astype(np.int64), val.astype(np.int64)

@@ -83,8 +83,11 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 def _spec(path: Path, shape=None, dtype: str | None = None, codec: str | None = None) -> dict:
-    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / ARRAY_DIR)},
-                            "store_data_equal_to_fill_value": True}
+    spec: dict[str, Any] = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path / ARRAY_DIR)},
+        "store_data_equal_to_fill_value": True,
+    }
     if shape is not None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
@@ -95,10 +98,13 @@ def _spec(path: Path, shape=None, dtype: str | None = None, codec: str | None = 
                 c["configuration"]["typesize"] = np.dtype(dtype).itemsize
             chain.append(c)
         spec["metadata"] = {
-            "shape": list(shape), "data_type": dtype, "fill_value": 0,
+            "shape": list(shape),
+            "data_type": dtype,
+            "fill_value": 0,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *shape[1:]]}},
             "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-            "codecs": chain, "dimension_names": ["image", "y", "x", "channel"],
+            "codecs": chain,
+            "dimension_names": ["image", "y", "x", "channel"],
         }
     return spec
 
@@ -124,8 +130,10 @@ class Store:
         self.channels: list[str] = list(info.get("channels", []))
 
     def __repr__(self) -> str:
-        return (f"Store({str(self.path)!r}, {self.num_images} images of {self.image_shape} {self.dtype}, "
-                f"{len(self.class_names)} classes)")
+        return (
+            f"Store({str(self.path)!r}, {self.num_images} images of {self.image_shape} {self.dtype}, "
+            f"{len(self.class_names)} classes)"
+        )
 
     def __len__(self) -> int:
         return self.num_images
@@ -176,22 +184,27 @@ def open_store(path) -> Store:
             raise StoreError(
                 f"{path} is not an image store: it holds none of a store's files ({ARRAY_DIR}, {IMPORT}, "
                 f"{INFO}); create one with mcnn-data (bbbc021 | folder | manifest | ome-zarr | synthetic ... "
-                f"--out {path}), or give the path of an existing store")
+                f"--out {path}), or give the path of an existing store"
+            )
         raise IncompleteStoreError(
             f"the image store at {path} is incomplete (no {MARKER} marker): its import was interrupted or is "
-            f"still running; rerun the import (mcnn-data ... --out {path}) to finish it")
+            f"still running; rerun the import (mcnn-data ... --out {path}) to finish it"
+        )
     try:
         info = json.loads((path / INFO).read_text())
         labels = np.load(path / LABELS).astype(np.int32)
         metadata = json.loads((path / METADATA).read_text())
         array = ts.open(_spec(path), read=True, context=_context()).result()
     except Exception as e:  # noqa: BLE001 - any failure here means a damaged store
-        raise StoreError(f"the image store at {path} is damaged ({type(e).__name__}: {e}); rerun the import "
-                         f"with --overwrite") from e
+        raise StoreError(
+            f"the image store at {path} is damaged ({type(e).__name__}: {e}); rerun the import with --overwrite"
+        ) from e
     n = int(info["num_images"])
     if labels.shape != (n,) or tuple(array.shape) != (n, *info["image_shape"]):
-        raise StoreError(f"the image store at {path} is inconsistent: {n} images in {INFO}, labels "
-                         f"{labels.shape}, array {tuple(array.shape)}")
+        raise StoreError(
+            f"the image store at {path} is inconsistent: {n} images in {INFO}, labels "
+            f"{labels.shape}, array {tuple(array.shape)}"
+        )
     return Store(path, info, labels, metadata, array)
 
 
@@ -205,9 +218,17 @@ class StoreWriter:
     A directory that holds other files is never touched.
     """
 
-    def __init__(self, path, num_images: int, image_shape: Sequence[int], dtype: str,
-                 codec: str = DEFAULT_CODEC, fingerprint: dict | None = None, overwrite: bool = False,
-                 max_in_flight: int = 8):
+    def __init__(
+        self,
+        path,
+        num_images: int,
+        image_shape: Sequence[int],
+        dtype: str,
+        codec: str = DEFAULT_CODEC,
+        fingerprint: dict | None = None,
+        overwrite: bool = False,
+        max_in_flight: int = 8,
+    ):
         self.path = path = Path(path)
         if num_images < 1:
             raise ImportDataError(f"nothing to import into {path}: no images")
@@ -215,8 +236,14 @@ class StoreWriter:
         if dtype not in DTYPES:
             raise ImportDataError(f"images must be uint8 or uint16, got {dtype} (store {path})")
         self.num_images, self.image_shape, self.dtype, self.codec = num_images, tuple(image_shape), dtype, codec
-        fingerprint = dict(fingerprint or {}, num_images=num_images, image_shape=list(image_shape), dtype=dtype,
-                           codec=codec, format_version=FORMAT_VERSION)
+        fingerprint = dict(
+            fingerprint or {},
+            num_images=num_images,
+            image_shape=list(image_shape),
+            dtype=dtype,
+            codec=codec,
+            format_version=FORMAT_VERSION,
+        )
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.max_in_flight = max_in_flight
         self._pending: list = []
@@ -224,8 +251,12 @@ class StoreWriter:
         if self.resumed:
             self.array = ts.open(_spec(path), read=True, write=True, context=_context()).result()
         else:
-            self.array = ts.open(_spec(path, (num_images, *image_shape), dtype, codec), create=True,
-                                 delete_existing=True, context=_context()).result()
+            self.array = ts.open(
+                _spec(path, (num_images, *image_shape), dtype, codec),
+                create=True,
+                delete_existing=True,
+                context=_context(),
+            ).result()
             atomic_write_json(path / IMPORT, self.fingerprint)
 
     def _prepare(self, overwrite: bool) -> bool:
@@ -235,13 +266,15 @@ class StoreWriter:
         path.mkdir(parents=True, exist_ok=True)
         if is_complete(path):
             if not overwrite:
-                raise StoreError(f"{path} already holds a complete image store; pass --overwrite "
-                                 f"(overwrite=True) to replace it")
+                raise StoreError(
+                    f"{path} already holds a complete image store; pass --overwrite (overwrite=True) to replace it"
+                )
             (path / MARKER).unlink()
         entries = {p.name for p in path.iterdir() if not p.name.startswith(".")}
         if entries and not entries & set(_OWN_FILES):
-            raise StoreError(f"{path} is not empty and is not an image store ({sorted(entries)[:5]}...); "
-                             f"refusing to write into it")
+            raise StoreError(
+                f"{path} is not empty and is not an image store ({sorted(entries)[:5]}...); refusing to write into it"
+            )
         try:
             old = json.loads((path / IMPORT).read_text())
         except (OSError, ValueError):
@@ -266,8 +299,10 @@ class StoreWriter:
     def write(self, i: int, image: np.ndarray) -> None:
         """Queues image ``i`` ([H, W, C], the store's dtype) for writing; at most max_in_flight at a time."""
         if image.shape != self.image_shape or image.dtype != np.dtype(self.dtype):
-            raise ImportDataError(f"image {i} is {image.shape} {image.dtype}, the store takes "
-                                  f"{self.image_shape} {self.dtype} ({self.path})")
+            raise ImportDataError(
+                f"image {i} is {image.shape} {image.dtype}, the store takes "
+                f"{self.image_shape} {self.dtype} ({self.path})"
+            )
         self._pending.append(self.array[int(i)].write(image))
         if len(self._pending) >= self.max_in_flight:
             self._pending.pop(0).result()
@@ -285,8 +320,14 @@ class StoreWriter:
             except Exception:  # noqa: BLE001 - the import is failing already; its own error is the one to report
                 pass
 
-    def finish(self, labels: Sequence[int], class_names: Sequence[str], metadata: dict[str, list],
-               channels: Sequence[str], info: dict | None = None) -> Path:
+    def finish(
+        self,
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        metadata: dict[str, list],
+        channels: Sequence[str],
+        info: dict | None = None,
+    ) -> Path:
         """Writes labels, metadata and store.json, checks that every image is on disk, then the marker."""
         self.flush()
         labels = np.asarray(labels, dtype=np.int32)
@@ -299,17 +340,28 @@ class StoreWriter:
                 raise StoreError(f"metadata column {k!r} has {len(v)} values for {self.num_images} images")
         missing = [i for i in range(self.num_images) if not self.done(i)]
         if missing:
-            raise StoreError(f"{len(missing)} images were not written to {self.path} (e.g. index {missing[0]}); "
-                             f"the store is left incomplete")
+            raise StoreError(
+                f"{len(missing)} images were not written to {self.path} (e.g. index {missing[0]}); "
+                f"the store is left incomplete"
+            )
         import io
+
         buf = io.BytesIO()
         np.save(buf, labels)
         atomic_write_bytes(self.path / LABELS, buf.getvalue())
         atomic_write_json(self.path / METADATA, {k: list(v) for k, v in metadata.items()})
-        full = dict(info or {}, format_version=FORMAT_VERSION, num_images=self.num_images,
-                    image_shape=list(self.image_shape), dtype=self.dtype, codec=self.codec,
-                    codec_spec=CODECS[self.codec], class_names=list(class_names), channels=list(channels),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        full = dict(
+            info or {},
+            format_version=FORMAT_VERSION,
+            num_images=self.num_images,
+            image_shape=list(self.image_shape),
+            dtype=self.dtype,
+            codec=self.codec,
+            codec_spec=CODECS[self.codec],
+            class_names=list(class_names),
+            channels=list(channels),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
         atomic_write_json(self.path / INFO, full)
         atomic_write_json(self.path / MARKER, dict(num_images=self.num_images, finished=full["created"]))
         return self.path

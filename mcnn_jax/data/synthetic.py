@@ -51,9 +51,16 @@ ROWS, COLS = "BCDEFG", range(2, 12)  # 60 wells per plate, as the treated wells 
 
 # (phenotype, scale), interleaved by scale
 PHENOTYPES = (
-    ("dense", "coarse"), ("large_nuclei", "middle"), ("puncta", "fine"),
-    ("clustered", "coarse"), ("elongated", "middle"), ("multinucleated", "fine"),
-    ("sparse", "coarse"), ("spread", "middle"), ("filaments", "fine"), ("condensed", "middle"),
+    ("dense", "coarse"),
+    ("large_nuclei", "middle"),
+    ("puncta", "fine"),
+    ("clustered", "coarse"),
+    ("elongated", "middle"),
+    ("multinucleated", "fine"),
+    ("sparse", "coarse"),
+    ("spread", "middle"),
+    ("filaments", "fine"),
+    ("condensed", "middle"),
 )
 
 
@@ -72,8 +79,19 @@ def class_names(num_classes: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # phenotype parameters
 
-BASE = dict(density=3.0e-4, cluster=0.0, rn=6.0, rc=15.0, aspect_c=1.25, aspect_n=1.1, p_multi=0.0,
-            puncta=2.0, tex_freq=0.07, tex_contrast=0.3, dapi=1.0)
+BASE = dict(
+    density=3.0e-4,
+    cluster=0.0,
+    rn=6.0,
+    rc=15.0,
+    aspect_c=1.25,
+    aspect_n=1.1,
+    p_multi=0.0,
+    puncta=2.0,
+    tex_freq=0.07,
+    tex_contrast=0.3,
+    dapi=1.0,
+)
 
 
 def phenotype_params(class_index: int, strength: float = 1.0) -> dict:
@@ -84,21 +102,21 @@ def phenotype_params(class_index: int, strength: float = 1.0) -> dict:
     name, _ = PHENOTYPES[(class_index - 1) % len(PHENOTYPES)]
     s = strength * (1.0 + 0.75 * ((class_index - 1) // len(PHENOTYPES)))
     if name == "dense":
-        p["density"] *= 2.3 ** s
+        p["density"] *= 2.3**s
     elif name == "sparse":
-        p["density"] *= 0.4 ** s
+        p["density"] *= 0.4**s
     elif name == "clustered":
         p["cluster"] = min(1.0, 0.95 * s)
     elif name == "large_nuclei":
-        p["rn"] *= 1.9 ** s
+        p["rn"] *= 1.9**s
     elif name == "condensed":
-        p["rn"] *= 0.55 ** s
+        p["rn"] *= 0.55**s
         p["dapi"] *= 2.0
     elif name == "spread":
-        p["rc"] *= 1.55 ** s
+        p["rc"] *= 1.55**s
     elif name == "elongated":
-        p["aspect_c"] *= 2.3 ** s
-        p["aspect_n"] *= 1.5 ** s
+        p["aspect_c"] *= 2.3**s
+        p["aspect_n"] *= 1.5**s
     elif name == "puncta":
         p["puncta"] = 2.0 + 25.0 * s
     elif name == "multinucleated":
@@ -192,7 +210,7 @@ def _stamp(h: int, w: int, cy, cx, half: int, values) -> np.ndarray:
     ar = np.arange(p)
     flat = ((cy[:, None, None] + ar[None, :, None]) * wp + (cx[:, None, None] + ar[None, None, :])).ravel()
     canvas = np.bincount(flat, weights=values.ravel(), minlength=(h + 2 * half) * wp)
-    return canvas.reshape(h + 2 * half, wp)[half:half + h, half:half + w]
+    return canvas.reshape(h + 2 * half, wp)[half : half + h, half : half + w]
 
 
 def _ellipses(h, w, y, x, a, b, theta, amp, edge: float = 1.2) -> np.ndarray:
@@ -231,7 +249,7 @@ def _bandpass_noise(rng, h, w, freq: float, width: float = 0.35) -> np.ndarray:
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy * fy + fx * fx)
-    filt = np.exp(-((np.log(np.maximum(f, 1e-6) / freq)) ** 2) / (2 * width ** 2))
+    filt = np.exp(-((np.log(np.maximum(f, 1e-6) / freq)) ** 2) / (2 * width**2))
     out = np.fft.irfft2(spec * filt, s=(h, w))
     out -= out.mean()
     return (out / (out.std() + 1e-8)).astype(np.float32)
@@ -247,8 +265,9 @@ def illumination_field(h: int, w: int, plate_seed) -> np.ndarray:
     return (1.0 - strength * np.minimum(yy * yy + xx * xx, 1.0)).astype(np.float32)
 
 
-def render_field(rng: np.random.Generator, h: int, w: int, params: dict, illumination=None,
-                 camera: Camera = Camera()) -> np.ndarray:
+def render_field(
+    rng: np.random.Generator, h: int, w: int, params: dict, illumination=None, camera: Camera = Camera()
+) -> np.ndarray:
     """Renders one 3-channel (DAPI, tubulin, actin) field as [3, h, w] camera counts (uint16; uint8 for an
     8-bit camera)."""
     p = params
@@ -290,8 +309,7 @@ def render_field(rng: np.random.Generator, h: int, w: int, params: dict, illumin
     tex = np.maximum(1.0 + p["tex_contrast"] * _bandpass_noise(rng, h, w, p["tex_freq"]), 0.0)
     tubulin = 800.0 * body * tex * (1.0 - 0.5 * nucleus_mask)
     # --- actin: cortex ring and puncta --------------------------------------------------------------------
-    inner = _ellipses(h, w, y, x, np.maximum(cell_a - 3.0, 1.0), np.maximum(cell_b - 3.0, 1.0), theta,
-                      np.ones(n))
+    inner = _ellipses(h, w, y, x, np.maximum(cell_a - 3.0, 1.0), np.maximum(cell_b - 3.0, 1.0), theta, np.ones(n))
     ring = np.clip(body - inner, 0.0, None)
     actin = 300.0 * body + 900.0 * ring
     m = rng.poisson(p["puncta"], n)
@@ -336,8 +354,15 @@ def compound_names(class_index: int, compounds_per_class: int) -> list[str]:
     return [f"cmpd{class_index:02d}{chr(ord('a') + j)}" for j in range(compounds_per_class)]
 
 
-def layout(num_images: int, num_classes: int, seed: int, compounds_per_class: int = 3,
-           concentrations: int = 2, wells_per_plate: int = 60, weeks: int = 3) -> list[Site]:
+def layout(
+    num_images: int,
+    num_classes: int,
+    seed: int,
+    compounds_per_class: int = 3,
+    concentrations: int = 2,
+    wells_per_plate: int = 60,
+    weeks: int = 3,
+) -> list[Site]:
     """Assigns every image a class, compound, concentration, week, plate, well and site (4 sites per well).
 
     As in BBBC021, a compound is imaged in one week (the batch): compound j of class c in week
@@ -358,13 +383,13 @@ def layout(num_images: int, num_classes: int, seed: int, compounds_per_class: in
                 continue
             potency = 0.85 + 0.3 * ci / max(1, compounds_per_class - 1)
             for k in range(concentrations):
-                conc = float(f"{0.3 * 3.0 ** k * (1 + ci):.4g}")
-                treatments.append(((c - 1 + ci) % weeks, name, conc,
-                                   potency * (0.9 + 0.2 * k / max(1, concentrations - 1))))
+                conc = float(f"{0.3 * 3.0**k * (1 + ci):.4g}")
+                treatments.append(
+                    ((c - 1 + ci) % weeks, name, conc, potency * (0.9 + 0.2 * k / max(1, concentrations - 1)))
+                )
         for wi in range(math.ceil(n_c / SITES_PER_WELL)):
             week, *t = treatments[wi % len(treatments)]
-            wells.append((wi % weeks if week is None else week, c, *t,
-                          min(SITES_PER_WELL, n_c - wi * SITES_PER_WELL)))
+            wells.append((wi % weeks if week is None else week, c, *t, min(SITES_PER_WELL, n_c - wi * SITES_PER_WELL)))
     well_names = [f"{r}{col:02d}" for r in ROWS for col in COLS][:wells_per_plate]
     sites, plate = [], 0
     for week in range(weeks):
@@ -376,8 +401,10 @@ def layout(num_images: int, num_classes: int, seed: int, compounds_per_class: in
             plate += 1
             for pos, slot in enumerate(rng.permutation(len(members))):
                 _, c, compound, conc, strength, n_sites = members[slot]
-                sites += [Site(0, plate, well_names[pos], s + 1, c, compound, conc, strength, week + 1)
-                          for s in range(n_sites)]
+                sites += [
+                    Site(0, plate, well_names[pos], s + 1, c, compound, conc, strength, week + 1)
+                    for s in range(n_sites)
+                ]
     return [dataclasses.replace(x, image_number=i + 1) for i, x in enumerate(sites)]
 
 
@@ -405,6 +432,7 @@ def _write_tiff(path: Path, img: np.ndarray) -> None:
 
 def _tiff_bytes(img: np.ndarray) -> bytes:
     import io
+
     b = io.BytesIO()
     tifffile.imwrite(b, img, photometric="minisblack")
     return b.getvalue()
@@ -419,9 +447,19 @@ def _recorded(path: Path, key: str | None = None):
         return None
 
 
-def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: int = 1024, width: int = 1280,
-                    seed: int = 0, compounds_per_class: int = 3, concentrations: int = 2,
-                    progress: bool = True, camera: Camera = Camera(), difficulty: float = 0.0) -> Path:
+def generate_screen(
+    out,
+    num_images: int = 240,
+    num_classes: int = 8,
+    height: int = 1024,
+    width: int = 1280,
+    seed: int = 0,
+    compounds_per_class: int = 3,
+    concentrations: int = 2,
+    progress: bool = True,
+    camera: Camera = Camera(),
+    difficulty: float = 0.0,
+) -> Path:
     """Writes a synthetic screen in the BBBC021 layout under ``out`` and returns ``out``; ``difficulty`` in [0, 1]
     makes its classes harder to tell apart (``hard_params``).
 
@@ -432,9 +470,16 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     out = Path(out)
     if height < 16 or width < 16:
         raise ValueError(f"field size must be at least 16x16, got {height}x{width}")
-    params = dict(num_images=int(num_images), num_classes=int(num_classes), height=int(height),
-                  width=int(width), seed=int(seed), compounds_per_class=int(compounds_per_class),
-                  concentrations=int(concentrations), version=GENERATOR_VERSION)
+    params = dict(
+        num_images=int(num_images),
+        num_classes=int(num_classes),
+        height=int(height),
+        width=int(width),
+        seed=int(seed),
+        compounds_per_class=int(compounds_per_class),
+        concentrations=int(concentrations),
+        version=GENERATOR_VERSION,
+    )
     if camera.realistic:  # (the default camera is left out, so screens made before the option stay valid)
         params["camera"] = dataclasses.asdict(camera)
     if difficulty:  # (likewise)
@@ -457,17 +502,38 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
         rel, plate_name = _plate_dir(site)
         folder = out / rel
         names = file_names(site, seed)
-        rows.append((site.plate, site.image_number, names[0], rel, names[1], rel, names[2], rel, plate_name,
-                     site.well, 1, site.compound, f"{site.concentration:g}"))
+        rows.append(
+            (
+                site.plate,
+                site.image_number,
+                names[0],
+                rel,
+                names[1],
+                rel,
+                names[2],
+                rel,
+                plate_name,
+                site.well,
+                1,
+                site.compound,
+                f"{site.concentration:g}",
+            )
+        )
         if resume and all((folder / n).exists() for n in names):
             continue
         folder.mkdir(parents=True, exist_ok=True)
         if site.plate not in fields:
             fields[site.plate] = illumination_field(height, width, [seed, 1_000_003, site.plate])
-        img = render_field(np.random.default_rng([seed, site.image_number]), height, width,
-                           hard_params(site.class_index, site.strength, difficulty,
-                                       np.random.default_rng([seed, site.image_number, 29])),
-                           fields[site.plate], camera)
+        img = render_field(
+            np.random.default_rng([seed, site.image_number]),
+            height,
+            width,
+            hard_params(
+                site.class_index, site.strength, difficulty, np.random.default_rng([seed, site.image_number, 29])
+            ),
+            fields[site.plate],
+            camera,
+        )
         for ch, name in enumerate(names):
             _write_tiff(folder / name, img[ch])
     elapsed = time.perf_counter() - t0
@@ -479,9 +545,17 @@ def generate_screen(out, num_images: int = 240, num_classes: int = 8, height: in
     return out
 
 
-def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int = 1024, width: int = 1280,
-                            seed: int = 0, progress: bool = True, camera: Camera = Camera(),
-                            difficulty: float = 0.0) -> Path:
+def prepare_synthetic_store(
+    root,
+    num_images: int,
+    num_classes: int,
+    height: int = 1024,
+    width: int = 1280,
+    seed: int = 0,
+    progress: bool = True,
+    camera: Camera = Camera(),
+    difficulty: float = 0.0,
+) -> Path:
     """Generates a synthetic screen under ``root/raw`` and imports it into ``root/store``; returns the store path.
 
     Idempotent: returns at once if ``root/store`` is a complete store made with the same parameters (a complete
@@ -495,8 +569,9 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
 
     root = Path(root)
     store_path = root / "store"
-    params = dict(num_images=int(num_images), num_classes=int(num_classes), height=int(height),
-                  width=int(width), seed=int(seed))
+    params = dict(
+        num_images=int(num_images), num_classes=int(num_classes), height=int(height), width=int(width), seed=int(seed)
+    )
     if camera.realistic:
         params["camera"] = dataclasses.asdict(camera)
     if difficulty:
@@ -510,8 +585,22 @@ def prepare_synthetic_store(root, num_images: int, num_classes: int, height: int
         except StoreError:
             pass
         rebuild = True
-    raw = generate_screen(root / "raw", progress=progress, camera=camera, difficulty=difficulty,
-                          **{k: v for k, v in params.items() if k not in ("camera", "difficulty")})
-    import_bbbc021(raw, raw, store_path, scaling="plate", illumination=not camera.realistic, dtype="uint16",
-                   overwrite=rebuild, progress=progress, extra_info=dict(synthetic=recorded))
+    raw = generate_screen(
+        root / "raw",
+        progress=progress,
+        camera=camera,
+        difficulty=difficulty,
+        **{k: v for k, v in params.items() if k not in ("camera", "difficulty")},
+    )
+    import_bbbc021(
+        raw,
+        raw,
+        store_path,
+        scaling="plate",
+        illumination=not camera.realistic,
+        dtype="uint16",
+        overwrite=rebuild,
+        progress=progress,
+        extra_info=dict(synthetic=recorded),
+    )
     return store_path

@@ -45,8 +45,13 @@ from mcnn_jax.evaluation import profiles as P
 
 LAYERS = ("hidden", "merge")
 # store metadata key -> table column (present only when the store records it)
-METADATA_COLUMNS = {"plate": P.PLATE, "well": P.WELL, "site": P.SITE, "compound": P.COMPOUND,
-                    "concentration": P.CONCENTRATION}
+METADATA_COLUMNS = {
+    "plate": P.PLATE,
+    "well": P.WELL,
+    "site": P.SITE,
+    "compound": P.COMPOUND,
+    "concentration": P.CONCENTRATION,
+}
 
 
 def _pool_merge(merge, model):
@@ -68,8 +73,12 @@ def outputs_fn(model, layer: str = "hidden"):
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
 
     def member(params, images):
-        logits, state = model.apply({"params": params}, images, mutable=["intermediates"],
-                                    capture_intermediates=lambda mdl, _: mdl.name == layer)
+        logits, state = model.apply(
+            {"params": params},
+            images,
+            mutable=["intermediates"],
+            capture_intermediates=lambda mdl, _: mdl.name == layer,
+        )
         out = state["intermediates"][layer]["__call__"][0].astype(jnp.float32)
         return logits, (jax.nn.relu(out) if layer == "hidden" else _pool_merge(out, model))
 
@@ -123,6 +132,7 @@ class TableWriter:
         if self.parquet:
             import pyarrow as pa
             import pyarrow.parquet as pq
+
             table = pa.Table.from_pandas(df, preserve_index=False)
             if self._writer is None:
                 self._writer = pq.ParquetWriter(self.tmp, table.schema)
@@ -150,7 +160,7 @@ def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hi
     from mcnn_jax.data import to_float
 
     fn, members = outputs_fn(model, layer), as_members(params)
-    chunks = [np.asarray(indices[i:i + batch]) for i in range(0, len(indices), batch)]
+    chunks = [np.asarray(indices[i : i + batch]) for i in range(0, len(indices), batch)]
 
     def load(chunk):
         x = to_float(store.read(chunk))
@@ -163,7 +173,7 @@ def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hi
             if k + 1 < len(chunks):
                 nxt = pool.submit(load, chunks[k + 1])
             log_probs, feats = jax.device_get(fn(members, images))
-            yield chunk, log_probs[:len(chunk)], feats[:len(chunk)]
+            yield chunk, log_probs[: len(chunk)], feats[: len(chunk)]
 
 
 def feature_names(layer: str, width: int, members: int = 1) -> list[str]:
@@ -187,8 +197,9 @@ def _rows(store, chunk, log_probs, feats, kind: str, layer: str, members: int = 
     return pd.concat([meta, pd.DataFrame(cols)], axis=1)
 
 
-def write_image_table(model, params, store, indices, out, kind: str = "embeddings", layer: str = "hidden",
-                      batch: int = 8, log=None) -> dict:
+def write_image_table(
+    model, params, store, indices, out, kind: str = "embeddings", layer: str = "hidden", batch: int = 8, log=None
+) -> dict:
     """Writes one row per image of ``indices``: features (``kind="embeddings"``) or the predicted class and
     class probabilities (``kind="predictions"``), streaming batch by batch; returns rows, seconds, images/s.
     ``params`` may be an ensemble (a list of parameter trees): its probabilities are the mean of the members',
@@ -212,8 +223,14 @@ def write_image_table(model, params, store, indices, out, kind: str = "embedding
         writer.abort()
         raise
     dt = time.perf_counter() - t0
-    return dict(rows=writer.rows, seconds=dt, images_per_s=writer.rows / max(dt, 1e-9), path=str(out),
-                confusion=confusion, loss=loss_sum / max(writer.rows, 1))
+    return dict(
+        rows=writer.rows,
+        seconds=dt,
+        images_per_s=writer.rows / max(dt, 1e-9),
+        path=str(out),
+        confusion=confusion,
+        loss=loss_sum / max(writer.rows, 1),
+    )
 
 
 # --- a run's model and store ---------------------------------------------------------------------------------
@@ -229,15 +246,18 @@ def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
     model, members, metas = load_ensemble(workdir, checkpoint)
     meta = metas[-1]
     config = ml_collections.ConfigDict(meta["config"])
-    path = Path(store) if store else (Path(config.data.store) if config.data.store
-                                      else Path(workdir) / "data" / "store")
+    path = (
+        Path(store) if store else (Path(config.data.store) if config.data.store else Path(workdir) / "data" / "store")
+    )
     st = open_store(path)
     if list(st.class_names) != list(meta["class_names"]):
-        raise ValueError(f"the store {path} has classes {st.class_names}, the model was trained on "
-                         f"{meta['class_names']}")
+        raise ValueError(
+            f"the store {path} has classes {st.class_names}, the model was trained on {meta['class_names']}"
+        )
     if tuple(st.image_shape) != tuple(config.model.input_shape):
-        raise ValueError(f"the store {path} holds {st.image_shape} images, the model takes "
-                         f"{tuple(config.model.input_shape)}")
+        raise ValueError(
+            f"the store {path} holds {st.image_shape} images, the model takes {tuple(config.model.input_shape)}"
+        )
     if split not in ("all", "train", "val"):
         raise ValueError(f"split must be all, train or val, got {split!r}")
     if split == "all":
@@ -247,8 +267,9 @@ def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
     return model, members, metas, st, idx
 
 
-def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = 8,
-                      out="predictions.csv") -> dict:
+def evaluate_to_table(
+    workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = 8, out="predictions.csv"
+) -> dict:
     """``mcnn-eval --predictions``: writes the predictions table of a checkpoint and returns what
     ``evaluate.evaluate_checkpoint`` returns (loss, accuracy, per-class accuracy, confusion) plus
     ``treatment_summary`` (``profiling.prediction_summary``; None when the store records no compounds) and its
@@ -258,24 +279,39 @@ def evaluate_to_table(workdir, checkpoint="best", store: str = "", split: str = 
     conf = res["confusion"]
     table = P.read_table(out)
     summary = P.prediction_summary(table, source=str(out)) if P.COMPOUND in table.columns else None
-    return dict(loss=res["loss"], accuracy=conf.trace() / max(conf.sum(), 1), confusion=conf,
-                per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1), count=int(conf.sum()),
-                step=metas[-1]["step"], members=[m["step"] for m in metas], store=str(st.path),
-                class_names=list(st.class_names),
-                treatment_summary=summary, predictions=str(out),
-                treatment_accuracy=summary and summary["treatment_accuracy"],
-                treatments=summary and summary["treatments"])
+    return dict(
+        loss=res["loss"],
+        accuracy=conf.trace() / max(conf.sum(), 1),
+        confusion=conf,
+        per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1),
+        count=int(conf.sum()),
+        step=metas[-1]["step"],
+        members=[m["step"] for m in metas],
+        store=str(st.path),
+        class_names=list(st.class_names),
+        treatment_summary=summary,
+        predictions=str(out),
+        treatment_accuracy=summary and summary["treatment_accuracy"],
+        treatments=summary and summary["treatments"],
+    )
 
 
 def format_treatment_summary(summary) -> str:
     """The treatment-level and per-compound accuracy of ``evaluate_to_table``'s result, as text."""
     if summary is None:
-        return (f"no treatment-level accuracy: the store records no compounds ({P.COMPOUND} is missing; a "
-                f"folder import has none)")
+        return (
+            f"no treatment-level accuracy: the store records no compounds ({P.COMPOUND} is missing; a "
+            f"folder import has none)"
+        )
     acc = "n/a" if summary["treatment_accuracy"] is None else f"{summary['treatment_accuracy']:.4f}"
-    lines = [f"treatment-level accuracy {acc} over {summary['treatments']} treatments (mean class probabilities "
-             f"per compound x concentration; control left out)", "per compound:"]
+    lines = [
+        f"treatment-level accuracy {acc} over {summary['treatments']} treatments (mean class probabilities "
+        f"per compound x concentration; control left out)",
+        "per compound:",
+    ]
     for r in summary["per_compound"].itertuples(index=False):
-        lines.append(f"  {r[0]:<28s} {r[1]:<24s} {r.images:>5d} images  image acc {r.image_accuracy:.4f}  "
-                     f"{r.treatments} treatments  treatment acc {r.treatment_accuracy:.4f}")
+        lines.append(
+            f"  {r[0]:<28s} {r[1]:<24s} {r.images:>5d} images  image acc {r.image_accuracy:.4f}  "
+            f"{r.treatments} treatments  treatment acc {r.treatment_accuracy:.4f}"
+        )
     return "\n".join(lines)

@@ -38,6 +38,7 @@ class Evaluator:
 
     def __init__(self, model, reader, num_classes: int, world: World | None = None):
         from mcnn_jax.step import make_eval_step
+
         self.reader, self.num_classes, self.world = reader, num_classes, world or World()
         self.eval_step = make_eval_step(model, num_classes)
         self.treatments = whole_treatments(reader.store, reader.indices)
@@ -57,10 +58,16 @@ class Evaluator:
         loss_sum = self.world.allreduce_host_sum(loss_sum)
         count = confusion.sum()
         per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-        out = dict(loss=loss_sum / max(count, 1), accuracy=confusion.trace() / max(count, 1),
-                   per_class_accuracy=per_class, confusion=confusion, count=int(count))
+        out = dict(
+            loss=loss_sum / max(count, 1),
+            accuracy=confusion.trace() / max(count, 1),
+            per_class_accuracy=per_class,
+            confusion=confusion,
+            count=int(count),
+        )
         if self.treatments is not None:
             from mcnn_jax.evaluation.profiles import treatment_accuracy
+
             probs = self.world.allreduce_host_sum(probs)  # each image's row is filled on one rank
             labels = np.asarray(self.reader.store.labels)[self.reader.indices]
             out.update(treatment_accuracy(probs, labels, *self.treatments))
@@ -93,6 +100,7 @@ def predict_probabilities(model, members, reader) -> tuple[np.ndarray, np.ndarra
     """(probabilities [N, classes], labels [N]) of the images of one pass of an evaluation ``reader``, in its
     order (padding dropped): the mean of the ``members``' (a list of parameter trees) class probabilities."""
     from mcnn_jax.step import make_eval_step
+
     eval_step = make_eval_step(model, len(reader.store.class_names))
     probs, labels = [], []
     for _, batch in reader.iterate():
@@ -122,10 +130,14 @@ def load_ensemble(workdir, checkpoints: str | int = "snapshots"):
         model = from_config(config.model, num_classes=ckpt.meta(steps[0])["num_classes"])
         from mcnn_jax.optim import make_optimizer, make_schedule
         from mcnn_jax.step import create_state
+
         tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
         # the state's structure, shapes and dtypes only: nothing is initialised or compiled
-        abstract = jax.eval_shape(lambda: create_state(
-            init_params(model, jax.random.key(0), tuple(config.model.input_shape)), tx, config.seed))
+        abstract = jax.eval_shape(
+            lambda: create_state(
+                init_params(model, jax.random.key(0), tuple(config.model.input_shape)), tx, config.seed
+            )
+        )
         restored = [ckpt.restore(step, abstract) for step in steps]
     finally:
         ckpt.close()
@@ -140,8 +152,6 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
     return "\n".join(lines)
 
 
-
-
 def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
     from mcnn_jax.data import Reader, open_store, split_indices
     from mcnn_jax.data.prepare import store_path
@@ -152,8 +162,9 @@ def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch
     path = Path(store) if store else store_path(config, workdir)
     st = open_store(path)
     if list(st.class_names) != list(meta["class_names"]):
-        raise ValueError(f"the store {path} has classes {st.class_names}, the model was trained on "
-                         f"{meta['class_names']}")
+        raise ValueError(
+            f"the store {path} has classes {st.class_names}, the model was trained on {meta['class_names']}"
+        )
     if split == "all":
         idx = np.arange(st.num_images)
     else:
@@ -164,5 +175,6 @@ def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch
         ev = Evaluator(model, reader, len(st.class_names)).run(members)
     finally:
         reader.close()
-    return dict(ev, step=meta["step"], members=[m["step"] for m in metas], store=str(path),
-                class_names=list(st.class_names))
+    return dict(
+        ev, step=meta["step"], members=[m["step"] for m in metas], store=str(path), class_names=list(st.class_names)
+    )

@@ -69,8 +69,10 @@ class LocoError(ValueError):
 def fold_compounds(store, control: str = P.CONTROL) -> list[str]:
     """The store's compounds except the control, sorted: fold K holds out the K-th."""
     if not store.compounds:
-        raise LocoError(f"the store {store.path} records no compounds (no 'compound' metadata; a folder import "
-                        f"has none): leave-one-compound-out needs them")
+        raise LocoError(
+            f"the store {store.path} records no compounds (no 'compound' metadata; a folder import "
+            f"has none): leave-one-compound-out needs them"
+        )
     folds = [c for c in store.compounds if c != control]
     if not folds:
         raise LocoError(f"the store {store.path} has no compound besides the control {control!r}")
@@ -85,16 +87,20 @@ def fold_dir(workdir, compounds: list[str], compound: str) -> Path:
 def select(compounds: list[str], names: str = "", fold: int | None = None, store_path="the store") -> list[str]:
     if fold is not None:
         if not 0 <= fold < len(compounds):
-            raise LocoError(f"--fold {fold} is out of range: {store_path} has {len(compounds)} folds (0.."
-                            f"{len(compounds) - 1}; see --list)")
+            raise LocoError(
+                f"--fold {fold} is out of range: {store_path} has {len(compounds)} folds (0.."
+                f"{len(compounds) - 1}; see --list)"
+            )
         return [compounds[fold]]
     if not names:
         return list(compounds)
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in compounds]
     if unknown:
-        raise LocoError(f"compound(s) {', '.join(map(repr, unknown))} are not compounds of {store_path}; "
-                        f"choose from: {', '.join(compounds)}")
+        raise LocoError(
+            f"compound(s) {', '.join(map(repr, unknown))} are not compounds of {store_path}; "
+            f"choose from: {', '.join(compounds)}"
+        )
     return chosen
 
 
@@ -110,16 +116,29 @@ def single_compound_classes(store, control: str = P.CONTROL) -> dict[str, str]:
 # --- one fold --------------------------------------------------------------------------------------------------
 def train_fold(config_file, fold_path: Path, store_path, compound: str, overrides, launcher: str = "") -> float:
     """Runs (or resumes) the fold's training in a subprocess; returns its wall time."""
-    cmd = [*shlex.split(launcher), sys.executable, "-m", "mcnn_jax.cli.train", "--config", str(config_file),
-           "--workdir", str(fold_path), f"--config.data.store={store_path}", "--config.data.split=compound",
-           f"--config.data.holdout_compound={compound}", "--config.train.target_accuracy=0",
-           *[f"--config.{o}" for o in overrides]]
+    cmd = [
+        *shlex.split(launcher),
+        sys.executable,
+        "-m",
+        "mcnn_jax.cli.train",
+        "--config",
+        str(config_file),
+        "--workdir",
+        str(fold_path),
+        f"--config.data.store={store_path}",
+        "--config.data.split=compound",
+        f"--config.data.holdout_compound={compound}",
+        "--config.train.target_accuracy=0",
+        *[f"--config.{o}" for o in overrides],
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
-        raise LocoError(f"the training of fold {fold_path.name} (held-out compound {compound!r}) failed with exit "
-                        f"code {proc.returncode}; rerun the same command to resume it (command: "
-                        f"{shlex.join(cmd)})")
+        raise LocoError(
+            f"the training of fold {fold_path.name} (held-out compound {compound!r}) failed with exit "
+            f"code {proc.returncode}; rerun the same command to resume it (command: "
+            f"{shlex.join(cmd)})"
+        )
     check_trained(fold_path, compound)
     return time.perf_counter() - t0
 
@@ -130,12 +149,16 @@ def check_trained(fold_path: Path, compound: str) -> None:
     try:
         summary = json.loads((fold_path / "summary.json").read_text())
     except (OSError, ValueError) as e:
-        raise LocoError(f"fold {fold_path.name} (held-out compound {compound!r}): no readable summary.json after "
-                        f"its training ({e}); rerun the same command to resume it") from None
+        raise LocoError(
+            f"fold {fold_path.name} (held-out compound {compound!r}): no readable summary.json after "
+            f"its training ({e}); rerun the same command to resume it"
+        ) from None
     if summary.get("preempted_at_step") is not None:
-        raise LocoError(f"the training of fold {fold_path.name} (held-out compound {compound!r}) was stopped by a "
-                        f"signal at step {summary['preempted_at_step']} of {summary.get('total_steps')}; its "
-                        f"checkpoint is kept: rerun the same command to resume it")
+        raise LocoError(
+            f"the training of fold {fold_path.name} (held-out compound {compound!r}) was stopped by a "
+            f"signal at step {summary['preempted_at_step']} of {summary.get('total_steps')}; its "
+            f"checkpoint is kept: rerun the same command to resume it"
+        )
 
 
 def earlier_train_wall_s(fold_path: Path) -> tuple[float, int]:
@@ -165,18 +188,24 @@ def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "lat
     try:
         model, members, metas, st, val = open_run(fold_path, checkpoint, str(store_path), "val")
     except FileNotFoundError as e:
-        hint = (" (mcnn-loco: add --config.optim.cycles=N, N > 0, and see optim.cycle_epochs, so that every fold "
-                "ends with the collapsed ensemble's snapshots)" if checkpoint == "snapshots" else "")
-        raise LocoError(f"fold {fold_path.name} (held-out compound {compound!r}), --checkpoint {checkpoint}: "
-                        f"{e}{hint}") from None
+        hint = (
+            " (mcnn-loco: add --config.optim.cycles=N, N > 0, and see optim.cycle_epochs, so that every fold "
+            "ends with the collapsed ensemble's snapshots)"
+            if checkpoint == "snapshots"
+            else ""
+        )
+        raise LocoError(
+            f"fold {fold_path.name} (held-out compound {compound!r}), --checkpoint {checkpoint}: {e}{hint}"
+        ) from None
     comps = np.asarray(st.metadata["compound"], dtype=object)[val]
     if set(comps) != {compound}:
         raise LocoError(f"fold {fold_path.name}: its validation images are of {sorted(set(comps))}, not {compound!r}")
     return model, members, metas, st, val
 
 
-def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL,
-                  checkpoint: str = "latest") -> dict:
+def evaluate_fold(
+    fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL, checkpoint: str = "latest"
+) -> dict:
     """The fold's latest model (or the ensemble ``checkpoint`` names: the mean of its members' probabilities,
     its members' features side by side) on its held-out compound (predictions) and on every image
     (embeddings, from which the report computes NSC / NSCB and mAP)."""
@@ -184,15 +213,24 @@ def evaluate_fold(fold_path: Path, store_path, compound: str, layer="hidden", ba
 
     model, members, metas, st, val = open_fold(fold_path, store_path, compound, checkpoint)
     pred = write_image_table(model, members, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
-    emb = write_image_table(model, members, st, np.arange(st.num_images), fold_path / "embeddings.parquet",
-                            "embeddings", layer, batch)
+    emb = write_image_table(
+        model, members, st, np.arange(st.num_images), fold_path / "embeddings.parquet", "embeddings", layer, batch
+    )
     summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
     conf = pred["confusion"]
-    return dict(compound=compound, step=metas[-1]["step"], checkpoint=checkpoint, members=[m["step"] for m in metas],
-                images=int(conf.sum()), accuracy=float(conf.trace() / max(conf.sum(), 1)),
-                treatment_accuracy=summary["treatment_accuracy"],
-                treatments=summary["treatments"], moa=str(summary["per_compound"][P.MOA].iloc[0]),
-                confusion=conf.tolist(), embed_images_per_s=emb["images_per_s"])
+    return dict(
+        compound=compound,
+        step=metas[-1]["step"],
+        checkpoint=checkpoint,
+        members=[m["step"] for m in metas],
+        images=int(conf.sum()),
+        accuracy=float(conf.trace() / max(conf.sum(), 1)),
+        treatment_accuracy=summary["treatment_accuracy"],
+        treatments=summary["treatments"],
+        moa=str(summary["per_compound"][P.MOA].iloc[0]),
+        confusion=conf.tolist(),
+        embed_images_per_s=emb["images_per_s"],
+    )
 
 
 def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
@@ -204,13 +242,17 @@ def run_fold(args, overrides, store, compounds, compound, log=print) -> dict:
         log(f"fold {path.name}: finished, skipped")
         return done
     if done:
-        log(f"fold {path.name}: finished with --checkpoint {done.get('checkpoint', 'latest')}, evaluated again "
-            f"with --checkpoint {args.checkpoint}")
+        log(
+            f"fold {path.name}: finished with --checkpoint {done.get('checkpoint', 'latest')}, evaluated again "
+            f"with --checkpoint {args.checkpoint}"
+        )
         train = {k: done.get(k) for k in ("train_wall_s", "train_attempts")}
     else:
         earlier_s, attempts = earlier_train_wall_s(path)
-        log(f"fold {path.name}: training with {compound!r} held out"
-            + (" (resuming)" if (path / "checkpoints").is_dir() else ""))
+        log(
+            f"fold {path.name}: training with {compound!r} held out"
+            + (" (resuming)" if (path / "checkpoints").is_dir() else "")
+        )
         train_s = train_fold(args.config, path, store.path, compound, overrides, args.launcher)
         train = dict(train_wall_s=earlier_s + train_s, train_attempts=attempts + 1)
     t0 = time.perf_counter()
@@ -244,38 +286,71 @@ def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptio
     done, missing = _finished(workdir, compounds, only)
     preds = pd.concat([P.read_table(p / "predictions.parquet") for p, _ in done], ignore_index=True)
     summary = P.prediction_summary(preds, control=control)
-    parts = [profile_parts(P.read_table(p / "embeddings.parquet"), opts, str(p / "embeddings.parquet"),
-                           query_compounds=[f["compound"]]) for p, f in done]
+    parts = [
+        profile_parts(
+            P.read_table(p / "embeddings.parquet"), opts, str(p / "embeddings.parquet"), query_compounds=[f["compound"]]
+        )
+        for p, f in done
+    ]
     profiles = summarize_parts(parts, opts)
     single = single_compound_classes(store, control)
-    per_fold = [dict(fold=p.name, compound=f["compound"], moa=f["moa"], images=f["images"], accuracy=f["accuracy"],
-                     treatment_accuracy=f["treatment_accuracy"],
-                     **{m: P.nn_accuracy(part["matches"][m])["accuracy"] for m in MODES},
-                     step=f["step"], checkpoint=f.get("checkpoint", "latest"),
-                     members=f.get("members", [f["step"]]), train_wall_s=f["train_wall_s"],
-                     train_attempts=f.get("train_attempts"),
-                     eval_wall_s=f["eval_wall_s"], single_compound_class=f["moa"] in single)
-                for (p, f), part in zip(done, parts)]
+    per_fold = [
+        dict(
+            fold=p.name,
+            compound=f["compound"],
+            moa=f["moa"],
+            images=f["images"],
+            accuracy=f["accuracy"],
+            treatment_accuracy=f["treatment_accuracy"],
+            **{m: P.nn_accuracy(part["matches"][m])["accuracy"] for m in MODES},
+            step=f["step"],
+            checkpoint=f.get("checkpoint", "latest"),
+            members=f.get("members", [f["step"]]),
+            train_wall_s=f["train_wall_s"],
+            train_attempts=f.get("train_attempts"),
+            eval_wall_s=f["eval_wall_s"],
+            single_compound_class=f["moa"] in single,
+        )
+        for (p, f), part in zip(done, parts)
+    ]
     multi = preds[~preds[P.MOA].isin(list(single))]
     report = dict(
-        folds_total=len(only or compounds), folds_finished=len(done), folds_missing=missing, images=len(preds),
-        image_accuracy=summary["image_accuracy"], treatments=summary["treatments"],
+        folds_total=len(only or compounds),
+        folds_finished=len(done),
+        folds_missing=missing,
+        images=len(preds),
+        image_accuracy=summary["image_accuracy"],
+        treatments=summary["treatments"],
         treatment_accuracy=summary["treatment_accuracy"],
         image_accuracy_without_single_compound_classes=float((multi[P.MOA] == multi[P.PREDICTED]).mean())
-        if len(multi) else None,
+        if len(multi)
+        else None,
         **{k: v for k, v in to_json(profiles).items() if k not in MODES},
         **{m: {k: v for k, v in profiles[m].items() if k != "matches"} for m in MODES},
-        single_compound_classes=single, class_names=list(store.class_names),
+        single_compound_classes=single,
+        class_names=list(store.class_names),
         checkpoint=sorted({f["checkpoint"] for f in per_fold}),
         confusion=np.sum([np.asarray(f["confusion"]) for _, f in done], axis=0).tolist(),
-        wall_s=sum(f["train_wall_s"] + f["eval_wall_s"] for _, f in done), per_fold=per_fold,
-        per_compound=json.loads(summary["per_compound"].to_json(orient="records")))
+        wall_s=sum(f["train_wall_s"] + f["eval_wall_s"] for _, f in done),
+        per_fold=per_fold,
+        per_compound=json.loads(summary["per_compound"].to_json(orient="records")),
+    )
     P.write_table(preds, workdir / "loco_predictions.parquet")
-    P.write_table(pd.concat([profiles[m]["matches"].assign(mode=m) for m in MODES], ignore_index=True),
-                  workdir / "loco_neighbours.csv")
+    P.write_table(
+        pd.concat([profiles[m]["matches"].assign(mode=m) for m in MODES], ignore_index=True),
+        workdir / "loco_neighbours.csv",
+    )
     if opts.map:
-        P.write_table(pd.concat([pd.concat([part["ap"][k] for part in parts], ignore_index=True).assign(metric=k)
-                                 for k in ("activity", *MODES)], ignore_index=True), workdir / "loco_ap.csv")
+        P.write_table(
+            pd.concat(
+                [
+                    pd.concat([part["ap"][k] for part in parts], ignore_index=True).assign(metric=k)
+                    for k in ("activity", *MODES)
+                ],
+                ignore_index=True,
+            ),
+            workdir / "loco_ap.csv",
+        )
     P.write_json(report, workdir / "loco_report.json")
     return report
 
@@ -286,21 +361,28 @@ def format_report(r: dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    lines = [f"leave-one-compound-out: {r['folds_finished']} of {r['folds_total']} folds finished"
-             + (f" (missing: {', '.join(r['folds_missing'])})" if r["folds_missing"] else "")
-             + f"; evaluated checkpoint(s): {', '.join(r['checkpoint'])}"]
-    lines += [f"  {f['fold']:<24s} {f['moa']:<24s} {f['images']:>5d} images  accuracy {pct(f['accuracy'])}  "
-              f"treatments {pct(f['treatment_accuracy'])}  NSC {pct(f['nsc'])}  NSCB {pct(f['nscb'])}"
-              + f"  step(s) {','.join(map(str, f['members']))}"
-              + ("  (single-compound class)" if f["single_compound_class"] else "") for f in r["per_fold"]]
-    lines += [f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
-              f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
-              f"treatment-level accuracy {pct(r['treatment_accuracy'])} over {r['treatments']} treatments",
-              format_profiles(r, matches=False),
-              "classes with a single compound (their fold has no other compound of the class to learn from): "
-              + (", ".join(f"{k} ({v})" for k, v in r["single_compound_classes"].items()) or "none"),
-              f"wall time {r['wall_s']:.1f} s (training + evaluation of the finished folds)",
-              format_confusion(np.asarray(r["confusion"]), r["class_names"])]
+    lines = [
+        f"leave-one-compound-out: {r['folds_finished']} of {r['folds_total']} folds finished"
+        + (f" (missing: {', '.join(r['folds_missing'])})" if r["folds_missing"] else "")
+        + f"; evaluated checkpoint(s): {', '.join(r['checkpoint'])}"
+    ]
+    lines += [
+        f"  {f['fold']:<24s} {f['moa']:<24s} {f['images']:>5d} images  accuracy {pct(f['accuracy'])}  "
+        f"treatments {pct(f['treatment_accuracy'])}  NSC {pct(f['nsc'])}  NSCB {pct(f['nscb'])}"
+        + f"  step(s) {','.join(map(str, f['members']))}"
+        + ("  (single-compound class)" if f["single_compound_class"] else "")
+        for f in r["per_fold"]
+    ]
+    lines += [
+        f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
+        f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
+        f"treatment-level accuracy {pct(r['treatment_accuracy'])} over {r['treatments']} treatments",
+        format_profiles(r, matches=False),
+        "classes with a single compound (their fold has no other compound of the class to learn from): "
+        + (", ".join(f"{k} ({v})" for k, v in r["single_compound_classes"].items()) or "none"),
+        f"wall time {r['wall_s']:.1f} s (training + evaluation of the finished folds)",
+        format_confusion(np.asarray(r["confusion"]), r["class_names"]),
+    ]
     return "\n".join(lines)
 
 

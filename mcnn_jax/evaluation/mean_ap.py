@@ -29,8 +29,15 @@ import pandas as pd
 
 from mcnn_jax.evaluation.profiles import COMPOUND, CONCENTRATION, CONTROL, MOA, batch_sets, nscb_plan
 
-AP_COLUMNS = [COMPOUND, CONCENTRATION, MOA, "average_precision", "normalized_average_precision", "n_pos_pairs",
-              "n_total_pairs"]
+AP_COLUMNS = [
+    COMPOUND,
+    CONCENTRATION,
+    MOA,
+    "average_precision",
+    "normalized_average_precision",
+    "n_pos_pairs",
+    "n_total_pairs",
+]
 _TREATMENT, _BATCH, _REF = "Metadata_Treatment", "Metadata_BatchKey", "Metadata_Reference_Index"
 
 
@@ -44,8 +51,14 @@ def _copairs_ap(meta: pd.DataFrame, feats: np.ndarray, **pairs) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ap = average_precision(meta.reset_index(drop=True), np.ascontiguousarray(feats, np.float64),
-                                   batch_size=20000, distance="cosine", progress_bar=False, **pairs)
+            ap = average_precision(
+                meta.reset_index(drop=True),
+                np.ascontiguousarray(feats, np.float64),
+                batch_size=20000,
+                distance="cosine",
+                progress_bar=False,
+                **pairs,
+            )
     except UnpairedException:
         return pd.DataFrame(columns=list(meta.columns) + AP_COLUMNS[3:])
     return ap[ap["average_precision"].notna()]
@@ -63,13 +76,25 @@ def activity_ap(rows: pd.DataFrame, features, control: str = CONTROL, query_comp
     rows = rows[keep].reset_index(drop=True)
     meta = rows[[COMPOUND, CONCENTRATION, MOA]].assign(**{_TREATMENT: _treatment_key(rows)})
     meta[_REF] = np.where(rows[COMPOUND] == control, np.arange(len(rows)), -1)
-    ap = _copairs_ap(meta, rows[list(features)].to_numpy(np.float64), pos_sameby=[_TREATMENT, _REF], pos_diffby=[],
-                     neg_sameby=[], neg_diffby=[_TREATMENT, _REF])
+    ap = _copairs_ap(
+        meta,
+        rows[list(features)].to_numpy(np.float64),
+        pos_sameby=[_TREATMENT, _REF],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=[_TREATMENT, _REF],
+    )
     return ap.loc[ap[COMPOUND] != control, AP_COLUMNS].reset_index(drop=True)
 
 
-def consistency_ap(profiles: pd.DataFrame, features, mode: str = "nsc", control: str = CONTROL, rule: str = "field",
-                   query_compounds=None) -> pd.DataFrame:
+def consistency_ap(
+    profiles: pd.DataFrame,
+    features,
+    mode: str = "nsc",
+    control: str = CONTROL,
+    rule: str = "field",
+    query_compounds=None,
+) -> pd.DataFrame:
     """The AP of every treatment profile (of ``query_compounds``) retrieving its MoA's treatments of other
     compounds (``nscb``: and batches) against other MoAs' (``nscb``: of other batches)."""
     if mode not in ("nsc", "nscb"):
@@ -90,8 +115,14 @@ def consistency_ap(profiles: pd.DataFrame, features, mode: str = "nsc", control:
         pos_diffby, neg_diffby = [COMPOUND, _BATCH], [MOA, _BATCH]
     if query_compounds is not None and not prof[COMPOUND].isin(list(query_compounds)).any():
         return pd.DataFrame(columns=AP_COLUMNS)
-    ap = _copairs_ap(meta, prof[list(features)].to_numpy(np.float64), pos_sameby=[MOA], pos_diffby=pos_diffby,
-                     neg_sameby=[], neg_diffby=neg_diffby)
+    ap = _copairs_ap(
+        meta,
+        prof[list(features)].to_numpy(np.float64),
+        pos_sameby=[MOA],
+        pos_diffby=pos_diffby,
+        neg_sameby=[],
+        neg_diffby=neg_diffby,
+    )
     if query_compounds is not None:
         ap = ap[ap[COMPOUND].isin(list(query_compounds))]
     return ap[AP_COLUMNS].reset_index(drop=True)
@@ -103,16 +134,23 @@ def partly_shared_batches(profiles: pd.DataFrame, control: str = CONTROL) -> lis
     treated = profiles[profiles[COMPOUND] != control]
     sets = batch_sets(treated)
     screen = set().union(*batch_sets(profiles)) if len(profiles) else set()
-    return [f"{c} @ {x:g}" for (c, x), s in zip(zip(treated[COMPOUND], treated[CONCENTRATION]), sets)
-            if 1 < len(s) < len(screen)]
+    return [
+        f"{c} @ {x:g}"
+        for (c, x), s in zip(zip(treated[COMPOUND], treated[CONCENTRATION]), sets)
+        if 1 < len(s) < len(screen)
+    ]
 
 
 def summarize(ap: pd.DataFrame, sameby: str, null_size: int = 10000, threshold: float = 0.05, seed: int = 0) -> dict:
     """``mean_ap`` (the mean AP over all queries), ``queries``, and per group of ``sameby`` (``treatment``, or
     ``Metadata_MoA``): its mAP, p-value and corrected p-value (copairs' null of ``null_size`` rankings),
     ``significant`` (corrected p < ``threshold``) and the fraction of groups significant."""
-    out = dict(mean_ap=float(ap["average_precision"].mean()) if len(ap) else None, queries=len(ap),
-               threshold=threshold, null_size=null_size)
+    out = dict(
+        mean_ap=float(ap["average_precision"].mean()) if len(ap) else None,
+        queries=len(ap),
+        threshold=threshold,
+        null_size=null_size,
+    )
     if not len(ap):
         return dict(out, groups=0, fraction_significant=None, per_group=[])
     from copairs.map import mean_average_precision
@@ -121,16 +159,28 @@ def summarize(ap: pd.DataFrame, sameby: str, null_size: int = 10000, threshold: 
     key = _TREATMENT if sameby == "treatment" else sameby
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = mean_average_precision(ap, [key], null_size=null_size, threshold=threshold, seed=seed,
-                                   progress_bar=False)
-    per_group = [dict(group=str(r[key]), mean_average_precision=float(r["mean_average_precision"]),
-                      p_value=float(r["p_value"]), corrected_p_value=float(r["corrected_p_value"]),
-                      significant=bool(r["below_corrected_p"])) for _, r in m.iterrows()]
-    out.update(groups=len(per_group), fraction_significant=float(np.mean([g["significant"] for g in per_group])),
-               per_group=per_group)
+        m = mean_average_precision(ap, [key], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False)
+    per_group = [
+        dict(
+            group=str(r[key]),
+            mean_average_precision=float(r["mean_average_precision"]),
+            p_value=float(r["p_value"]),
+            corrected_p_value=float(r["corrected_p_value"]),
+            significant=bool(r["below_corrected_p"]),
+        )
+        for _, r in m.iterrows()
+    ]
+    out.update(
+        groups=len(per_group),
+        fraction_significant=float(np.mean([g["significant"] for g in per_group])),
+        per_group=per_group,
+    )
     if sameby == "treatment":
         active = {ap.loc[ap[_TREATMENT] == g["group"], COMPOUND].iat[0] for g in per_group if g["significant"]}
         compounds = sorted(set(ap[COMPOUND]))
-        out.update(compounds=len(compounds), compounds_retrieved=len(active),
-                   fraction_compounds_retrieved=len(active) / len(compounds))
+        out.update(
+            compounds=len(compounds),
+            compounds_retrieved=len(active),
+            fraction_compounds_retrieved=len(active) / len(compounds),
+        )
     return out

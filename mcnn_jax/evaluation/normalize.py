@@ -36,8 +36,10 @@ def parse_steps(spec) -> tuple[str, ...]:
     steps = tuple(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip())
     bad = [s for s in steps if s not in STEPS]
     if bad:
-        raise ValueError(f"unknown normalisation step(s) {', '.join(map(repr, bad))}; choose from {', '.join(STEPS)} "
-                         f"(comma-separated, applied in order, e.g. tvn,coral)")
+        raise ValueError(
+            f"unknown normalisation step(s) {', '.join(map(repr, bad))}; choose from {', '.join(STEPS)} "
+            f"(comma-separated, applied in order, e.g. tvn,coral)"
+        )
     return steps
 
 
@@ -45,8 +47,9 @@ def _control_rows(df: pd.DataFrame, control: str, source: str, what: str) -> np.
     require_columns(df, [COMPOUND], what, source)
     is_ctrl = (df[COMPOUND] == control).to_numpy()
     if is_ctrl.sum() < 2:
-        raise TableError(f"{source}: {what} is fitted on the {control} (control) rows, and the table has "
-                         f"{int(is_ctrl.sum())}")
+        raise TableError(
+            f"{source}: {what} is fitted on the {control} (control) rows, and the table has {int(is_ctrl.sum())}"
+        )
     return is_ctrl
 
 
@@ -106,8 +109,9 @@ def coral(df: pd.DataFrame, features, control: str = CONTROL, reg: float = 1.0, 
     return out
 
 
-def normalize(df: pd.DataFrame, features, steps, control: str = CONTROL, reg: float = 1.0,
-              source="the table") -> pd.DataFrame:
+def normalize(
+    df: pd.DataFrame, features, steps, control: str = CONTROL, reg: float = 1.0, source="the table"
+) -> pd.DataFrame:
     """Applies ``steps`` (see ``parse_steps``) in order."""
     for step in parse_steps(steps):
         if step == "plate":

@@ -65,8 +65,9 @@ class ProfileOptions:
             raise ValueError(f"null_size must be >= 1, got {self.null_size}")
 
 
-def profile_parts(df: pd.DataFrame, opts: ProfileOptions = ProfileOptions(), source: str = "the table",
-                  query_compounds=None) -> dict:
+def profile_parts(
+    df: pd.DataFrame, opts: ProfileOptions = ProfileOptions(), source: str = "the table", query_compounds=None
+) -> dict:
     """The per-query pieces of the report: ``matches`` {nsc, nscb} (one row per query treatment), ``ap``
     {activity, nsc, nscb} (one AP per query), ``plan`` (what NSCB leaves out), the rows' ``level`` and the
     number of treatments. ``query_compounds``: only these compounds' treatments (rows) are queries."""
@@ -84,30 +85,46 @@ def profile_parts(df: pd.DataFrame, opts: ProfileOptions = ProfileOptions(), sou
             ap[m] = profile_map.consistency_ap(prof, features, m, opts.control, opts.nscb_rule, query_compounds)
     plan = nscb_plan(prof, opts.control, opts.nscb_rule)
     plan.pop("every_batch_rows")
-    return dict(matches=matches, ap=ap, plan=plan, level=opts.level, rows=len(rows),
-                partly_shared_batches=profile_map.partly_shared_batches(prof, opts.control))
+    return dict(
+        matches=matches,
+        ap=ap,
+        plan=plan,
+        level=opts.level,
+        rows=len(rows),
+        partly_shared_batches=profile_map.partly_shared_batches(prof, opts.control),
+    )
 
 
 def summarize_parts(parts: list[dict], opts: ProfileOptions = ProfileOptions()) -> dict:
     """Pools the parts of one or more ``profile_parts`` calls (e.g. one per fold) into the report."""
-    out = dict(options=dataclasses.asdict(opts), level=opts.level, nscb_plan=parts[0]["plan"],
-               partly_shared_batches=sorted({t for p in parts for t in p["partly_shared_batches"]}))
+    out = dict(
+        options=dataclasses.asdict(opts),
+        level=opts.level,
+        nscb_plan=parts[0]["plan"],
+        partly_shared_batches=sorted({t for p in parts for t in p["partly_shared_batches"]}),
+    )
     for m in MODES:
-        matches = pd.concat([p["matches"][m] for p in parts], ignore_index=True) if parts else pd.DataFrame(
-            columns=MATCH_COLUMNS)
+        matches = (
+            pd.concat([p["matches"][m] for p in parts], ignore_index=True)
+            if parts
+            else pd.DataFrame(columns=MATCH_COLUMNS)
+        )
         out[m] = dict(nn_accuracy(matches), matches=matches)
     if opts.map:
         pooled = {k: pd.concat([p["ap"][k] for p in parts], ignore_index=True) for k in ("activity", *MODES)}
         out["map"] = dict(
-            activity=profile_map.summarize(pooled["activity"], "treatment", opts.null_size, opts.threshold,
-                                           opts.seed),
-            **{f"moa_{m}": profile_map.summarize(pooled[m], "Metadata_MoA", opts.null_size, opts.threshold,
-                                                 opts.seed) for m in MODES})
+            activity=profile_map.summarize(pooled["activity"], "treatment", opts.null_size, opts.threshold, opts.seed),
+            **{
+                f"moa_{m}": profile_map.summarize(pooled[m], "Metadata_MoA", opts.null_size, opts.threshold, opts.seed)
+                for m in MODES
+            },
+        )
     return out
 
 
-def profile_report(df: pd.DataFrame, opts: ProfileOptions = ProfileOptions(), source: str = "the table",
-                   query_compounds=None) -> dict:
+def profile_report(
+    df: pd.DataFrame, opts: ProfileOptions = ProfileOptions(), source: str = "the table", query_compounds=None
+) -> dict:
     """NSC, NSCB (with what it left out) and mAP of a table: see the module docstring."""
     return summarize_parts([profile_parts(df, opts, source, query_compounds)], opts)
 
@@ -120,45 +137,69 @@ def _pct(x) -> str:
 def format_report(res: dict, matches: bool = True) -> str:
     """The report as text: NSC, NSCB with what it left out, mAP; every match unless ``matches`` is False."""
     o = res["options"]
-    lines = [f"profiles: {res['level']} level, normalisation {','.join(o['normalize']) or 'none'}"
-             + (f" (reg {o['reg']:g})" if {"tvn", "coral"} & set(o["normalize"]) else "")
-             + f", NSCB rule {o['nscb_rule']}, control {o['control']}"]
+    lines = [
+        f"profiles: {res['level']} level, normalisation {','.join(o['normalize']) or 'none'}"
+        + (f" (reg {o['reg']:g})" if {"tvn", "coral"} & set(o["normalize"]) else "")
+        + f", NSCB rule {o['nscb_rule']}, control {o['control']}"
+    ]
     plan = res["nscb_plan"]
     for m in MODES:
         r = res[m]
-        lines.append(f"{m.upper()}: 1-NN MoA accuracy {_pct(r['accuracy'])} over {r['treatments']} treatments"
-                     + (f" ({r['without_neighbour']} without an allowed neighbour)" if r["without_neighbour"] else "")
-                     + (f" ({res['level']}-level profiles)" if res["level"] != "image" and m == "nsc" else ""))
+        lines.append(
+            f"{m.upper()}: 1-NN MoA accuracy {_pct(r['accuracy'])} over {r['treatments']} treatments"
+            + (f" ({r['without_neighbour']} without an allowed neighbour)" if r["without_neighbour"] else "")
+            + (f" ({res['level']}-level profiles)" if res["level"] != "image" and m == "nsc" else "")
+        )
         if m == "nscb":
             for moa, why in plan["left_out_moas"].items():
                 lines.append(f"  left out: {moa}: {why}")
             for c, x in plan["every_batch"]:
-                lines.append(f"  {c} @ {x:g} is imaged in every batch: " + (
-                    "the batch condition is waived for it, as query and as neighbour (the field's rule; "
-                    "--nscb-rule strict leaves it out)" if plan["rule"] == "field" else
-                    "left out (--nscb-rule strict)"))
+                lines.append(
+                    f"  {c} @ {x:g} is imaged in every batch: "
+                    + (
+                        "the batch condition is waived for it, as query and as neighbour (the field's rule; "
+                        "--nscb-rule strict leaves it out)"
+                        if plan["rule"] == "field"
+                        else "left out (--nscb-rule strict)"
+                    )
+                )
         if matches:
             for t in r["matches"].itertuples(index=False):
                 mark = "-" if pd.isna(t.correct) else ("ok" if t.correct else "x")
-                lines.append(f"  {mark:>2} {t[0]} @ {t[1]:g} ({t[2]}) -> {t.neighbour_compound} @ "
-                             f"{t.neighbour_concentration:g} ({t.neighbour_moa})")
+                lines.append(
+                    f"  {mark:>2} {t[0]} @ {t[1]:g} ({t[2]}) -> {t.neighbour_compound} @ "
+                    f"{t.neighbour_concentration:g} ({t.neighbour_moa})"
+                )
     if "map" in res:
         a = res["map"]["activity"]
-        lines.append(f"mAP, phenotypic activity ({res['level']}s against the controls): mean AP {_pct(a['mean_ap'])} "
-                     f"over {a['queries']} queries; "
-                     + (f"{sum(g['significant'] for g in a['per_group'])} of {a['groups']} treatments active "
-                        f"(corrected p < {a['threshold']:g}), {a['compounds_retrieved']} of {a['compounds']} "
-                        f"compounds retrieved ({_pct(a['fraction_compounds_retrieved'])})" if a["groups"] else
-                        "no treatment with replicates"))
+        lines.append(
+            f"mAP, phenotypic activity ({res['level']}s against the controls): mean AP {_pct(a['mean_ap'])} "
+            f"over {a['queries']} queries; "
+            + (
+                f"{sum(g['significant'] for g in a['per_group'])} of {a['groups']} treatments active "
+                f"(corrected p < {a['threshold']:g}), {a['compounds_retrieved']} of {a['compounds']} "
+                f"compounds retrieved ({_pct(a['fraction_compounds_retrieved'])})"
+                if a["groups"]
+                else "no treatment with replicates"
+            )
+        )
         for m, what in (("nsc", "another compound"), ("nscb", "another compound and batch")):
             c = res["map"][f"moa_{m}"]
-            lines.append(f"mAP, MoA consistency ({what}): mean AP {_pct(c['mean_ap'])} over {c['queries']} "
-                         f"treatments; " + (f"{sum(g['significant'] for g in c['per_group'])} of {c['groups']} "
-                                            f"MoAs significant (corrected p < {c['threshold']:g})"
-                                            if c["groups"] else "no MoA with a positive pair"))
+            lines.append(
+                f"mAP, MoA consistency ({what}): mean AP {_pct(c['mean_ap'])} over {c['queries']} "
+                f"treatments; "
+                + (
+                    f"{sum(g['significant'] for g in c['per_group'])} of {c['groups']} "
+                    f"MoAs significant (corrected p < {c['threshold']:g})"
+                    if c["groups"]
+                    else "no MoA with a positive pair"
+                )
+            )
     if res.get("partly_shared_batches"):
-        lines.append("note: treatments in some but not all batches (the mAP form of NSCB compares batch lists "
-                     "as labels, NSCB requires disjoint batches): " + ", ".join(res["partly_shared_batches"]))
+        lines.append(
+            "note: treatments in some but not all batches (the mAP form of NSCB compares batch lists "
+            "as labels, NSCB requires disjoint batches): " + ", ".join(res["partly_shared_batches"])
+        )
     return "\n".join(lines)
 
 
@@ -174,25 +215,50 @@ def to_json(res: dict) -> dict:
 def add_options(p: argparse.ArgumentParser) -> None:
     """The profiling options, shared by ``mcnn-profile-eval`` and ``mcnn-loco``."""
     d = ProfileOptions()
-    p.add_argument("--normalize", nargs="?", const="plate", default="", metavar="STEPS",
-                   help="normalise the rows against the control rows first, with these comma-separated steps in "
-                   f"order: {', '.join(profile_norm.STEPS)} (plate: standardise per plate; tvn: whitening fitted "
-                   "on the controls; coral: align each batch's control covariance; DeepProfiler's BBBC021 "
-                   "evaluation uses tvn,coral). --normalize alone means plate")
+    p.add_argument(
+        "--normalize",
+        nargs="?",
+        const="plate",
+        default="",
+        metavar="STEPS",
+        help="normalise the rows against the control rows first, with these comma-separated steps in "
+        f"order: {', '.join(profile_norm.STEPS)} (plate: standardise per plate; tvn: whitening fitted "
+        "on the controls; coral: align each batch's control covariance; DeepProfiler's BBBC021 "
+        "evaluation uses tvn,coral). --normalize alone means plate",
+    )
     p.add_argument("--reg", type=float, default=d.reg, help=f"TVN / CORAL regularisation (default {d.reg})")
-    p.add_argument("--level", choices=LEVELS, default=d.level,
-                   help="image: treatment profiles from image rows (default); well: average each well's sites "
-                   "first")
-    p.add_argument("--nscb-rule", choices=NSCB_RULES, default=d.nscb_rule,
-                   help="a treatment imaged in every batch (BBBC021's taxol 0.3): field (default) waives the "
-                   "batch condition for it; strict leaves it out of NSCB")
+    p.add_argument(
+        "--level",
+        choices=LEVELS,
+        default=d.level,
+        help="image: treatment profiles from image rows (default); well: average each well's sites first",
+    )
+    p.add_argument(
+        "--nscb-rule",
+        choices=NSCB_RULES,
+        default=d.nscb_rule,
+        help="a treatment imaged in every batch (BBBC021's taxol 0.3): field (default) waives the "
+        "batch condition for it; strict leaves it out of NSCB",
+    )
     p.add_argument("--control", default=d.control, help=f"the control compound (never a query; default {d.control})")
     p.add_argument("--no-map", action="store_true", help="skip the mAP figures (copairs)")
-    p.add_argument("--null-size", type=int, default=d.null_size,
-                   help=f"size of copairs' null distribution for the mAP p-values (default {d.null_size})")
+    p.add_argument(
+        "--null-size",
+        type=int,
+        default=d.null_size,
+        help=f"size of copairs' null distribution for the mAP p-values (default {d.null_size})",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the null distribution")
 
 
 def options_from_args(args) -> ProfileOptions:
-    return ProfileOptions(normalize=args.normalize, reg=args.reg, level=args.level, nscb_rule=args.nscb_rule,
-                          control=args.control, map=not args.no_map, null_size=args.null_size, seed=args.seed)
+    return ProfileOptions(
+        normalize=args.normalize,
+        reg=args.reg,
+        level=args.level,
+        nscb_rule=args.nscb_rule,
+        control=args.control,
+        map=not args.no_map,
+        null_size=args.null_size,
+        seed=args.seed,
+    )

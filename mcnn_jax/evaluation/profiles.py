@@ -86,14 +86,21 @@ def write_json(doc, path) -> Path:
 def require_columns(df: pd.DataFrame, columns, what: str, source: str = "the table") -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise TableError(f"{source} lacks the column(s) {', '.join(missing)} needed for {what}; it has: "
-                         f"{', '.join(map(str, df.columns[:20]))}{' ...' if len(df.columns) > 20 else ''}")
+        raise TableError(
+            f"{source} lacks the column(s) {', '.join(missing)} needed for {what}; it has: "
+            f"{', '.join(map(str, df.columns[:20]))}{' ...' if len(df.columns) > 20 else ''}"
+        )
 
 
 def feature_columns(df: pd.DataFrame, source: str = "the table") -> list[str]:
     """The numeric columns that are not ``Metadata_*`` (the features, as pycytominer counts them)."""
-    cols = [c for c in df.columns if not str(c).startswith("Metadata_") and not str(c).startswith(PROB_PREFIX)
-            and pd.api.types.is_numeric_dtype(df[c])]
+    cols = [
+        c
+        for c in df.columns
+        if not str(c).startswith("Metadata_")
+        and not str(c).startswith(PROB_PREFIX)
+        and pd.api.types.is_numeric_dtype(df[c])
+    ]
     if not cols:
         raise TableError(f"{source} has no feature columns (numeric columns not named Metadata_*)")
     return cols
@@ -187,16 +194,22 @@ def nscb_plan(profiles: pd.DataFrame, control: str = CONTROL, rule: str = "field
         rows = np.flatnonzero(treated)[rows]
         moa_batches = set().union(*(sets[i] for i in rows))
         if len(moa_batches) == 1:
-            left_out[str(moa)] = (f"its {len(rows)} treatment(s) all lie in batch {next(iter(moa_batches))}: no "
-                                  f"treatment of another compound in another batch shares its MoA")
+            left_out[str(moa)] = (
+                f"its {len(rows)} treatment(s) all lie in batch {next(iter(moa_batches))}: no "
+                f"treatment of another compound in another batch shares its MoA"
+            )
     every = [i for i in np.flatnonzero(treated) if len(screen) > 1 and sets[i] == screen]
-    return dict(rule=rule, left_out_moas=left_out,
-                every_batch=[(str(profiles[COMPOUND].iat[i]), float(profiles[CONCENTRATION].iat[i])) for i in every],
-                every_batch_rows=every)
+    return dict(
+        rule=rule,
+        left_out_moas=left_out,
+        every_batch=[(str(profiles[COMPOUND].iat[i]), float(profiles[CONCENTRATION].iat[i])) for i in every],
+        every_batch_rows=every,
+    )
 
 
-def nearest_neighbours(profiles: pd.DataFrame, features=None, mode: str = "nsc", control: str = CONTROL,
-                       queries=None, rule: str = "field") -> pd.DataFrame:
+def nearest_neighbours(
+    profiles: pd.DataFrame, features=None, mode: str = "nsc", control: str = CONTROL, queries=None, rule: str = "field"
+) -> pd.DataFrame:
     """For every query treatment, its most cosine-similar allowed treatment (see the module docstring and
     ``nscb_plan`` for what NSCB leaves out and ``rule``).
 
@@ -231,26 +244,46 @@ def nearest_neighbours(profiles: pd.DataFrame, features=None, mode: str = "nsc",
         cand = np.flatnonzero(allowed[i])
         if len(cand):
             j = cand[np.argmax(sim[i, cand])]
-            row.update(neighbour_compound=comp[j], neighbour_concentration=profiles[CONCENTRATION].iat[j],
-                       neighbour_moa=profiles[MOA].iat[j], similarity=float(sim[i, j]),
-                       correct=bool(profiles[MOA].iat[j] == row[MOA]))
+            row.update(
+                neighbour_compound=comp[j],
+                neighbour_concentration=profiles[CONCENTRATION].iat[j],
+                neighbour_moa=profiles[MOA].iat[j],
+                similarity=float(sim[i, j]),
+                correct=bool(profiles[MOA].iat[j] == row[MOA]),
+            )
         else:
-            row.update(neighbour_compound=None, neighbour_concentration=np.nan, neighbour_moa=None,
-                       similarity=np.nan, correct=np.nan)
+            row.update(
+                neighbour_compound=None,
+                neighbour_concentration=np.nan,
+                neighbour_moa=None,
+                similarity=np.nan,
+                correct=np.nan,
+            )
         rows.append(row)
     return pd.DataFrame(rows, columns=MATCH_COLUMNS)
 
 
-MATCH_COLUMNS = [COMPOUND, CONCENTRATION, MOA, "neighbour_compound", "neighbour_concentration", "neighbour_moa",
-                 "similarity", "correct"]
+MATCH_COLUMNS = [
+    COMPOUND,
+    CONCENTRATION,
+    MOA,
+    "neighbour_compound",
+    "neighbour_concentration",
+    "neighbour_moa",
+    "similarity",
+    "correct",
+]
 
 
 def nn_accuracy(matches: pd.DataFrame) -> dict:
     """Accuracy over the queries that have a neighbour, with the counts."""
     has = matches["correct"].notna()
     n = int(has.sum())
-    return dict(accuracy=float(matches.loc[has, "correct"].astype(bool).mean()) if n else None,
-                treatments=n, without_neighbour=int((~has).sum()))
+    return dict(
+        accuracy=float(matches.loc[has, "correct"].astype(bool).mean()) if n else None,
+        treatments=n,
+        without_neighbour=int((~has).sum()),
+    )
 
 
 # --- predictions: treatment and compound level ---------------------------------------------------------------
@@ -268,8 +301,13 @@ def treatment_predictions(df: pd.DataFrame, source: str = "the table") -> pd.Dat
     probs = probability_columns(df, source)
     g = df.groupby(TREATMENT, sort=True)
     mean = g[probs].mean()
-    out = pd.DataFrame({MOA: g[MOA].first(), "Metadata_Images": g.size(),
-                        PREDICTED: [p[len(PROB_PREFIX):] for p in mean.idxmax(axis=1)]})
+    out = pd.DataFrame(
+        {
+            MOA: g[MOA].first(),
+            "Metadata_Images": g.size(),
+            PREDICTED: [p[len(PROB_PREFIX) :] for p in mean.idxmax(axis=1)],
+        }
+    )
     out["correct"] = out[MOA].astype(str) == out[PREDICTED].astype(str)
     return out.reset_index()
 
@@ -289,8 +327,13 @@ def compound_summary(df: pd.DataFrame, source: str = "the table") -> pd.DataFram
 def treatment_accuracy(probs, labels, compounds, concentrations, control: str = CONTROL) -> dict:
     """Treatment-level accuracy from arrays (for a training loop's evaluation): the class with the highest mean
     probability over each (compound, concentration)'s images against its label; the control is left out."""
-    df = pd.DataFrame({COMPOUND: np.asarray(compounds, dtype=object), CONCENTRATION: np.asarray(concentrations),
-                       MOA: np.asarray(labels).astype(str)})
+    df = pd.DataFrame(
+        {
+            COMPOUND: np.asarray(compounds, dtype=object),
+            CONCENTRATION: np.asarray(concentrations),
+            MOA: np.asarray(labels).astype(str),
+        }
+    )
     probs = np.asarray(probs)
     df = pd.concat([df, pd.DataFrame(probs, columns=[f"{PROB_PREFIX}{k}" for k in range(probs.shape[1])])], axis=1)
     tr = treatment_predictions(df[df[COMPOUND] != control])
@@ -303,6 +346,11 @@ def prediction_summary(df: pd.DataFrame, control: str = CONTROL, source: str = "
     tr = treatment_predictions(df, source)
     tr = tr[tr[COMPOUND] != control]
     comp = compound_summary(df, source)
-    return dict(images=len(df), image_accuracy=float((df[MOA].astype(str) == df[PREDICTED].astype(str)).mean()),
-                treatments=len(tr), treatment_accuracy=float(tr["correct"].mean()) if len(tr) else None,
-                per_compound=comp, per_treatment=tr)
+    return dict(
+        images=len(df),
+        image_accuracy=float((df[MOA].astype(str) == df[PREDICTED].astype(str)).mean()),
+        treatments=len(tr),
+        treatment_accuracy=float(tr["correct"].mean()) if len(tr) else None,
+        per_compound=comp,
+        per_treatment=tr,
+    )

@@ -14,7 +14,7 @@ def layer_flops(model: MCNN, height: int = 1024, width: int = 1280, channels: in
     """One row per layer: name, forward FLOPs, and whether its input gradient is computed."""
     total = check_architecture(model.pool_factors, model.widths, model.post_pools)
     check_input_size(height, width, total, model.merge_pool)
-    k2 = model.kernel_size ** 2
+    k2 = model.kernel_size**2
     rows = []
     for b, (f, w) in enumerate(zip(model.pool_factors, model.widths)):
         pixels = (height // f) * (width // f)

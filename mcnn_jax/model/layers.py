@@ -60,8 +60,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.xavier_uniform(), (k, k, x.shape[-1], self.features),
-                            jnp.float32)
+        kernel = self.param("kernel", nn.initializers.xavier_uniform(), (k, k, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         return conv_bias(x, kernel, bias, self.impl, self.relu)

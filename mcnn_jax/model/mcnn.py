@@ -33,12 +33,14 @@ def check_architecture(pool_factors, widths, post_pools) -> int:
     if not (len(pool_factors) == len(widths) == len(post_pools)) or not pool_factors:
         raise ValueError(
             f"pool_factors, widths and post_pools must be non-empty and of one length; got "
-            f"{len(pool_factors)}, {len(widths)} and {len(post_pools)}")
+            f"{len(pool_factors)}, {len(widths)} and {len(post_pools)}"
+        )
     totals = {f * p for f, p in zip(pool_factors, post_pools)}
     if len(totals) != 1:
         raise ValueError(
             "every branch must end at the same resolution: pool_factor x post_pool differs between "
-            f"branches ({list(zip(pool_factors, post_pools))})")
+            f"branches ({list(zip(pool_factors, post_pools))})"
+        )
     return totals.pop()
 
 
@@ -49,7 +51,8 @@ def check_input_size(height: int, width: int, total_pool: int = 64, merge_pool: 
         raise ValueError(
             f"M-CNN cannot take a {height}x{width} input: height and width must both be positive multiples "
             f"of {m} (the branches' common pooling {total_pool} x the merge pool {merge_pool}); sizes that "
-            f"work include {m}x{m}, {4 * m}x{5 * m} and {8 * m}x{10 * m}")
+            f"work include {m}x{m}, {4 * m}x{5 * m} and {8 * m}x{10 * m}"
+        )
 
 
 class Branch(nn.Module):
@@ -72,15 +75,17 @@ class Branch(nn.Module):
         for j in range(self.num_convs):
             x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=fused, name=f"conv{j}")(x)
             if self.norm == "group":
-                x = nn.relu(nn.GroupNorm(num_groups=min(self.norm_groups, self.width), dtype=self.dtype,
-                                         name=f"norm{j}")(x))
+                x = nn.relu(
+                    nn.GroupNorm(num_groups=min(self.norm_groups, self.width), dtype=self.dtype, name=f"norm{j}")(x)
+                )
         return max_pool(x, self.post_pool, self.impl)
 
 
 class MCNN(nn.Module):
     """The M-CNN. ``MCNN(num_classes=13)`` at 1024x1280x3 has 42,577,261 parameters.
 
-    Input: NHWC float (any float dtype; it is cast to ``dtype``). Output: float32 logits [N, num_classes] (float64 if ``dtype`` is float64,
+    Input: NHWC float (any float dtype; it is cast to ``dtype``). Output: float32 logits [N, num_classes] (float64 if
+    ``dtype`` is float64,
     as the finite-difference tests use).
     """
 
@@ -119,20 +124,47 @@ class MCNN(nn.Module):
         outs = []
         for k, (f, w, p) in enumerate(zip(self.pool_factors, self.widths, self.post_pools)):
             cls = nn.remat(Branch) if remat[k] else Branch
-            outs.append(cls(pool=f, width=w, post_pool=p, num_convs=self.convs_per_branch,
-                            kernel_size=self.kernel_size, norm=self.norm, norm_groups=self.norm_groups,
-                            dtype=dtype, impl=self.impl, name=f"branch{k}")(x))
+            outs.append(
+                cls(
+                    pool=f,
+                    width=w,
+                    post_pool=p,
+                    num_convs=self.convs_per_branch,
+                    kernel_size=self.kernel_size,
+                    norm=self.norm,
+                    norm_groups=self.norm_groups,
+                    dtype=dtype,
+                    impl=self.impl,
+                    name=f"branch{k}",
+                )(x)
+            )
         x = jnp.concatenate(outs, axis=-1)
-        x = nn.Conv(self.merge_width, (1, 1), dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
-                    bias_init=nn.initializers.zeros, name="merge")(x)
+        x = nn.Conv(
+            self.merge_width,
+            (1, 1),
+            dtype=dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.zeros,
+            name="merge",
+        )(x)
         x = nn.relu(x)
         x = max_pool(x, self.merge_pool, self.impl)
         x = x.reshape((x.shape[0], -1))
-        x = nn.Dense(self.head_width, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
-                     bias_init=nn.initializers.zeros, name="hidden")(x)
+        x = nn.Dense(
+            self.head_width,
+            dtype=dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.zeros,
+            name="hidden",
+        )(x)
         x = nn.relu(x)
-        x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=nn.initializers.xavier_uniform(),
-                     bias_init=nn.initializers.zeros, name="logits")(x)
+        x = nn.Dense(
+            self.num_classes,
+            dtype=dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.zeros,
+            name="logits",
+        )(x)
         return x.astype(jnp.promote_types(dtype, jnp.float32))  # float32 (float64 for a float64 model)
 
 

@@ -47,7 +47,7 @@ def _max_pool_fwd(x, f):
     # vectorises (a variadic (value, index) reduction measured slower: benchmarks/README.md); a window whose
     # maximum is NaN has no such position (f * f) and passes no gradient
     first = jnp.where(xs == y[:, :, None, :, None, :], _window_index(xs.shape, f), f * f).min(axis=(2, 4))
-    return y, first.astype(jnp.uint16 if f * f < 2 ** 16 else jnp.int32)  # the index, small
+    return y, first.astype(jnp.uint16 if f * f < 2**16 else jnp.int32)  # the index, small
 
 
 def _max_pool_bwd(f, arg, ct):

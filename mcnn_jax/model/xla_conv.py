@@ -41,7 +41,7 @@ def conv_xla(x, kernel):
 # XLA:CPU's convolution aborts (std::bad_alloc) once its im2col buffer, N*H*W*kh*kw*C elements, reaches 2^31:
 # at 1024x1280 with 16 channels and a 5x5 kernel that is any batch above 4 (measured: batch 16 fails in the
 # forward and the input gradient). Larger batches are therefore convolved in groups of images, in a lax.map.
-_IM2COL_LIMIT = 2 ** 31 - 1
+_IM2COL_LIMIT = 2**31 - 1
 
 
 def _group(n: int, per_image: int) -> int:
@@ -100,12 +100,16 @@ def kernel_grad(x, ct, k: int, chunk_rows: int = 0):
     ctp = jnp.pad(ctp, ((k - 1, total - rows), (0, 0), (0, 0)))  # k-1 zero rows on top: B[y'] = ct[y' - dy]
 
     def body(acc, i):
-        xs = lax.dynamic_slice_in_dim(xpad, i * r, r, 0)                  # [r, w + k - 1, c]
-        cs = lax.dynamic_slice_in_dim(ctp, i * r, r + k - 1, 0)           # [r + k - 1, w, o]
-        a = jnp.concatenate([xs[:, dx:dx + w] for dx in range(k)], -1)    # [r, w, k*c]   (dx, c)
-        b = jnp.concatenate([cs[k - 1 - dy:k - 1 - dy + r] for dy in range(k)], -1)  # [r, w, k*o] (dy, o)
-        acc = acc + lax.dot_general(a.reshape(r * w, k * c), b.reshape(r * w, k * o), (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+        xs = lax.dynamic_slice_in_dim(xpad, i * r, r, 0)  # [r, w + k - 1, c]
+        cs = lax.dynamic_slice_in_dim(ctp, i * r, r + k - 1, 0)  # [r + k - 1, w, o]
+        a = jnp.concatenate([xs[:, dx : dx + w] for dx in range(k)], -1)  # [r, w, k*c]   (dx, c)
+        b = jnp.concatenate([cs[k - 1 - dy : k - 1 - dy + r] for dy in range(k)], -1)  # [r, w, k*o] (dy, o)
+        acc = acc + lax.dot_general(
+            a.reshape(r * w, k * c),
+            b.reshape(r * w, k * o),
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
         return acc, None
 
     if steps == 1:

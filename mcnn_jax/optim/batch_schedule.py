@@ -113,8 +113,9 @@ class BatchSchedule:
         # warmup, a step decay or a cycle is crossed at the same step as at a constant batch
         offset = jnp.asarray([p.start_epoch * p.steps_per_epoch - p.start_step for p in self.phases], jnp.int32)
         spe = jnp.asarray([p.steps_per_epoch for p in self.phases], jnp.int32)
-        factor = jnp.asarray([optim.scaled_lr(1.0, p.global_batch, last.global_batch, rule) for p in self.phases],
-                             jnp.float32)
+        factor = jnp.asarray(
+            [optim.scaled_lr(1.0, p.global_batch, last.global_batch, rule) for p in self.phases], jnp.float32
+        )
 
         def schedule(count):
             count = jnp.asarray(count, jnp.int32)
@@ -130,7 +131,8 @@ class BatchSchedule:
             return f"{p.steps_per_epoch} steps/epoch"
         return "global batch " + ", ".join(
             f"{p.global_batch} from epoch {p.start_epoch} (step {p.start_step}, {p.steps_per_epoch} steps/epoch)"
-            for p in self.phases)
+            for p in self.phases
+        )
 
 
 def parse(spec, global_batch: int, main_epochs: float | None = None) -> list[tuple[int, int]]:
@@ -141,10 +143,15 @@ def parse(spec, global_batch: int, main_epochs: float | None = None) -> list[tup
         return [(0, int(global_batch))]
     pairs = []
     for item in spec:
-        if (not isinstance(item, (tuple, list)) or len(item) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
-            raise ValueError(f"{KEY} entries are (start epoch, global batch) pairs of whole numbers, e.g. "
-                             f"((0, 16), (10, 64), (20, 256)); got {item!r} in {tuple(spec)!r}")
+        if (
+            not isinstance(item, (tuple, list))
+            or len(item) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+        ):
+            raise ValueError(
+                f"{KEY} entries are (start epoch, global batch) pairs of whole numbers, e.g. "
+                f"((0, 16), (10, 64), (20, 256)); got {item!r} in {tuple(spec)!r}"
+            )
         pairs.append((int(item[0]), int(item[1])))
     epochs = [e for e, _ in pairs]
     if epochs[0] != 0:
@@ -154,12 +161,16 @@ def parse(spec, global_batch: int, main_epochs: float | None = None) -> list[tup
     if any(b < 1 for _, b in pairs):
         raise ValueError(f"{KEY}'s global batches must be positive; got {[b for _, b in pairs]}")
     if pairs[-1][1] != global_batch:
-        raise ValueError(f"{KEY} ends at a global batch of {pairs[-1][1]} but train.global_batch is {global_batch}: "
-                         f"set train.global_batch={pairs[-1][1]}, the batch the run scales to")
+        raise ValueError(
+            f"{KEY} ends at a global batch of {pairs[-1][1]} but train.global_batch is {global_batch}: "
+            f"set train.global_batch={pairs[-1][1]}, the batch the run scales to"
+        )
     if main_epochs is not None and len(pairs) > 1 and pairs[-1][0] >= main_epochs:
-        raise ValueError(f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but the main run ends at epoch "
-                         f"{main_epochs:g} (optim.epochs; any optim.cycles follow it in the last phase): a last phase "
-                         f"not before the last epoch never runs as planned; start it earlier")
+        raise ValueError(
+            f"{KEY} has a phase starting at epoch {pairs[-1][0]}, but the main run ends at epoch "
+            f"{main_epochs:g} (optim.epochs; any optim.cycles follow it in the last phase): a last phase "
+            f"not before the last epoch never runs as planned; start it earlier"
+        )
     return pairs
 
 

@@ -16,6 +16,7 @@ model's fused kernels run as in training): with ``g_j`` the chunk means and ``g`
 
 (McCandlish et al., appendix A, with the two batch sizes ``b`` and ``K b``). Sums are kept in float64.
 """
+
 from __future__ import annotations
 
 import jax
@@ -57,8 +58,15 @@ def noise_scale(total, squares: float, chunks: int, chunk_size: int) -> dict:
     mean_sq = float(mean @ mean)
     trace = b * (squares - k * mean_sq) / (k - 1)
     grad_sq = mean_sq - trace / (k * b)
-    return dict(b_simple=trace / grad_sq if grad_sq > 0 else float("inf"), trace_sigma=trace, grad_norm_sq=grad_sq,
-                grad_norm_sq_biased=mean_sq, chunks=k, chunk_size=b, images=k * b)
+    return dict(
+        b_simple=trace / grad_sq if grad_sq > 0 else float("inf"),
+        trace_sigma=trace,
+        grad_norm_sq=grad_sq,
+        grad_norm_sq_biased=mean_sq,
+        chunks=k,
+        chunk_size=b,
+        images=k * b,
+    )
 
 
 def gradient_noise_scale(model, params, batches, num_classes: int, label_smoothing: float = 0.0) -> dict:
@@ -78,8 +86,10 @@ def gradient_noise_scale(model, params, batches, num_classes: int, label_smoothi
                 continue
             b = int(np.shape(batch["label"])[0])
             if seen["size"] not in (None, b):
-                raise ValueError(f"batch {i} holds {b} images, the batches before it {seen['size']}: every chunk "
-                                 f"must hold the same number of images")
+                raise ValueError(
+                    f"batch {i} holds {b} images, the batches before it {seen['size']}: every chunk "
+                    f"must hold the same number of images"
+                )
             seen["size"] = b
             yield grad(params, {k: v for k, v in batch.items() if k != "mask"})
 

@@ -46,21 +46,31 @@ def optimizer_name(cfg) -> str:
     if cfg.name != "sgd":
         return cfg.name
     name = "nesterov" if cfg.get("nesterov", True) else "momentum"
-    logging.warning(f"optim.name='sgd' is the old name of the SGD optimizers; it ran (and runs) as "
-                    f"optim.name='{name}' (optim.nesterov={bool(cfg.get('nesterov', True))}): use that name")
+    logging.warning(
+        f"optim.name='sgd' is the old name of the SGD optimizers; it ran (and runs) as "
+        f"optim.name='{name}' (optim.nesterov={bool(cfg.get('nesterov', True))}): use that name"
+    )
     return name
 
 
 def _base_optimizer(cfg, schedule):
     name, wd = optimizer_name(cfg), cfg.weight_decay
     if name == "lars":
-        return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
-                          trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
-                          trust_ratio_mask=decay_mask, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return optax.lars(
+            schedule,
+            weight_decay=wd,
+            weight_decay_mask=decay_mask,
+            trust_coefficient=cfg.trust_coefficient,
+            eps=cfg.eps,
+            trust_ratio_mask=decay_mask,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+        )
     if name in ("nesterov", "momentum"):
         return optax.chain(
             optax.add_decayed_weights(wd, mask=decay_mask),
-            optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=name == "nesterov"))
+            optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=name == "nesterov"),
+        )
     if name == "adamw":
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=decay_mask)
     if name == "lamb":  # optax.lamb applies the trust ratio to every parameter; this one masks it like LARS
@@ -68,7 +78,8 @@ def _base_optimizer(cfg, schedule):
             optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
             optax.add_decayed_weights(wd, mask=decay_mask),
             optax.masked(optax.scale_by_trust_ratio(), decay_mask),
-            optax.scale_by_learning_rate(schedule))
+            optax.scale_by_learning_rate(schedule),
+        )
     raise ValueError(f"optim.name must be one of {', '.join(NAMES)}; got {name!r}")
 
 

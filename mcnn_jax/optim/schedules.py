@@ -46,8 +46,11 @@ def make_schedule(cfg, steps_per_epoch: int, global_batch: int) -> optax.Schedul
     total = main_steps(cfg, steps_per_epoch)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     decay = _decay(cfg, peak, max(1, total - warmup), warmup, steps_per_epoch)
-    main = decay if warmup == 0 else optax.join_schedules(
-        [optax.linear_schedule(cfg.warmup_init_lr, peak, warmup), decay], [warmup])
+    main = (
+        decay
+        if warmup == 0
+        else optax.join_schedules([optax.linear_schedule(cfg.warmup_init_lr, peak, warmup), decay], [warmup])
+    )
     return cyclic_schedule(cfg, main, steps_per_epoch, global_batch)
 
 
@@ -105,5 +108,3 @@ def cyclic_schedule(cfg, main: optax.Schedule, steps_per_epoch: int, global_batc
     # a cycle's first step is taken at the restart peak and its last one, which ends at the snapshot, at end_lr
     cycle = optax.cosine_decay_schedule(peak, max(1, cycle_steps(cfg, steps_per_epoch) - 1), alpha=cfg.end_lr / peak)
     return optax.join_schedules([main] + [cycle] * cycles, snapshot_steps(cfg, steps_per_epoch)[:-1])
-
-

@@ -12,7 +12,8 @@
 - ``"powersgd"`` (lossy, opt-in): the dense kernels' gradients are compressed to rank r (PowerSGD, Vogels et
   al. 2019): ``P = M Q`` is summed, orthonormalised, then ``Q = M^T P`` is summed (float32), with error
   feedback (``M`` = gradient + the error the compression left last step) and ``Q`` warm-started from the
-  last step (its orthonormal basis). At rank min(n_in, n_out) it is the plain sum, up to rounding. Traffic ``r x (n_in + n_out)`` per layer, independent of the number of ranks and of the batch.
+  last step (its orthonormal basis). At rank min(n_in, n_out) it is the plain sum, up to rounding. Traffic ``r x (n_in
+  + n_out)`` per layer, independent of the number of ranks and of the batch.
 
 How the factored layers' local weight gradients are never computed (``local_gradients``): the loss is
 differentiated with respect to every parameter EXCEPT the factored layers' kernels, which enter as constants,
@@ -26,7 +27,8 @@ axis before the one allgather (``concat_factors``).
 Collectives per step: one packed allreduce (the summed gradients, the metric sums and the stop signal) plus, for
 "factored"/"auto", at most one packed allgather (all factored layers' X and D); "powersgd" makes two packed
 allreduces (the P's, then the Q's with everything else) and no allgather. With one rank, nothing is sent and the
-same arithmetic runs. ``train.overlap`` (``mcnn_jax.parallel.overlap``) moves the summed dense layers' gradients out of the
+same arithmetic runs. ``train.overlap`` (``mcnn_jax.parallel.overlap``) moves the summed dense layers' gradients out of
+the
 packed allreduce into a background allreduce that runs during the branches' backward pass.
 """
 
@@ -74,8 +76,11 @@ class Layer:
 def dense_layers(params) -> list[Layer]:
     """The dense layers of a parameter tree: modules with a 2-D ``kernel`` and a ``bias`` (flax ``nn.Dense``)."""
     flat = flatten_dict(params)
-    return [Layer(k[:-1], *v.shape) for k, v in flat.items()
-            if k[-1] == "kernel" and v.ndim == 2 and k[:-1] + ("bias",) in flat]
+    return [
+        Layer(k[:-1], *v.shape)
+        for k, v in flat.items()
+        if k[-1] == "kernel" and v.ndim == 2 and k[:-1] + ("bias",) in flat
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,24 +104,27 @@ class Plan:
         pq = {la.path: self.layer_rank(la) * (la.fan_in + la.fan_out) for la in self.compressed}
         summed = self.num_params - sum(la.fan_in * la.fan_out for la in self.factored + self.compressed)
         p_only = sum(self.layer_rank(la) * la.fan_in for la in self.compressed)
-        return dict(allreduce=summed + sum(pq.values()) - p_only + len(METRIC_SUMS), allreduce_p=p_only,
-                    allgather=fac)
+        return dict(allreduce=summed + sum(pq.values()) - p_only + len(METRIC_SUMS), allreduce_p=p_only, allgather=fac)
 
     def bytes_sent(self) -> dict:
         """Bytes each rank sends per step (ring collectives), per collective and in total."""
         s = self.sizes()
-        out = dict(allreduce=ring_allreduce_bytes(FLOAT * s["allreduce"], self.ranks),
-                   allreduce_p=ring_allreduce_bytes(FLOAT * s["allreduce_p"], self.ranks),
-                   allgather=ring_allgather_bytes(FLOAT * s["allgather"], self.ranks))
+        out = dict(
+            allreduce=ring_allreduce_bytes(FLOAT * s["allreduce"], self.ranks),
+            allreduce_p=ring_allreduce_bytes(FLOAT * s["allreduce_p"], self.ranks),
+            allgather=ring_allgather_bytes(FLOAT * s["allgather"], self.ranks),
+        )
         out["total"] = sum(out.values())
         return out
 
     def describe(self) -> str:
         parts = [f"{'/'.join(la.path)} factored" for la in self.factored]
         parts += [f"{'/'.join(la.path)} PowerSGD rank {self.layer_rank(la)}" for la in self.compressed]
-        mib = self.bytes_sent()["total"] / 2 ** 20
-        return (f"train.comm={self.scheme!r}: {', '.join(parts) or 'every gradient summed'}; "
-                f"{mib:.2f} MiB sent per rank per step over {self.ranks} rank(s)")
+        mib = self.bytes_sent()["total"] / 2**20
+        return (
+            f"train.comm={self.scheme!r}: {', '.join(parts) or 'every gradient summed'}; "
+            f"{mib:.2f} MiB sent per rank per step over {self.ranks} rank(s)"
+        )
 
 
 METRIC_SUMS = ("correct", "count", "loss_sum", "stop")  # the scalars that ride in the packed allreduce
@@ -167,8 +175,7 @@ def local_gradients(plan: Plan, loss_fn: Callable, params):
                 return next_fun(*args, **kwargs)
             x = args[0]
             if x.ndim != 2:
-                raise ValueError(f"the factored exchange needs 2-D inputs [batch, features] at {path}; got "
-                                 f"{x.shape}")
+                raise ValueError(f"the factored exchange needs 2-D inputs [batch, features] at {path}; got {x.shape}")
             inputs[path] = x
             y = next_fun(*args, **kwargs)
             return y + probes[path].astype(y.dtype)  # a zero whose gradient is D

@@ -5,7 +5,8 @@ compute that does not depend on it is not run meanwhile (``benchmarks/bench_over
 the sum into two host callbacks:
 
 - ``start(arrays) -> ticket``: copies ``arrays`` into one host buffer (the callback's inputs belong to XLA and
-  are not ours after the callback returns; the buffer is reused from step to step), hands the copy to a background thread that sums it over the ranks with a blocking MPI
+  are not ours after the callback returns; the buffer is reused from step to step), hands the copy to a background
+  thread that sums it over the ranks with a blocking MPI
   Allreduce (``reduce``: ``World.background_sum``, on its own clone of the communicator; mpi4py releases the GIL
   inside MPI calls), and returns at once a ticket (an int32 scalar);
 - ``finish(ticket) -> sums``: waits for that thread and returns the sums, as arrays of the started shapes.
@@ -55,13 +56,13 @@ class Exchanger:
         return buf
 
     def _start(self, arrays, then):
-        ticket = next(self._tickets) % (2 ** 31)
+        ticket = next(self._tickets) % (2**31)
         self.events.append(("start", ticket, time.perf_counter()))
         sizes = [int(np.size(a)) for a in arrays]
         free = self._free.setdefault(sum(sizes), [])
         buf = free.pop() if free else np.empty(sum(sizes), np.float32)  # reused: no page faults every step
         for a, lo, n in zip(arrays, np.cumsum([0] + sizes), sizes):
-            np.copyto(buf[lo:lo + n], np.asarray(a, np.float32).ravel())  # a copy: ours
+            np.copyto(buf[lo : lo + n], np.asarray(a, np.float32).ravel())  # a copy: ours
         self._pending[ticket] = self._pool.submit(self._sum, ticket, buf)
         return np.asarray(ticket, np.int32), np.array(then, copy=True)
 

@@ -65,7 +65,7 @@ def split(model, params, images) -> tuple[tuple, set]:
     jax.eval_shape(run, params)
     if not order:
         raise ValueError("train.overlap=True needs a model with dense layers (flax nn.Dense) at its end")
-    head = {k for k in flatten_dict(params) if any(k[:len(p)] == p for p in layers)}
+    head = {k for k in flatten_dict(params) if any(k[: len(p)] == p for p in layers)}
     return order[0], head
 
 
@@ -137,14 +137,26 @@ def _check_tail(make, body, head_tree):
     jaxpr = jax.make_jaxpr(loss_of)(body, head_tree)
     _, used = pe.dce_jaxpr(jaxpr.jaxpr, [True])
     keys = [path[0].key for path, _ in jax.tree_util.tree_leaves_with_path(body)]  # jax's order of ``body``
-    uses = ["/".join(k) for k, u in zip(keys, used[:len(keys)]) if u]
+    uses = ["/".join(k) for k, u in zip(keys, used[: len(keys)]) if u]
     if uses:
-        raise ValueError(f"train.overlap=True needs the dense layers at the end of the model, fed only by the "
-                         f"features before the first of them; the head also uses {uses}")
+        raise ValueError(
+            f"train.overlap=True needs the dense layers at the end of the model, fed only by the "
+            f"features before the first of them; the head also uses {uses}"
+        )
 
 
-def exchange(plan: comm.Plan, exchanger, head: dict, d_feats, body_vjp, body_extra: dict | None, factors: dict,
-             sums: dict, allreduce=None, allgather=None):
+def exchange(
+    plan: comm.Plan,
+    exchanger,
+    head: dict,
+    d_feats,
+    body_vjp,
+    body_extra: dict | None,
+    factors: dict,
+    sums: dict,
+    allreduce=None,
+    allgather=None,
+):
     """Stage 2 with the head's sum in flight: start it, run the body's backward pass (adding ``body_extra``, the
     earlier micro-batches' body gradients), then the usual exchange of the rest and the head's sum. Returns the
     mean gradients over ranks (a flat dict with every parameter) and the summed ``sums``."""

@@ -2,7 +2,8 @@
 
 Under ``mpiexec -n N`` every rank runs the same program on its share of each global batch. Gradients (and
 the step's metric sums) are packed into one flat float32 buffer and summed with ONE mpi4jax allreduce inside
-the jitted train step (GradientFlow's fused "lazy" allreduce; see ``mcnn_jax.step``). Run without ``mpiexec``, the world is one rank
+the jitted train step (GradientFlow's fused "lazy" allreduce; see ``mcnn_jax.step``). Run without ``mpiexec``, the
+world is one rank
 and nothing touches MPI beyond initialising it. Host-side collectives (broadcasts, sums of evaluation counts,
 barriers) are methods of ``World`` too: no other module calls mpi4py.
 """
@@ -46,6 +47,7 @@ class World:
         if self.size == 1:
             return value
         from mpi4py import MPI
+
         return self.comm.allreduce(value, op=MPI.MAX)
 
     def allreduce_host_sum(self, value):
@@ -53,6 +55,7 @@ class World:
         if self.size == 1:
             return value
         from mpi4py import MPI
+
         if isinstance(value, np.ndarray):
             self.comm.Allreduce(MPI.IN_PLACE, value, op=MPI.SUM)
             return value
@@ -88,13 +91,16 @@ class World:
         if self.size == 1:
             return None
         from mpi4py import MPI
+
         level = MPI.Query_thread()
         if level != MPI.THREAD_MULTIPLE:
             names = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED", MPI.THREAD_SERIALIZED: "SERIALIZED"}
-            raise RuntimeError(f"train.overlap=True needs MPI_THREAD_MULTIPLE (a thread sums the head's gradients "
-                               f"while XLA's thread runs mpi4jax), but this MPI gives MPI_THREAD_"
-                               f"{names.get(level, level)}; use an MPI built with thread support, or "
-                               f"train.overlap=False")
+            raise RuntimeError(
+                f"train.overlap=True needs MPI_THREAD_MULTIPLE (a thread sums the head's gradients "
+                f"while XLA's thread runs mpi4jax), but this MPI gives MPI_THREAD_"
+                f"{names.get(level, level)}; use an MPI built with thread support, or "
+                f"train.overlap=False"
+            )
         comm = self.comm.Clone()
 
         def total(buf):
@@ -110,6 +116,7 @@ class World:
             return buf
         import mpi4jax
         from mpi4py import MPI
+
         return mpi4jax.allreduce(buf, op=MPI.SUM, comm=self.jax_comm)
 
     def allgather(self, buf: jax.Array) -> jax.Array:
@@ -117,6 +124,7 @@ class World:
         if self.size == 1:
             return buf[None]
         import mpi4jax
+
         return mpi4jax.allgather(buf, comm=self.jax_comm)
 
     def time_comm(self, allreduce: int, allgather: int = 0, allreduce_p: int = 0) -> float:
@@ -128,8 +136,15 @@ class World:
         rank must call it at the same steps. 0.0 on one rank (nothing to send)."""
         if self.size == 1:
             return 0.0
-        ops = [(n, op) for n, op in ((allreduce_p, self.allreduce_sum), (allreduce, self.allreduce_sum),
-                                     (allgather, self.allgather)) if n > 0]
+        ops = [
+            (n, op)
+            for n, op in (
+                (allreduce_p, self.allreduce_sum),
+                (allreduce, self.allreduce_sum),
+                (allgather, self.allgather),
+            )
+            if n > 0
+        ]
         key = (allreduce_p, allreduce, allgather)
         bufs = [jnp.zeros((n,), jnp.float32) for n, _ in ops]
         fn = self._timed_allreduce.get(key)
@@ -164,6 +179,7 @@ def init_world() -> World:
     if not launched_by_mpi():
         return World()
     from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     if comm.Get_size() == 1:
         return World(comm=comm)
@@ -179,8 +195,10 @@ def fail_fast(world: World):
         return
 
     def hook(exc_type, exc, tb):
-        sys.stderr.write(f"[rank {world.rank}/{world.size}] failed; stopping the whole job:\n"
-                         + "".join(traceback.format_exception(exc_type, exc, tb)))
+        sys.stderr.write(
+            f"[rank {world.rank}/{world.size}] failed; stopping the whole job:\n"
+            + "".join(traceback.format_exception(exc_type, exc, tb))
+        )
         world.abort(1)
 
     sys.excepthook = hook

@@ -12,5 +12,16 @@ built (no C++ compiler, no OpenMP) :func:`status` says why, and the model falls 
 from mcnn_jax.model.native.library import Support, available, build, cache_dir, status, supports, warn_unavailable
 from mcnn_jax.model.native.ops import conv, conv_bias_relu, conv_dk, conv_fwd
 
-__all__ = ["Support", "available", "build", "cache_dir", "conv", "conv_bias_relu", "conv_dk", "conv_fwd",
-           "status", "supports", "warn_unavailable"]
+__all__ = [
+    "Support",
+    "available",
+    "build",
+    "cache_dir",
+    "conv",
+    "conv_bias_relu",
+    "conv_dk",
+    "conv_fwd",
+    "status",
+    "supports",
+    "warn_unavailable",
+]

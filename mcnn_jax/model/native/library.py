@@ -45,6 +45,7 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor()
 
 
@@ -66,8 +67,11 @@ def build() -> Path:
     cxx, version = _compiler()
     source = _SOURCE.read_bytes()
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(_FLAGS).encode(),
-                                     _cpu_flags().encode(), jax.__version__.encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, version.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode(), jax.__version__.encode()]
+        )
+    ).hexdigest()[:16]
     out = cache_dir() / f"libmcnn_conv-{key}.so"
     if out.exists():
         return out
@@ -98,8 +102,14 @@ def _load() -> dict:
             lib = ctypes.CDLL(str(path))
             for target, symbol in _TARGETS.items():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-            _state.update(ok=True, reason="", path=str(path), lib=lib,
-                          vector_width=int(lib.mcnn_vector_width()), threads=int(lib.mcnn_max_threads()))
+            _state.update(
+                ok=True,
+                reason="",
+                path=str(path),
+                lib=lib,
+                vector_width=int(lib.mcnn_vector_width()),
+                threads=int(lib.mcnn_max_threads()),
+            )
         except Exception as e:  # noqa: BLE001 - any failure means "fall back", with the reason kept
             _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
         return _state
@@ -117,8 +127,12 @@ def available() -> bool:
 
 @functools.cache
 def warn_unavailable() -> None:
-    warnings.warn(f"mcnn_jax native convolution kernels unavailable ({status()['reason']}); using the XLA "
-                  "form (model.impl='fast'), which is slower", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"mcnn_jax native convolution kernels unavailable ({status()['reason']}); using the XLA "
+        "form (model.impl='fast'), which is slower",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class Support(NamedTuple):

@@ -30,17 +30,21 @@ def conv_fwd(x, kernel, bias=None, gate=None, relu: bool = False):
     out = jax.ShapeDtypeStruct((*x.shape[:3], o), jnp.float32)
     bias = jnp.zeros((o,), jnp.float32) if bias is None else bias
     return jax.ffi.ffi_call("mcnn_conv_fwd", out, vmap_method="sequential")(
-        x, x if gate is None else gate, kernel, bias, gated=gate is not None, relu=bool(relu))
+        x, x if gate is None else gate, kernel, bias, gated=gate is not None, relu=bool(relu)
+    )
 
 
 def conv_dk(x, ct, k: int, gate=None):
     """(dk [k, k, C, O], db [O]): the kernel and bias gradients of the 'SAME' convolution of ``x`` plus a bias,
     given its output gradient ``ct`` (masked first, ct * (gate > 0), with ``gate``)."""
     require()
-    out = (jax.ShapeDtypeStruct((k, k, x.shape[-1], ct.shape[-1]), jnp.float32),
-           jax.ShapeDtypeStruct((ct.shape[-1],), jnp.float32))
+    out = (
+        jax.ShapeDtypeStruct((k, k, x.shape[-1], ct.shape[-1]), jnp.float32),
+        jax.ShapeDtypeStruct((ct.shape[-1],), jnp.float32),
+    )
     return jax.ffi.ffi_call("mcnn_conv_dk", out, vmap_method="sequential")(
-        x, ct, ct if gate is None else gate, gated=gate is not None)
+        x, ct, ct if gate is None else gate, gated=gate is not None
+    )
 
 
 @jax.custom_vjp
