@@ -1,4 +1,5 @@
-"""Max-pool forward + gradient at the M-CNN's shapes: ``mcnn_jax.model.pool.max_pool`` against XLA's ``reduce_window``
+"""Max-pool forward + gradient at the M-CNN's shapes: ``mcnn_jax.model.pool.fast_max_pool`` against XLA's
+``reduce_window``
 max-pool (``flax.linen.max_pool``, what ``impl="xla"`` runs) and against the one-pass mask that sent the output
 gradient to EVERY tied maximum (the form before issue 10: wrong on flat fields, kept here only as the cost to
 beat). All three are timed interleaved in one process, so their ratios hold on a shared machine. JSON out.
@@ -8,7 +9,7 @@ beat). All three are timed interleaved in one process, so their ratios hold on a
     python benchmarks/bench_pool.py --step --batch 4 --reps 4   # the whole default train step, A/B
 
 ``--step`` times the real train step of the default model (1024x1280x3, 13 classes, SGD-Nesterov) built twice,
-once with ``pool.max_pool`` and once with the old all-ties form swapped in, alternating A, B, A, B, ... so
+once with ``pool.fast_max_pool`` and once with the old all-ties form swapped in, alternating A, B, A, B, ... so
 that a change in the machine's load hits both alike; it reports the ratio of the median step times.
 """
 
@@ -56,11 +57,15 @@ def _all_ties_bwd(f, res, ct):
 
 all_ties.defvjp(_all_ties_fwd, _all_ties_bwd)
 
-FORMS = {"pool": pool.max_pool, "xla": lambda x, f: nn.max_pool(x, (f, f), strides=(f, f)), "all_ties_old": all_ties}
+FORMS = {
+    "pool": pool.fast_max_pool,
+    "xla": lambda x, f: nn.max_pool(x, (f, f), strides=(f, f)),
+    "all_ties_old": all_ties,
+}
 
 
 def step_ab(batch: int, reps: int) -> dict:
-    """Median train-step seconds of the default model with pool.max_pool and with the old all-ties pool."""
+    """Median train-step seconds of the default model with pool.fast_max_pool and with the old all-ties pool."""
     import optax
 
     from mcnn_jax import MCNN
@@ -74,14 +79,14 @@ def step_ab(batch: int, reps: int) -> dict:
         image=jax.random.uniform(jax.random.key(1), (batch, 1024, 1280, 3)),
         label=jnp.arange(batch, dtype=jnp.int32) % 13,
     )
-    steps, states, real = {}, {}, pool.max_pool
+    steps, states, real = {}, {}, pool.fast_max_pool
     for name, fn in (("pool", real), ("all_ties_old", all_ties)):
         states[name] = create_state(jax.tree_util.tree_map(jnp.copy, params), tx, 0)  # the step donates it
-        pool.max_pool = fn  # looked up when the step is traced (mcnn_jax.model.layers calls pool.max_pool)
+        pool.fast_max_pool = fn  # looked up when the step is traced (mcnn_jax.model.layers calls pool.fast_max_pool)
         try:
             steps[name] = make_train_step(model, tx, 13).lower(states[name], data).compile()
         finally:
-            pool.max_pool = real
+            pool.fast_max_pool = real
     times = {k: [] for k in steps}
     for i in range(reps + 1):  # the first round warms up and is not counted
         for k, fn in steps.items():

@@ -54,10 +54,10 @@ def worker(a) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from profile_step import machine, matmul_peak
 
     from mcnn_jax import mcnn_flops
+    from mcnn_jax.config import base_config
     from mcnn_jax.model.mcnn import from_config, init_params
     from mcnn_jax.optim import make_optimizer
     from mcnn_jax.step import create_state, make_train_step
@@ -66,7 +66,7 @@ def worker(a) -> dict:
     model = from_config(kw, num_classes=13)
     peak0 = matmul_peak()
     rss_runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    ocfg = ml_collections.ConfigDict(dict(name="nesterov", weight_decay=5e-5, momentum=0.9, nesterov=True))
+    ocfg = base_config().optim  # the published recipe: Nesterov 0.9, weight decay 5e-5
     tx = make_optimizer(ocfg, lambda step: 1e-3)
     params = init_params(model, jax.random.key(0), (a.height, a.width, 3))
     state = create_state(params, tx, 0)

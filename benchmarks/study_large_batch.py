@@ -245,15 +245,12 @@ def make_config(
 
 def evaluate_run(workdir: Path, store, val_idx, which: str) -> dict:
     """Image- and treatment-level accuracy of checkpoint(s) ``which`` on the validation images."""
-    from mcnn_jax.data import Reader
-    from mcnn_jax.evaluation.evaluate import load_ensemble, predict_probabilities
+    from mcnn_jax.evaluation.embed import predict_probabilities
+    from mcnn_jax.evaluation.run import load_ensemble
 
     model, members, _ = load_ensemble(workdir, which)
-    reader = Reader(store, val_idx, 64, augment=None, train=False)
-    try:
-        probs, labels = predict_probabilities(model, members, reader)
-    finally:
-        reader.close()
+    probs = predict_probabilities(model, members, store, val_idx, 64)
+    labels = np.asarray(store.labels)[val_idx]
     compound = np.asarray(store.metadata["compound"])[val_idx]
     conc = np.asarray(store.metadata["concentration"], dtype=str)[val_idx]
     treatments = sorted(set(zip(compound, conc)))

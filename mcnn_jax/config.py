@@ -108,16 +108,37 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.target_accuracy = 0.0  # stop when validation accuracy reaches it (0 = off)
     c.progress = "auto"  # auto (a bar on a terminal) | bar | log
     c.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in <workdir>/profile
-    # how ranks exchange gradients (mcnn_jax.parallel.exchange): "auto" (per dense layer the exact scheme sending fewer
-    # bytes),
-    # "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one allgather) or
-    # "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
+    # how ranks exchange gradients (mcnn_jax.parallel.exchange): "auto" (per dense layer the exact scheme sending
+    # fewer bytes), "allreduce" (sum every gradient), "factored" (dense layers as inputs + output gradients, one
+    # allgather) or "powersgd" (lossy: the dense kernels' gradients at rank powersgd_rank, with error feedback)
     c.comm = "auto"
     c.powersgd_rank = 4
     # sum the dense layers' gradients on a background thread while the branches' backward pass runs (a two-stage
     # backward, mcnn_jax.parallel.overlap; exact; not with "powersgd"; needs MPI_THREAD_MULTIPLE with several ranks)
     c.overlap = False
     return c
+
+
+def restore_config(stored: dict) -> ml_collections.ConfigDict:
+    """A stored run's config (``config.json``, a checkpoint's metadata) merged onto ``base_config()``: keys the
+    run did not record (it predates them) take today's defaults, so no reader needs a fallback of its own.
+    Tuples stored as JSON lists become tuples again; keys that ``base_config()`` no longer has are kept."""
+    config = base_config()
+
+    def merge(target: ml_collections.ConfigDict, values: dict):
+        for key, value in values.items():
+            if key not in target:
+                with target.unlocked():
+                    target[key] = value
+            elif isinstance(target[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                merge(target[key], value)
+            elif isinstance(target[key], tuple) and isinstance(value, list):
+                target[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            else:
+                target[key] = value
+
+    merge(config, stored)
+    return config
 
 
 def model_defaults() -> ml_collections.ConfigDict:

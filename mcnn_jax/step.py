@@ -2,13 +2,13 @@
 
 A step has three parts, in this order:
 
-1. ``local_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
+1. ``rank_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
    micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
    that peak memory follows the micro-batch, not the local batch. The dense layers that the exchange plan
    (``mcnn_jax.parallel.exchange.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of
    a
    weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
-2. ``comm.exchange``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
+2. ``comm.exchange_gradients``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
    buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
    fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
    whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
@@ -48,7 +48,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
-    comm: Any = None  # the exchange's own state (PowerSGD's Q and error feedback); not checkpointed
+    exchange_state: Any = None  # the exchange's own state (PowerSGD's Q and error feedback); not checkpointed
 
 
 CHECKPOINTED = ("step", "params", "opt_state", "rng")  # the fields a checkpoint holds
@@ -60,7 +60,7 @@ def create_state(params, tx: optax.GradientTransformation, seed: int, plan: comm
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
-        comm=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None,
+        exchange_state=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None,
     )
 
 
@@ -94,7 +94,7 @@ def num_microbatches(local_batch: int, microbatch: int, where: str = "train.glob
     return local_batch // microbatch
 
 
-def local_gradients(
+def rank_gradients(
     model,
     params,
     batch,
@@ -106,7 +106,7 @@ def local_gradients(
 ):
     """(gradients, metric sums, factors) of this rank's local batch: the gradient of its mean loss (the loss summed
     over the batch / the batch's count) as a flat dict keyed by parameter paths, without the kernels of the
-    layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.local_gradients``). Computed over
+    layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.gradients_and_factors``). Computed over
     micro-batches of ``microbatch`` images by a ``lax.scan`` that adds up each micro-batch's gradient of (its
     loss sum / the whole batch's count) and its metric sums, and stacks its factors (rows of the local batch).
     With one micro-batch it is the plain gradient of the batch's mean loss. ``denominator``: the count to divide
@@ -116,7 +116,7 @@ def local_gradients(
     loss_fn = _loss_fn(model, num_classes, label_smoothing, _count(batch) if denominator is None else denominator)
 
     def grad_fn(mb):
-        metrics, grads, factors = comm.local_gradients(plan, lambda p: loss_fn(p, mb), params)
+        metrics, grads, factors = comm.gradients_and_factors(plan, lambda p: loss_fn(p, mb), params)
         return (grads, metrics), factors
 
     if k == 1:
@@ -166,7 +166,7 @@ def overlapped_gradients(
 ):
     """``train.overlap``: the local gradients and their exchange, with the head's sum travelling during the last
     micro-batch's branch backward pass (``mcnn_jax.parallel.overlap``). The first k-1 micro-batches run in the
-    ``lax.scan`` of ``local_gradients``; the last in two stages. ``sums``: the stop signal (and anything else
+    ``lax.scan`` of ``rank_gradients``; the last in two stages. ``sums``: the stop signal (and anything else
     to sum). Returns (the mean gradients as a flat dict, the summed metrics and ``sums``)."""
     n = batch["label"].shape[0]
     k = num_microbatches(n, microbatch)
@@ -177,12 +177,14 @@ def overlapped_gradients(
     earlier = None
     if k > 1:
         first = jax.tree_util.tree_map(lambda x: x[: n - size], batch)
-        earlier, m0, f0 = local_gradients(model, params, first, num_classes, label_smoothing, size, plan, denominator)
+        earlier, m0, f0 = rank_gradients(model, params, first, num_classes, label_smoothing, size, plan, denominator)
         head = {key: g + earlier.pop(key) for key, g in head.items()}
         metrics = jax.tree_util.tree_map(jnp.add, metrics, m0)
         factors = comm.concat_factors([f0, factors]) if factors else factors
     sums = dict({key: v.astype(jnp.float32) for key, v in metrics.items()}, **sums)
-    return overlap.exchange(plan, exchanger, head, d_feats, body_vjp, earlier, factors, sums, allreduce, allgather)
+    return overlap.exchange_overlapped(
+        plan, exchanger, head, d_feats, body_vjp, earlier, factors, sums, allreduce, allgather
+    )
 
 
 def make_train_step(
@@ -230,19 +232,21 @@ def make_train_step(
                 allgather,
             )
             return grads, sums, comm_state
-        grads, metrics, factors = local_gradients(model, params, batch, num_classes, label_smoothing, microbatch, plan)
+        grads, metrics, factors = rank_gradients(model, params, batch, num_classes, label_smoothing, microbatch, plan)
         sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, **sums)
-        return comm.exchange(plan, grads, factors, sums, comm_state, allreduce, allgather)
+        return comm.exchange_gradients(plan, grads, factors, sums, comm_state, allreduce, allgather)
 
     def train_step(state: TrainState, batch, stop=0.0):
-        grads, sums, comm_state = gradients(state.params, batch, stop, state.comm)
+        grads, sums, comm_state = gradients(state.params, batch, stop, state.exchange_state)
         grads = unflatten_dict(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(sums, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, comm=comm_state), metrics
+        return state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, exchange_state=comm_state
+        ), metrics
 
     return jax.jit(train_step, donate_argnums=(0,))  # the old state's buffers are reused
 

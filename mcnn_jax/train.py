@@ -295,7 +295,7 @@ def setup(config, workdir, world: World, stack: contextlib.ExitStack) -> Run:
     image_shape, num_classes = store.image_shape, len(store.class_names)
     model = from_config(config.model, num_classes=num_classes)
     gb = config.train.global_batch
-    sched = batch_schedule.from_config(config, len(train_idx))
+    sched = batch_schedule.schedule_from_config(config, len(train_idx))
     total_steps = config.train.max_steps or sched.total_steps(config.optim)
     snapshots = sched.snapshot_steps(config.optim)
     schedule = sched.lr_schedule(config.optim)

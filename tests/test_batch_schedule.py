@@ -25,7 +25,7 @@ def _config(spec, global_batch, **optim_keys):
 
 
 def test_phases_steps_epochs_and_reader_steps():
-    sched = batch_schedule.from_config(_config(((0, 4), (2, 10), (3, 20)), 20, epochs=5.0), num_train=103)
+    sched = batch_schedule.schedule_from_config(_config(((0, 4), (2, 10), (3, 20)), 20, epochs=5.0), num_train=103)
     assert [(p.start_epoch, p.global_batch, p.steps_per_epoch, p.start_step) for p in sched.phases] == [
         (0, 4, 25, 0),
         (2, 10, 10, 50),
@@ -44,7 +44,7 @@ def test_phases_steps_epochs_and_reader_steps():
 
 def test_a_constant_schedule_is_the_plain_run():
     c = _config((), 32, epochs=3.5, warmup_epochs=1.0, decay="cosine", cycles=2, cycle_epochs=0.5)
-    sched = batch_schedule.from_config(c, num_train=330)
+    sched = batch_schedule.schedule_from_config(c, num_train=330)
     assert sched.constant and sched.phases[0].steps_per_epoch == 10
     assert sched.total_steps(c.optim) == optim.total_steps(c.optim, 10)
     assert sched.snapshot_steps(c.optim) == optim.snapshot_steps(c.optim, 10)
@@ -52,7 +52,7 @@ def test_a_constant_schedule_is_the_plain_run():
     assert [float(sched.lr_schedule(c.optim)(s)) for s in range(45)] == [float(plain(s)) for s in range(45)]
     assert sorted(sched.eval_steps(0.5, 45)) == [5, 10, 15, 20, 25, 30, 35, 40, 45]
     # a one-entry schedule at train.global_batch is the same run
-    same = batch_schedule.from_config(_config(((0, 32),), 32, epochs=3.5), num_train=330)
+    same = batch_schedule.schedule_from_config(_config(((0, 32),), 32, epochs=3.5), num_train=330)
     assert same.phases == sched.phases
 
 
@@ -72,7 +72,7 @@ def test_each_phase_follows_the_constant_run_at_its_batch(decay):
         power=2.0,
     )
     c = _config(((0, 4), (2, 8), (4, 32)), 32, **keys)
-    sched = batch_schedule.from_config(c, num_train=64)
+    sched = batch_schedule.schedule_from_config(c, num_train=64)
     lr = sched.lr_schedule(c.optim)
     ends = [q.start_step for q in sched.phases[1:]] + [sched.total_steps(c.optim)]
     assert ends == [32, 48, 52]
@@ -104,7 +104,7 @@ def test_boundaries_are_crossed_at_the_same_step_as_at_a_constant_batch():
         base_lr=0.01,
         base_batch=64,
     )
-    sched = batch_schedule.from_config(c, num_train=768)  # 48 then 12 steps per epoch
+    sched = batch_schedule.schedule_from_config(c, num_train=768)  # 48 then 12 steps per epoch
     final = optim.make_schedule(c.optim, 12, 64)
     lr = jax.jit(jax.vmap(sched.lr_schedule(c.optim)))
     last = np.arange(sched.phases[1].start_step, sched.total_steps(c.optim))
@@ -131,7 +131,7 @@ def test_a_growing_batch_with_cycles_snapshots_at_the_cycle_ends():
         end_lr=1e-5,
         cycle_base_lr=0.008,
     )
-    sched = batch_schedule.from_config(c, num_train=1000)  # 62 then 15 steps per epoch
+    sched = batch_schedule.schedule_from_config(c, num_train=1000)  # 62 then 15 steps per epoch
     lr = sched.lr_schedule(c.optim)
     snapshots = sched.snapshot_steps(c.optim)
     # the main run ends at step round(3.5 x 15) = 52 of a batch-64 run, which takes 15 steps for the first epoch
@@ -157,7 +157,7 @@ def test_the_warmup_scales_with_the_batch_too():
         base_batch=16,
         decay="cosine",
     )
-    sched = batch_schedule.from_config(c, num_train=3280)
+    sched = batch_schedule.schedule_from_config(c, num_train=3280)
     lr = sched.lr_schedule(c.optim)
     assert float(lr(0)) == pytest.approx(0.0032 / 16)  # the batch-256 run's warmup start, at batch 16
     assert float(lr(sched.phases[1].start_step - 1)) == pytest.approx(0.002, rel=0.01)  # the batch-16 peak
@@ -180,7 +180,7 @@ def test_the_warmup_scales_with_the_batch_too():
 )
 def test_bad_schedules_are_clear_errors(spec, global_batch, message):
     with pytest.raises(ValueError, match="train.batch_schedule|train.global_batch") as e:
-        batch_schedule.from_config(_config(spec, global_batch, epochs=10.0), num_train=300)
+        batch_schedule.schedule_from_config(_config(spec, global_batch, epochs=10.0), num_train=300)
     assert message in str(e.value)
 
 
@@ -240,7 +240,7 @@ def test_each_phase_reads_every_training_image_once_per_epoch(store):
     config = _tiny(store)
     st = open_store(store)
     train_idx, _ = split_indices(st, config.data)
-    sched = batch_schedule.from_config(config, len(train_idx))
+    sched = batch_schedule.schedule_from_config(config, len(train_idx))
     world = init_world()
     total = sched.total_steps(config.optim)
     with contextlib.closing(_train_batches(config, st, train_idx, world, sched, 0)) as it:

@@ -17,7 +17,7 @@ from flax.traverse_util import flatten_dict
 
 from mcnn_jax.model.mcnn import MCNN, init_params
 from mcnn_jax.parallel import exchange as comm
-from mcnn_jax.step import create_state, local_gradients, loss_and_metrics, make_train_step
+from mcnn_jax.step import create_state, loss_and_metrics, make_train_step, rank_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 # a thin model whose dense kernels have shapes found nowhere else in it: hidden 40 x 24, logits 24 x 3
@@ -47,8 +47,8 @@ def test_factored_gradient_equals_the_plain_gradient(setup):
     plain = comm.make_plan("allreduce", params, 5, 1)
     factored = comm.make_plan("factored", params, 5, 1)
     assert [la.path for la in factored.factored] == [("hidden",), ("logits",)]
-    sums0, g0, f0 = comm.local_gradients(plain, loss_fn, params)
-    sums1, g1, f1 = comm.local_gradients(factored, loss_fn, params)
+    sums0, g0, f0 = comm.gradients_and_factors(plain, loss_fn, params)
+    sums1, g1, f1 = comm.gradients_and_factors(factored, loss_fn, params)
     assert not f0 and set(f1) == {("hidden",), ("logits",)}
     assert f1[("hidden",)][0].shape == (5, 40) and f1[("hidden",)][1].shape == (5, 24)
     assert ("hidden", "kernel") not in g1 and ("hidden", "bias") in g1  # kernels: only as factors
@@ -79,7 +79,7 @@ def test_the_local_weight_gradient_of_a_factored_layer_is_never_computed(setup):
     params, _, loss_fn = setup
     for scheme, computed in (("allreduce", True), ("factored", False)):
         plan = comm.make_plan(scheme, params, 5, 1)
-        shapes = _dot_shapes(lambda p: comm.local_gradients(plan, loss_fn, p), params)
+        shapes = _dot_shapes(lambda p: comm.gradients_and_factors(plan, loss_fn, p), params)
         assert ((40, 24) in shapes or (24, 40) in shapes) == computed, (scheme, shapes)  # dW or dW^T
 
 
@@ -130,9 +130,9 @@ def test_powersgd_at_full_rank_reproduces_the_plain_update(setup):
     assert max(rel_err(b, c) for _, b, c in flat.values()) > 1e-3  # rank 1 is lossy: the comparison can fail
     assert rel_err(flat[("hidden", "kernel")][2], flatten_dict(params)[("hidden", "kernel")]) > 1e-2  # it moved
     # error feedback: at full rank nothing is left over; at rank 1 the error is what the compression dropped
-    assert float(jnp.abs(full.comm["hidden"]["error"]).max()) < 1e-5
-    assert float(jnp.abs(low.comm["hidden"]["error"]).max()) > 1e-4
-    assert full.comm["hidden"]["q"].shape == (24, 24) and low.comm["logits"]["q"].shape == (3, 1)
+    assert float(jnp.abs(full.exchange_state["hidden"]["error"]).max()) < 1e-5
+    assert float(jnp.abs(low.exchange_state["hidden"]["error"]).max()) > 1e-4
+    assert full.exchange_state["hidden"]["q"].shape == (24, 24) and low.exchange_state["logits"]["q"].shape == (3, 1)
 
 
 def test_the_stop_signal_is_summed_in_the_step(setup):
@@ -178,7 +178,7 @@ def test_factored_with_micro_batches_equals_the_plain_step(setup):
     plain = make_train_step(MODEL, tx, 3, 0.1)
     factored_plan = comm.make_plan("factored", params, 6, 1)
     micro = make_train_step(MODEL, tx, 3, 0.1, microbatch=2, plan=factored_plan)
-    _, _, factors = local_gradients(MODEL, params, batch6, 3, 0.1, microbatch=2, plan=factored_plan)
+    _, _, factors = rank_gradients(MODEL, params, batch6, 3, 0.1, microbatch=2, plan=factored_plan)
     assert factors[("hidden",)][0].shape == (6, 40) and factors[("logits",)][1].shape == (6, 3)
     s0, m0 = plain(create_state(jax.tree_util.tree_map(jnp.array, params), tx, 0), batch6)
     s1, m1 = micro(create_state(jax.tree_util.tree_map(jnp.array, params), tx, 0), batch6)

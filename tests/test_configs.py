@@ -152,6 +152,25 @@ def test_the_growing_batch_config_is_the_study_ramp():
             if isinstance(c.optim[key], float)
             else c.optim[key] == ref.optim[key]
         ), key
-    sched = batch_schedule.from_config(c, 3848)  # BBBC021's fields
+    sched = batch_schedule.schedule_from_config(c, 3848)  # BBBC021's fields
     assert [p.global_batch % 16 for p in sched.phases] == [0, 0, 0]  # one rank on each of 16 nodes
     assert c.train.microbatch == 0
+
+
+def test_a_stored_config_is_merged_onto_todays_defaults():
+    """A run's config as stored (JSON: tuples as lists), from before some keys existed, reads back with today's
+    defaults for them, so no reader needs a fallback of its own."""
+    import json
+
+    from mcnn_jax.checkpoint import config_to_json
+    from mcnn_jax.config import restore_config
+
+    default = next(p for p in CONFIGS if p.name == "default.py")
+    c = load_config(str(default), ["train.batch_schedule=((0, 8), (2, 16))"])
+    stored = json.loads(config_to_json(c))
+    assert restore_config(stored).to_dict() == c.to_dict()
+    del stored["optim"]["cycles"], stored["data"]["synthetic"]["difficulty"], stored["train"]["batch_schedule"]
+    stored["optim"]["retired_key"] = 1  # a key a later version dropped: kept, not an error
+    r = restore_config(stored)
+    assert r.optim.cycles == 0 and r.data.synthetic.difficulty == 0.0 and r.train.batch_schedule == ()
+    assert r.model.input_shape == (256, 256, 3) and isinstance(r.model.widths, tuple) and r.optim.retired_key == 1

@@ -166,7 +166,7 @@ def test_interrupted_import_resumes(screen, tmp_path, monkeypatch):
     root, _, _, pixels = screen
     import mcnn_jax.data.manifest as m
 
-    real, calls = m.load_field, []
+    real, calls = m.read_manifest_field, []
 
     def flaky(f, *a, **kw):
         calls.append(f.line)
@@ -174,11 +174,11 @@ def test_interrupted_import_resumes(screen, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the import stops after a few images
         return real(f, *a, **kw)
 
-    monkeypatch.setattr(m, "load_field", flaky)
+    monkeypatch.setattr(m, "read_manifest_field", flaky)
     with pytest.raises(KeyboardInterrupt):
         manifest(root, tmp_path / "store", workers=1)
     assert not is_complete(tmp_path / "store")
-    monkeypatch.setattr(m, "load_field", real)
+    monkeypatch.setattr(m, "read_manifest_field", real)
     done = sum((tmp_path / "store" / "images.zarr" / "c" / str(i)).exists() for i in range(8))
     assert 0 < done < 8
     s = open_store(manifest(root, tmp_path / "store"))

@@ -125,3 +125,13 @@ def test_config_augment_section_and_prefetch_zero(store):
     with Reader(store, range(48), 4, augment=cfg.data.augment, prefetch=0) as rd:
         steps = [s for s, _ in itertools.islice(rd.iterate(start_step=3), 3)]
     assert steps == [3, 4, 5]
+
+
+def test_augment_from_a_config_section_or_a_partial_dict():
+    from mcnn_jax.config import base_config
+    from mcnn_jax.data import Augment
+
+    assert Augment.from_config(base_config().data.augment) == Augment(True, True, False, 0.05)
+    assert Augment.from_config(dict(rot90=True)) == Augment(rot90=True) and Augment.from_config(None) == Augment()
+    with pytest.raises(ValueError, match="unknown augmentation key.*flip\\b.*the keys are flips"):
+        Augment.from_config(dict(flip=True))

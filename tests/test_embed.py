@@ -13,9 +13,11 @@ import pytest
 
 from mcnn_jax import MCNN
 from mcnn_jax.cli.embed import main as embed_cli
+from mcnn_jax.cli.evaluate import main as eval_cli
 from mcnn_jax.config import load_config
 from mcnn_jax.evaluation import embed as E
 from mcnn_jax.evaluation import evaluate
+from mcnn_jax.evaluation.run import load_model
 from mcnn_jax.runtime import enable_compilation_cache
 
 enable_compilation_cache()
@@ -79,7 +81,7 @@ def test_embedding_tables(run, store, tmp_path, capsys):
     assert list(df.Metadata_StoreIndex) == list(range(48))
     assert list(df.Metadata_MoA) == [st.class_names[i] for i in st.labels]
     assert set(df.Metadata_Plate) == set(st.metadata["plate"]) and df.Metadata_Compound.str.len().min() > 0
-    model, params, _ = evaluate.load_model(run)
+    model, params, _ = load_model(run)
     rows = [0, 7, 47]
     np.testing.assert_allclose(
         df.loc[rows, feats].to_numpy(), E.features(model, params, to_float(st.read(rows))), rtol=1e-5, atol=1e-6
@@ -95,7 +97,7 @@ def test_embedding_tables(run, store, tmp_path, capsys):
 
 def test_predictions_table_and_treatment_accuracy(run, tmp_path, capsys):
     ref = evaluate.evaluate_checkpoint(run, split="all")
-    evaluate.run(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "pred.parquet")])
+    eval_cli(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "pred.parquet")])
     out = capsys.readouterr().out
     df = pd.read_parquet(tmp_path / "pred.parquet")
     probs = [c for c in df.columns if c.startswith("P_")]
@@ -134,7 +136,7 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
     for i in range(6):
         w.write(i, st.read([i])[0])
     w.finish(st.labels[:6], st.class_names, {"class": [st.class_names[i] for i in st.labels[:6]]}, st.channels)
-    evaluate.run(
+    eval_cli(
         [
             "--workdir",
             str(run),
@@ -148,7 +150,7 @@ def test_store_without_compounds(run, store, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "the store records no compounds (Metadata_Compound is missing" in out
-    evaluate.run(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "all.csv"), "--json"])
+    eval_cli(["--workdir", str(run), "--split", "all", "--predictions", str(tmp_path / "all.csv"), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["count"] == 48 and 0 <= doc["treatment_accuracy"] <= 1 and doc["treatments"] > 0
     df = pd.read_csv(tmp_path / "p.csv")

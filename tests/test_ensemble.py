@@ -13,7 +13,8 @@ from mcnn_jax.cli.embed import main as embed_cli
 from mcnn_jax.cli.evaluate import main as eval_cli
 from mcnn_jax.config import load_config
 from mcnn_jax.data import Reader, open_store, split_indices
-from mcnn_jax.evaluation.evaluate import evaluate_checkpoint, load_ensemble
+from mcnn_jax.evaluation.evaluate import evaluate_checkpoint
+from mcnn_jax.evaluation.run import load_ensemble
 from mcnn_jax.optim import snapshot_steps, steps_per_epoch
 from mcnn_jax.runtime import enable_compilation_cache
 from mcnn_jax.train import train_and_evaluate

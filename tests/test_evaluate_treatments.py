@@ -32,7 +32,7 @@ def test_treatment_accuracy_in_metrics_with_a_held_out_compound(store, tmp_path)
     val = [r for r in val if r["split"] == "val"]
     assert val and all(0.0 <= r["treatment_accuracy"] <= 1.0 and r["treatments"] >= 1 for r in val)
     # the same number from the saved model's probabilities, computed independently
-    from mcnn_jax.evaluation.evaluate import load_model
+    from mcnn_jax.evaluation.run import load_model
 
     model, params, _ = load_model(tmp_path, "latest")
     idx = np.flatnonzero(np.asarray(s.metadata["compound"]) == held)

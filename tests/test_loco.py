@@ -174,7 +174,7 @@ def test_a_fold_evaluated_by_its_collapsed_ensemble(store, tmp_path, capsys):
 
     from mcnn_jax.data import to_float
     from mcnn_jax.evaluation.embed import feature_names
-    from mcnn_jax.evaluation.evaluate import load_ensemble
+    from mcnn_jax.evaluation.run import load_ensemble
 
     args = [
         "--config",

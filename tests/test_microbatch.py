@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mcnn_jax.config import base_config, load_config
-from mcnn_jax.evaluation.evaluate import load_model
+from mcnn_jax.evaluation.run import load_model
 from mcnn_jax.model.mcnn import MCNN, init_params
 from mcnn_jax.optim import make_optimizer, make_schedule
 from mcnn_jax.runtime import enable_compilation_cache

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from mcnn_jax.evaluation.evaluate import load_model
+from mcnn_jax.evaluation.run import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")

@@ -104,7 +104,8 @@ def test_unsupported_layers_use_the_xla_form():
 
 FALLBACK = """
 import warnings, jax, jax.numpy as jnp
-from mcnn_jax import MCNN, native
+from mcnn_jax import MCNN
+from mcnn_jax.model import native
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     m = MCNN(num_classes=3, widths=(16,) * 7, merge_width=8, head_width=8)

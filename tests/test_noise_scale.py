@@ -1,4 +1,5 @@
-"""The gradient noise scale (mcnn_jax.optim.noise_scale, benchmarks/noise_scale.py): the estimator is unbiased on
+"""The gradient noise scale (mcnn_jax.optim.noise_scale, benchmarks/measure_noise_scale.py): the estimator is unbiased
+on
 gradients of known mean and covariance; on a linear softmax model it equals the closed-form per-image gradients'
 chunk statistics; identical images have no noise; padded batches are left out; the command runs on a trained
 run's checkpoints."""
@@ -112,7 +113,7 @@ def test_identical_images_have_no_noise_and_padded_batches_are_left_out():
 
 
 def test_the_command_measures_a_runs_checkpoints(store, tmp_path):
-    import noise_scale as cli
+    import measure_noise_scale as cli
 
     from mcnn_jax.config import load_config
     from mcnn_jax.train import train_and_evaluate

@@ -47,7 +47,7 @@ def test_max_pool_matches_xla_value_and_gradient(kind):
     most_ties = 0
     for f in (2, 4, 8, 16, 32, 64):
         y0, vjp0 = jax.vjp(lambda a: nn.max_pool(a, (f, f), strides=(f, f)), z)
-        y1, vjp1 = jax.vjp(lambda a: pool.max_pool(a, f), z)
+        y1, vjp1 = jax.vjp(lambda a: pool.fast_max_pool(a, f), z)
         np.testing.assert_array_equal(y1, y0)
         ct = jax.random.normal(jax.random.key(f), y0.shape)
         np.testing.assert_array_equal(vjp1(ct)[0], vjp0(ct)[0])  # the same input gets each window's gradient
@@ -60,7 +60,7 @@ def test_max_pool_matches_xla_value_and_gradient(kind):
 def test_max_pool_gradient_sums_to_the_output_gradient():
     z = jnp.zeros((1, 64, 64, 2)).at[0, 3, 5, 1].set(-1.0)  # every window all ties (but one entry)
     for f in (2, 8, 64):
-        y, vjp = jax.vjp(lambda a: pool.max_pool(a, f), z)
+        y, vjp = jax.vjp(lambda a: pool.fast_max_pool(a, f), z)
         ct = jnp.ones_like(y)
         g = vjp(ct)[0]
         np.testing.assert_array_equal(g.reshape(1, 64 // f, f, 64 // f, f, 2).sum((2, 4)), ct)
@@ -69,7 +69,7 @@ def test_max_pool_gradient_sums_to_the_output_gradient():
 
 def test_max_pool_propagates_nan_like_max():
     z = jnp.arange(32.0).reshape(1, 4, 4, 2).at[0, 1, 1, 0].set(jnp.nan)
-    y = pool.max_pool(z, 2)
+    y = pool.fast_max_pool(z, 2)
     ref = nn.max_pool(z, (2, 2), strides=(2, 2))
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
     np.testing.assert_array_equal(y[~np.isnan(y)], ref[~np.isnan(ref)])

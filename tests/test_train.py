@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from mcnn_jax.config import load_config
-from mcnn_jax.evaluation.evaluate import evaluate_checkpoint, load_model
+from mcnn_jax.evaluation.evaluate import evaluate_checkpoint
+from mcnn_jax.evaluation.run import load_model
 from mcnn_jax.runtime import enable_compilation_cache
 from mcnn_jax.train import train_and_evaluate
 

@@ -7,7 +7,8 @@ import sys
 
 from mcnn_jax.data import StoreError
 from mcnn_jax.evaluation import embed
-from mcnn_jax.evaluation.embed import LAYERS, open_run, write_image_table
+from mcnn_jax.evaluation.embed import LAYERS, write_image_table
+from mcnn_jax.evaluation.run import open_run
 from mcnn_jax.runtime import enable_compilation_cache
 
 
@@ -31,13 +32,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     enable_compilation_cache()
     try:
-        model, members, metas, st, idx = open_run(args.workdir, args.checkpoint, args.store, args.split)
-        res = write_image_table(model, members, st, idx, args.out, "embeddings", args.layer, args.batch)
+        run = open_run(args.workdir, args.checkpoint, args.store, args.split)
+        res = write_image_table(
+            run.model, run.members, run.store, run.indices, args.out, "embeddings", args.layer, args.batch
+        )
     except (FileNotFoundError, ValueError, StoreError) as e:
         print(f"mcnn-embed: error: {e}", file=sys.stderr)
         sys.exit(2)
-    steps = ", ".join(str(m["step"]) for m in metas)
-    what = "" if len(metas) == 1 else f" of {len(metas)} checkpoints (steps {steps})"
+    steps = ", ".join(map(str, run.steps))
+    what = "" if len(run.steps) == 1 else f" of {len(run.steps)} checkpoints (steps {steps})"
     print(
         f"wrote {res['rows']} rows of {args.layer} features{what} to {res['path']} ({res['images_per_s']:.2f} images/s)"
     )

@@ -14,7 +14,7 @@ from mcnn_jax.evaluation.loco import (
     LocoError,
     fold_compounds,
     fold_dir,
-    format_report,
+    format_loco_report,
     merged_report,
     open_loco_store,
     run_fold,
@@ -86,7 +86,7 @@ def main(argv=None):
                 run_fold(args, overrides, store, compounds, c, log=lambda m: print(f"mcnn-loco: {m}", flush=True))
         if not args.no_report:
             chosen = select(compounds, args.compounds, None, store.path) if args.compounds else None
-            print(format_report(merged_report(args.workdir, store, compounds, opts, chosen)))
+            print(format_loco_report(merged_report(args.workdir, store, compounds, opts, chosen)))
     except (LocoError, P.TableError, FileNotFoundError, StoreError, ValueError) as e:
         print(f"mcnn-loco: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mcnn_jax.evaluation.profile_metrics import add_options, format_report, options_from_args, profile_report, to_json
+from mcnn_jax.evaluation.profile_metrics import (
+    add_options,
+    format_profile_report,
+    options_from_args,
+    profile_report,
+    to_json,
+)
 from mcnn_jax.evaluation.profiles import TableError, read_table, write_json
 
 
@@ -30,7 +36,7 @@ def main(argv=None):
     except (TableError, FileNotFoundError) as e:
         print(f"mcnn-profile-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(format_report(res, matches=not args.quiet))
+    print(format_profile_report(res, matches=not args.quiet))
     if args.json:
         write_json(to_json(res), args.json)
 

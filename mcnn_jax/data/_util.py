@@ -1,4 +1,4 @@
-"""Small helpers shared by the data modules: config lookups, atomic file writes and robust CSV reading."""
+"""Small helpers shared by the data modules: atomic file writes and robust CSV reading."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-
-
-def cfg_get(cfg, key: str, default=None):
-    """``cfg[key]`` of a ConfigDict, a dict, an object with attributes or None (``default`` when absent)."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def fsync_dir(path: Path) -> None:

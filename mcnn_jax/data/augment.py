@@ -2,23 +2,22 @@
 
 No crop and no resampling: horizontal / vertical flips, a 180-degree rotation, a 90-degree rotation (square images
 only) and a small per-channel intensity jitter: a gain 1 + u, u uniform in [-j, j] (j = ``intensity_jitter``),
-so zero stays zero (a change of exposure / staining strength; values may exceed 1 slightly, not clipped). The random
-numbers of an image depend only on (seed, epoch, store index), so a batch is
-the same whatever the number of ranks and a resumed run is bit-identical. The conversion to float32 (stored
+so zero stays zero (a change of exposure / staining strength; values may exceed 1 slightly, not clipped). The
+random numbers of an image depend only on (seed, epoch, store index), so a batch is the same whatever the number
+of ranks and a resumed run is bit-identical. The conversion to float32 (stored
 integer range -> [0, 1]) happens in the same pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 
-from mcnn_jax.data._util import cfg_get as _get
 from mcnn_jax.data.store import float_scale
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Augment:
     """Which augmentations are on; ``from_config`` reads a config's ``data.augment`` (None = all off)."""
 
@@ -29,12 +28,15 @@ class Augment:
 
     @classmethod
     def from_config(cls, cfg) -> "Augment":
-        return cls(
-            bool(_get(cfg, "flips", False)),
-            bool(_get(cfg, "rot180", False)),
-            bool(_get(cfg, "rot90", False)),
-            float(_get(cfg, "intensity_jitter", 0.0) or 0.0),
-        )
+        """From a config's ``data.augment`` section, or a dict naming some of the fields (the rest are off)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {} if cfg is None else dict(cfg)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown augmentation key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}"
+            )
+        return cls(**{k: (float(v) if k == "intensity_jitter" else bool(v)) for k, v in values.items()})
 
     @property
     def active(self) -> bool:

@@ -167,7 +167,9 @@ def read_manifest(
     return [ch for ch, _, _ in cols], fields
 
 
-def load_field(f: Field, channels: Sequence[str], index: Path, planes=None, like=None, crop=None) -> np.ndarray:
+def read_manifest_field(
+    f: Field, channels: Sequence[str], index: Path, planes=None, like=None, crop=None
+) -> np.ndarray:
     """Reads a field's channel files -> [H, W, C]; ``like`` = (shape, dtype, channels per file) of the first;
     ``crop`` = (h, w): the central part only."""
     parts = []
@@ -246,7 +248,7 @@ def import_manifest(
                 raise ImportDataError(f"missing image {p} ({index} row {f.line}, {ch} channel)")
     parts = [read_image(p, planes, f"{p} ({index} row {fields[0].line})") for p in fields[0].files]
     like = (parts[0].shape[:2], parts[0].dtype, [a.shape[2] for a in parts])
-    first = load_field(fields[0], names, index, planes, like, crop)
+    first = read_manifest_field(fields[0], names, index, planes, like, crop)
     channel_names = [n if k == 1 else f"{n}_{j}" for n, k in zip(names, like[2]) for j in range(k)]
     class_names = sorted({f.label for f in fields})
     digest = hashlib.sha256(
@@ -268,7 +270,7 @@ def import_manifest(
     write_images(
         writer,
         [f.plate for f in fields],
-        lambda i: load_field(fields[i], names, index, planes, like, crop),
+        lambda i: read_manifest_field(fields[i], names, index, planes, like, crop),
         scaling=scaling,
         illumination=illumination,
         percentiles=percentiles,

@@ -110,7 +110,7 @@ def _channels(plate: Path, f: FieldImage) -> list[str]:
     return [c.get("label", "") for c in attrs.get("omero", {}).get("channels", [])]
 
 
-def load_field(f: FieldImage, planes=None, like=None, crop=None) -> np.ndarray:
+def read_ome_zarr_field(f: FieldImage, planes=None, like=None, crop=None) -> np.ndarray:
     """Reads a field's array with TensorStore -> [H, W, C] (its central ``crop`` = (h, w) if given); ``like`` =
     (shape, dtype) of the first field."""
     driver = "zarr3" if f.zarr_format == 3 else "zarr"
@@ -178,7 +178,7 @@ def import_ome_zarr(
     fields, classes = _labels(fields, labels, label, drop_unlabelled)
     if not fields:
         raise ImportDataError(f"{plate}: no field has a class in {labels}")
-    first = load_field(fields[0], planes, crop=crop)
+    first = read_ome_zarr_field(fields[0], planes, crop=crop)
     like = (first.shape, first.dtype)
     names = _channels(plate, fields[0])
     if len(names) != first.shape[2] or not all(names):
@@ -203,7 +203,7 @@ def import_ome_zarr(
     write_images(
         writer,
         [plate_name] * len(fields),
-        lambda i: load_field(fields[i], planes, like, crop),
+        lambda i: read_ome_zarr_field(fields[i], planes, like, crop),
         scaling=scaling,
         illumination=illumination,
         percentiles=percentiles,

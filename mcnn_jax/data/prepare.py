@@ -37,7 +37,7 @@ def prepare_store(config, workdir, world):
                 width=syn.width,
                 seed=syn.seed,
                 camera=Camera(syn.background, syn.saturation, syn.bits),
-                difficulty=syn.get("difficulty", 0.0),
+                difficulty=syn.difficulty,
             )
         world.barrier()
     path = store_path(config, workdir)

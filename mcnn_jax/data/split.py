@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from mcnn_jax.data._util import cfg_get as _get
-
 
 def split_indices(store, data_config) -> tuple[np.ndarray, np.ndarray]:
     """Returns (train_indices, val_indices) for ``store`` as chosen by ``data_config`` (see module docstring)."""
-    kind = _get(data_config, "split", "random")
+    kind = data_config.split
     labels = np.asarray(store.labels)
     n = len(labels)
     if kind == "random":
-        frac = float(_get(data_config, "val_fraction", 0.2))
+        frac = float(data_config.val_fraction)
         if not 0.0 < frac < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {frac}")
-        rng = np.random.default_rng([int(_get(data_config, "split_seed", 0)), 104729])
+        rng = np.random.default_rng([int(data_config.split_seed), 104729])
         val = []
         for c in range(int(labels.max()) + 1 if n else 0):
             members = np.flatnonzero(labels == c)
@@ -34,7 +32,7 @@ def split_indices(store, data_config) -> tuple[np.ndarray, np.ndarray]:
             val.append(rng.permutation(members)[:k])
         val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
     elif kind == "compound":
-        name = _get(data_config, "holdout_compound", "")
+        name = data_config.holdout_compound
         compounds = np.asarray(store.metadata.get("compound", [""] * n), dtype=object)
         known = sorted({c for c in compounds if c})
         if not known:

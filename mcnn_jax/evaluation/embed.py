@@ -2,8 +2,8 @@
 
 In a notebook, the features of a batch of images from loaded parameters:
 
-    from mcnn_jax.evaluation.evaluate import load_model
     from mcnn_jax.evaluation.embed import features
+    from mcnn_jax.evaluation.run import load_model
     model, params, meta = load_model("runs/default")
     f = features(model, params, images)                  # [N, head_width]: the hidden layer after its ReLU
     g = features(model, params, images, layer="merge")   # [N, merge_width]
@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -41,7 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mcnn_jax.data import Reader
 from mcnn_jax.evaluation import profiles as P
+from mcnn_jax.evaluation.evaluate import confusion_summary
+from mcnn_jax.evaluation.run import as_members, open_run
 
 LAYERS = ("hidden", "merge")
 # store metadata key -> table column (present only when the store records it)
@@ -87,11 +89,6 @@ def outputs_fn(model, layer: str = "hidden"):
         return mean_log_probs(jnp.stack(logits)), jnp.concatenate(feats, axis=-1)
 
     return jax.jit(fn)
-
-
-def as_members(params) -> list:
-    """A list of parameter trees: ``params`` itself if it is a list or tuple (an ensemble), else ``[params]``."""
-    return list(params) if isinstance(params, (list, tuple)) else [params]
 
 
 def features(model, params, images, layer: str = "hidden") -> np.ndarray:
@@ -154,26 +151,21 @@ class TableWriter:
 
 
 def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hidden"):
-    """Yields (indices, log-probabilities, features) per batch of images (``outputs_fn``; ``params``: one
-    parameter tree or an ensemble's list of them), reading the next batch while the model runs; the last batch
-    is zero-padded to ``batch`` (one compilation) and cut back."""
-    from mcnn_jax.data import to_float
+    """The one forward pass over a store that every table and prediction uses: yields (indices, log-probabilities,
+    features) per batch of images (``outputs_fn``; ``params``: one parameter tree or an ensemble's list of
+    them), read by the evaluation ``Reader`` (the next batches in flight while the model runs; the last batch
+    zero-padded to ``batch``, one compilation, and cut back)."""
+    fn, members, indices = outputs_fn(model, layer), as_members(params), np.asarray(indices, np.int64)
+    with Reader(store, indices, batch, augment=None, train=False) as reader:
+        for step, b in reader.iterate():
+            keep = b["mask"] > 0
+            log_probs, feats = jax.device_get(fn(members, b["image"]))
+            yield indices[reader.batch_positions(step)[keep]], log_probs[keep], feats[keep]
 
-    fn, members = outputs_fn(model, layer), as_members(params)
-    chunks = [np.asarray(indices[i : i + batch]) for i in range(0, len(indices), batch)]
 
-    def load(chunk):
-        x = to_float(store.read(chunk))
-        return np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), x.dtype)]) if len(x) < batch else x
-
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(load, chunks[0]) if chunks else None
-        for k, chunk in enumerate(chunks):
-            images = nxt.result()
-            if k + 1 < len(chunks):
-                nxt = pool.submit(load, chunks[k + 1])
-            log_probs, feats = jax.device_get(fn(members, images))
-            yield chunk, log_probs[: len(chunk)], feats[: len(chunk)]
+def predict_probabilities(model, params, store, indices, batch: int = 8) -> np.ndarray:
+    """Class probabilities [N, classes] of images ``indices`` (an ensemble: the mean of its members')."""
+    return np.concatenate([np.exp(lp) for _, lp, _ in iter_outputs(model, params, store, indices, batch)])
 
 
 def feature_names(layer: str, width: int, members: int = 1) -> list[str]:
@@ -233,40 +225,7 @@ def write_image_table(
     )
 
 
-# --- a run's model and store ---------------------------------------------------------------------------------
-def open_run(workdir, checkpoint="best", store: str = "", split: str = "all"):
-    """(model, members, metas, store, indices) of a work directory's checkpoint(s) (``evaluate.load_ensemble``:
-    ``best``, ``latest``, a step, ``snapshots`` or a comma-separated list; one checkpoint: a one-member list),
-    on its store or ``store``."""
-    import ml_collections
-
-    from mcnn_jax.data import open_store, split_indices
-    from mcnn_jax.evaluation.evaluate import load_ensemble
-
-    model, members, metas = load_ensemble(workdir, checkpoint)
-    meta = metas[-1]
-    config = ml_collections.ConfigDict(meta["config"])
-    path = (
-        Path(store) if store else (Path(config.data.store) if config.data.store else Path(workdir) / "data" / "store")
-    )
-    st = open_store(path)
-    if list(st.class_names) != list(meta["class_names"]):
-        raise ValueError(
-            f"the store {path} has classes {st.class_names}, the model was trained on {meta['class_names']}"
-        )
-    if tuple(st.image_shape) != tuple(config.model.input_shape):
-        raise ValueError(
-            f"the store {path} holds {st.image_shape} images, the model takes {tuple(config.model.input_shape)}"
-        )
-    if split not in ("all", "train", "val"):
-        raise ValueError(f"split must be all, train or val, got {split!r}")
-    if split == "all":
-        idx = np.arange(st.num_images)
-    else:
-        idx = split_indices(st, config.data)[0 if split == "train" else 1]
-    return model, members, metas, st, idx
-
-
+# --- a run's predictions ----------------------------------------------------------------------------------
 def evaluate_to_table(
     workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = 8, out="predictions.csv"
 ) -> dict:
@@ -274,21 +233,17 @@ def evaluate_to_table(
     ``evaluate.evaluate_checkpoint`` returns (loss, accuracy, per-class accuracy, confusion) plus
     ``treatment_summary`` (``profiling.prediction_summary``; None when the store records no compounds) and its
     ``treatment_accuracy`` and number of ``treatments``."""
-    model, members, metas, st, idx = open_run(workdir, checkpoint, store, split)
-    res = write_image_table(model, members, st, idx, out, "predictions", batch=batch)
-    conf = res["confusion"]
+    run = open_run(workdir, checkpoint, store, split)
+    res = write_image_table(run.model, run.members, run.store, run.indices, out, "predictions", batch=batch)
     table = P.read_table(out)
     summary = P.prediction_summary(table, source=str(out)) if P.COMPOUND in table.columns else None
     return dict(
+        confusion_summary(res["confusion"]),
         loss=res["loss"],
-        accuracy=conf.trace() / max(conf.sum(), 1),
-        confusion=conf,
-        per_class_accuracy=conf.diagonal() / np.maximum(conf.sum(1), 1),
-        count=int(conf.sum()),
-        step=metas[-1]["step"],
-        members=[m["step"] for m in metas],
-        store=str(st.path),
-        class_names=list(st.class_names),
+        step=run.steps[-1],
+        members=run.steps,
+        store=str(run.store.path),
+        class_names=list(run.store.class_names),
         treatment_summary=summary,
         predictions=str(out),
         treatment_accuracy=summary and summary["treatment_accuracy"],

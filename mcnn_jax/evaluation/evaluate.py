@@ -1,32 +1,18 @@
-"""Evaluation: the ``Evaluator`` the training loop calls, and ``mcnn-eval``, which evaluates a saved model on a
-store and prints accuracy and the confusion matrix.
-
-    mcnn-eval --workdir runs/default [--checkpoint best|latest|STEP] [--store PATH] [--split val|train|all]
-              [--predictions FILE.csv|FILE.parquet]
-
-    mcnn-eval --workdir runs/default --checkpoint snapshots     # the collapsed ensemble (optim.cycles > 0)
-    mcnn-eval --workdir runs/default --checkpoint 120,160,200   # any ensemble of checkpoints
-
-An ensemble (several checkpoints) predicts with the mean of its members' class probabilities.
-
-In a notebook, ``load_model(workdir)`` gives the model, its parameters and the checkpoint's metadata:
-
-    from mcnn_jax.evaluation.evaluate import load_model
-    model, params, meta = load_model("runs/default", checkpoint="best")
-    logits = model.apply({"params": params}, images)  # images: float32 [N, H, W, C] in [0, 1]
+"""Evaluation: the ``Evaluator`` the training loop calls (and ``mcnn-eval``, ``mcnn_jax.cli.evaluate``, through
+``evaluate_checkpoint``): loss, accuracy, per-class accuracy and the confusion matrix of a model or of an
+ensemble (several checkpoints: the mean of their class probabilities), and treatment-level accuracy where the
+evaluated images hold whole treatments. Opening a trained run: ``mcnn_jax.evaluation.run``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import jax
-import ml_collections
 import numpy as np
 
-from mcnn_jax.checkpoint import Checkpointer
-from mcnn_jax.model.mcnn import from_config, init_params
+from mcnn_jax.data import Reader
+from mcnn_jax.evaluation.profiles import treatment_accuracy
+from mcnn_jax.evaluation.run import as_members, open_run
 from mcnn_jax.parallel.world import World
+from mcnn_jax.step import make_eval_step
 
 
 class Evaluator:
@@ -37,14 +23,12 @@ class Evaluator:
     accuracy: each treatment's mean class probabilities against its class."""
 
     def __init__(self, model, reader, num_classes: int, world: World | None = None):
-        from mcnn_jax.step import make_eval_step
-
         self.reader, self.num_classes, self.world = reader, num_classes, world or World()
         self.eval_step = make_eval_step(model, num_classes)
         self.treatments = whole_treatments(reader.store, reader.indices)
 
     def run(self, params) -> dict:
-        members = list(params) if isinstance(params, (list, tuple)) else [params]
+        members = as_members(params)
         confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
         probs = np.zeros((len(self.reader.indices), self.num_classes), np.float64)
         loss_sum = 0.0
@@ -56,18 +40,8 @@ class Evaluator:
             loss_sum += float(metrics["loss_sum"])
         confusion = self.world.allreduce_host_sum(confusion)
         loss_sum = self.world.allreduce_host_sum(loss_sum)
-        count = confusion.sum()
-        per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-        out = dict(
-            loss=loss_sum / max(count, 1),
-            accuracy=confusion.trace() / max(count, 1),
-            per_class_accuracy=per_class,
-            confusion=confusion,
-            count=int(count),
-        )
+        out = dict(confusion_summary(confusion), loss=loss_sum / max(confusion.sum(), 1))
         if self.treatments is not None:
-            from mcnn_jax.evaluation.profiles import treatment_accuracy
-
             probs = self.world.allreduce_host_sum(probs)  # each image's row is filled on one rank
             labels = np.asarray(self.reader.store.labels)[self.reader.indices]
             out.update(treatment_accuracy(probs, labels, *self.treatments))
@@ -96,52 +70,15 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def predict_probabilities(model, members, reader) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [N, classes], labels [N]) of the images of one pass of an evaluation ``reader``, in its
-    order (padding dropped): the mean of the ``members``' (a list of parameter trees) class probabilities."""
-    from mcnn_jax.step import make_eval_step
-
-    eval_step = make_eval_step(model, len(reader.store.class_names))
-    probs, labels = [], []
-    for _, batch in reader.iterate():
-        keep = batch["mask"] > 0
-        probs.append(np.asarray(eval_step(list(members), batch)[1])[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(probs), np.concatenate(labels)
-
-
-def load_model(workdir, checkpoint: str | int = "best"):
-    """(model, params, meta) of a checkpoint in ``workdir``: ``best``, ``latest`` or a step number."""
-    model, members, metas = load_ensemble(workdir, checkpoint)
-    if len(members) != 1:
-        raise ValueError(f"{checkpoint!r} names {len(members)} checkpoints; load_ensemble loads an ensemble")
-    return model, members[0], metas[0]
-
-
-def load_ensemble(workdir, checkpoints: str | int = "snapshots"):
-    """(model, [params], [meta]) of the checkpoints in ``workdir`` that ``checkpoints`` names: ``snapshots`` (the
-    collapsed ensemble), or a comma-separated list of ``best``, ``latest`` and step numbers."""
-    ckpt = Checkpointer(workdir, write=False)
-    try:
-        if not ckpt.steps():
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-        steps = ckpt.resolve_members(str(checkpoints))
-        config = ml_collections.ConfigDict(ckpt.meta(steps[0])["config"])
-        model = from_config(config.model, num_classes=ckpt.meta(steps[0])["num_classes"])
-        from mcnn_jax.optim import make_optimizer, make_schedule
-        from mcnn_jax.step import create_state
-
-        tx = make_optimizer(config.optim, make_schedule(config.optim, 1, config.train.global_batch))
-        # the state's structure, shapes and dtypes only: nothing is initialised or compiled
-        abstract = jax.eval_shape(
-            lambda: create_state(
-                init_params(model, jax.random.key(0), tuple(config.model.input_shape)), tx, config.seed
-            )
-        )
-        restored = [ckpt.restore(step, abstract) for step in steps]
-    finally:
-        ckpt.close()
-    return model, [state.params for state, _ in restored], [meta for _, meta in restored]
+def confusion_summary(confusion: np.ndarray) -> dict:
+    """Accuracy, per-class accuracy (rows: the true class), the image count and the confusion matrix itself."""
+    count = int(confusion.sum())
+    return dict(
+        accuracy=float(confusion.trace() / max(count, 1)),
+        per_class_accuracy=confusion.diagonal() / np.maximum(confusion.sum(1), 1),
+        count=count,
+        confusion=confusion,
+    )
 
 
 def format_confusion(confusion: np.ndarray, class_names) -> str:
@@ -153,28 +90,14 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
 
 
 def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
-    from mcnn_jax.data import Reader, open_store, split_indices
-    from mcnn_jax.data.prepare import store_path
-
-    model, members, metas = load_ensemble(workdir, checkpoint)
-    meta = metas[-1]
-    config = ml_collections.ConfigDict(meta["config"])
-    path = Path(store) if store else store_path(config, workdir)
-    st = open_store(path)
-    if list(st.class_names) != list(meta["class_names"]):
-        raise ValueError(
-            f"the store {path} has classes {st.class_names}, the model was trained on {meta['class_names']}"
-        )
-    if split == "all":
-        idx = np.arange(st.num_images)
-    else:
-        train_idx, val_idx = split_indices(st, config.data)
-        idx = val_idx if split == "val" else train_idx
-    reader = Reader(st, idx, batch, augment=None, train=False)
+    """Loss, accuracy, per-class accuracy and confusion (``Evaluator``) of a run's checkpoint or ensemble
+    (``run.open_run``) on the images of ``split`` of its store (or ``store``)."""
+    run = open_run(workdir, checkpoint, store, split)
+    reader = Reader(run.store, run.indices, batch, augment=None, train=False)
     try:
-        ev = Evaluator(model, reader, len(st.class_names)).run(members)
+        ev = Evaluator(run.model, reader, len(run.store.class_names)).run(run.members)
     finally:
         reader.close()
     return dict(
-        ev, step=meta["step"], members=[m["step"] for m in metas], store=str(path), class_names=list(st.class_names)
+        ev, step=run.steps[-1], members=run.steps, store=str(run.store.path), class_names=list(run.store.class_names)
     )

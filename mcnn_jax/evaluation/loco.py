@@ -48,15 +48,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mcnn_jax.data.prepare import prepare_store
 from mcnn_jax.evaluation import profiles as P
+from mcnn_jax.evaluation.embed import write_image_table
+from mcnn_jax.evaluation.evaluate import confusion_summary, format_confusion
 from mcnn_jax.evaluation.profile_metrics import (
     MODES,
     ProfileOptions,
+    format_profile_report,
     profile_parts,
     summarize_parts,
     to_json,
 )
-from mcnn_jax.evaluation.profile_metrics import format_report as format_profiles
+from mcnn_jax.evaluation.run import open_run
+from mcnn_jax.parallel.world import World
 
 MARKER = "FOLD_COMPLETE.json"
 
@@ -182,11 +187,9 @@ def earlier_train_wall_s(fold_path: Path) -> tuple[float, int]:
 
 
 def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "latest"):
-    """``embed.open_run`` of the fold's checkpoint(s) on its held-out images; errors name the fold."""
-    from mcnn_jax.evaluation.embed import open_run
-
+    """``run.open_run`` of the fold's checkpoint(s) on its held-out images; errors name the fold."""
     try:
-        model, members, metas, st, val = open_run(fold_path, checkpoint, str(store_path), "val")
+        run = open_run(fold_path, checkpoint, store_path, "val")
     except FileNotFoundError as e:
         hint = (
             " (mcnn-loco: add --config.optim.cycles=N, N > 0, and see optim.cycle_epochs, so that every fold "
@@ -197,10 +200,10 @@ def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "lat
         raise LocoError(
             f"fold {fold_path.name} (held-out compound {compound!r}), --checkpoint {checkpoint}: {e}{hint}"
         ) from None
-    comps = np.asarray(st.metadata["compound"], dtype=object)[val]
+    comps = np.asarray(run.store.metadata["compound"], dtype=object)[run.indices]
     if set(comps) != {compound}:
         raise LocoError(f"fold {fold_path.name}: its validation images are of {sorted(set(comps))}, not {compound!r}")
-    return model, members, metas, st, val
+    return run
 
 
 def evaluate_fold(
@@ -209,26 +212,34 @@ def evaluate_fold(
     """The fold's latest model (or the ensemble ``checkpoint`` names: the mean of its members' probabilities,
     its members' features side by side) on its held-out compound (predictions) and on every image
     (embeddings, from which the report computes NSC / NSCB and mAP)."""
-    from mcnn_jax.evaluation.embed import write_image_table
-
-    model, members, metas, st, val = open_fold(fold_path, store_path, compound, checkpoint)
-    pred = write_image_table(model, members, st, val, fold_path / "predictions.parquet", "predictions", batch=batch)
+    run = open_fold(fold_path, store_path, compound, checkpoint)
+    st = run.store
+    pred = write_image_table(
+        run.model, run.members, st, run.indices, fold_path / "predictions.parquet", "predictions", batch=batch
+    )
     emb = write_image_table(
-        model, members, st, np.arange(st.num_images), fold_path / "embeddings.parquet", "embeddings", layer, batch
+        run.model,
+        run.members,
+        st,
+        np.arange(st.num_images),
+        fold_path / "embeddings.parquet",
+        "embeddings",
+        layer,
+        batch,
     )
     summary = P.prediction_summary(P.read_table(fold_path / "predictions.parquet"), control=control)
-    conf = pred["confusion"]
+    conf = confusion_summary(pred["confusion"])
     return dict(
         compound=compound,
-        step=metas[-1]["step"],
+        step=run.steps[-1],
         checkpoint=checkpoint,
-        members=[m["step"] for m in metas],
-        images=int(conf.sum()),
-        accuracy=float(conf.trace() / max(conf.sum(), 1)),
+        members=run.steps,
+        images=conf["count"],
+        accuracy=conf["accuracy"],
         treatment_accuracy=summary["treatment_accuracy"],
         treatments=summary["treatments"],
         moa=str(summary["per_compound"][P.MOA].iloc[0]),
-        confusion=conf.tolist(),
+        confusion=conf["confusion"].tolist(),
         embed_images_per_s=emb["images_per_s"],
     )
 
@@ -355,9 +366,7 @@ def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptio
     return report
 
 
-def format_report(r: dict) -> str:
-    from mcnn_jax.evaluation.evaluate import format_confusion
-
+def format_loco_report(r: dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{x:.4f}"
 
@@ -377,7 +386,7 @@ def format_report(r: dict) -> str:
         f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
         f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
         f"treatment-level accuracy {pct(r['treatment_accuracy'])} over {r['treatments']} treatments",
-        format_profiles(r, matches=False),
+        format_profile_report(r, matches=False),
         "classes with a single compound (their fold has no other compound of the class to learn from): "
         + (", ".join(f"{k} ({v})" for k, v in r["single_compound_classes"].items()) or "none"),
         f"wall time {r['wall_s']:.1f} s (training + evaluation of the finished folds)",
@@ -393,9 +402,6 @@ def open_loco_store(config, workdir):
     """The config's store, prepared as the trainer prepares it (``data.prepare.prepare_store``: ``data.store``, or
     the config's synthetic screen, camera and difficulty included, generated once into ``WORKDIR/data``), so
     every fold trains on the store that ``mcnn-train`` with the same config would."""
-    from mcnn_jax.data.prepare import prepare_store
-    from mcnn_jax.parallel.world import World
-
     if not config.data.store and not config.data.synthetic.enabled:
         raise LocoError("the config names no store (data.store) and no synthetic screen (data.synthetic.enabled)")
     return prepare_store(config, workdir, World())

@@ -134,7 +134,7 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def format_report(res: dict, matches: bool = True) -> str:
+def format_profile_report(res: dict, matches: bool = True) -> str:
     """The report as text: NSC, NSCB with what it left out, mAP; every match unless ``matches`` is False."""
     o = res["options"]
     lines = [

@@ -7,7 +7,7 @@
 - ``"fast"``: XLA's convolution with the kernel gradient as chunked matmuls (``xla_conv.conv_fast``);
 - ``"xla"``: XLA's convolution and gradients, as ``flax.linen.Conv`` computes them.
 
-Max-pooling is ``pool.max_pool`` for "native" and "fast", XLA's ``reduce_window`` for "xla".
+Max-pooling is ``pool.fast_max_pool`` for "native" and "fast", XLA's ``reduce_window`` for "xla".
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def max_pool(x, f: int, impl: str = "native"):
         return x
     if impl == "xla":
         return nn.max_pool(x, (f, f), strides=(f, f))
-    return pool.max_pool(x, f)
+    return pool.fast_max_pool(x, f)
 
 
 class Conv(nn.Module):

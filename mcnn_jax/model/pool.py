@@ -31,7 +31,7 @@ def _windows(x, f: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_pool(x, f: int):
+def fast_max_pool(x, f: int):
     """Max-pool NHWC by f (kernel = stride = f, no padding; H and W multiples of f). The gradient goes to the
     first maximum (row-major) of each window, whose index the forward pass records (see the module doc); an
     input that is not differentiated (the image) costs one plain max-reduction."""
@@ -59,4 +59,4 @@ def _max_pool_bwd(f, arg, ct):
     return (jnp.where(won, ct[:, :, None, :, None, :], 0).astype(ct.dtype).reshape(n, ho * f, wo * f, c),)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+fast_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

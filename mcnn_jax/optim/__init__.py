@@ -4,7 +4,7 @@ global batch that grows during training (``batch_schedule``) and the gradient no
 The optimizers' and schedules' functions are re-exported here (``from mcnn_jax import optim;
 optim.make_schedule(...)``), as optax does."""
 
-from mcnn_jax.optim.optimizers import NAMES, cross_entropy, decay_mask, make_optimizer, optimizer_name, smoothed_targets
+from mcnn_jax.optim.optimizers import NAMES, decay_mask, make_optimizer, optimizer_name, smoothed_targets
 from mcnn_jax.optim.schedules import (
     SCALINGS,
     cycle_steps,
@@ -20,7 +20,6 @@ from mcnn_jax.optim.schedules import (
 __all__ = [
     "NAMES",
     "SCALINGS",
-    "cross_entropy",
     "cycle_steps",
     "cyclic_schedule",
     "decay_mask",

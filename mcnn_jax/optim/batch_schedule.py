@@ -73,7 +73,8 @@ class BatchSchedule:
     @property
     def shift(self) -> int:
         """Steps of the last phase's step k = steps of a run at its batch throughout, plus ``shift``: the main run
-        ends and the cycles run in the last phase (``from_config`` checks), so its steps are the constant run's."""
+        ends and the cycles run in the last phase (``schedule_from_config`` checks), so its steps are the constant
+        run's."""
         last = self.phases[-1]
         return last.start_step - last.start_epoch * last.steps_per_epoch
 
@@ -105,7 +106,7 @@ class BatchSchedule:
         final = optim.make_schedule(cfg, last.steps_per_epoch, last.global_batch)
         if self.constant:
             return final
-        rule = cfg.get("lr_scaling", "linear")
+        rule = cfg.lr_scaling
         starts = jnp.asarray([p.start_step for p in self.phases[1:]], jnp.int32)
         # step k of phase i is its reader's step k + offset (whole numbers): epoch (k + offset) / spe_i, i.e. the
         # final batch's step (k + offset) x spe_last / spe_i, computed as a quotient and remainder of integers so
@@ -174,11 +175,11 @@ def parse(spec, global_batch: int, main_epochs: float | None = None) -> list[tup
     return pairs
 
 
-def from_config(config, num_train: int) -> BatchSchedule:
+def schedule_from_config(config, num_train: int) -> BatchSchedule:
     """The run's batch schedule: ``config.train.batch_schedule`` (or the constant ``train.global_batch``) over
     ``num_train`` training images. The last phase must start before ``optim.epochs`` (the main run ends, and any
     cycles run, in it); a batch larger than the training set is an error naming the key."""
-    pairs = parse(config.train.get("batch_schedule", ()), config.train.global_batch, config.optim.epochs)
+    pairs = parse(config.train.batch_schedule, config.train.global_batch, config.optim.epochs)
     phases, step = [], 0
     for i, (epoch, batch) in enumerate(pairs):
         try:

@@ -33,7 +33,7 @@ def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformatio
     """The optimizer named by ``cfg.name`` with the learning-rate ``schedule`` (after global-norm clipping to
     ``cfg.grad_clip`` when it is positive)."""
     tx = _base_optimizer(cfg, schedule)
-    if cfg.get("grad_clip", 0.0) > 0:
+    if cfg.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
     return tx
 
@@ -45,10 +45,10 @@ def optimizer_name(cfg) -> str:
     """``cfg.name``, with the old name ``sgd`` read as what it ran: ``nesterov`` or ``momentum``."""
     if cfg.name != "sgd":
         return cfg.name
-    name = "nesterov" if cfg.get("nesterov", True) else "momentum"
+    name = "nesterov" if cfg.nesterov else "momentum"
     logging.warning(
         f"optim.name='sgd' is the old name of the SGD optimizers; it ran (and runs) as "
-        f"optim.name='{name}' (optim.nesterov={bool(cfg.get('nesterov', True))}): use that name"
+        f"optim.name='{name}' (optim.nesterov={bool(cfg.nesterov)}): use that name"
     )
     return name
 
@@ -87,8 +87,3 @@ def smoothed_targets(labels, num_classes: int, label_smoothing: float = 0.0):
     """One-hot targets of integer labels, with label smoothing."""
     onehot = jax.nn.one_hot(labels, num_classes)
     return optax.smooth_labels(onehot, label_smoothing) if label_smoothing else onehot
-
-
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-    """Mean softmax cross-entropy against integer labels, with label smoothing."""
-    return optax.softmax_cross_entropy(logits, smoothed_targets(labels, num_classes, label_smoothing)).mean()

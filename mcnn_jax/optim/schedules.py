@@ -42,7 +42,7 @@ def make_schedule(cfg, steps_per_epoch: int, global_batch: int) -> optax.Schedul
     'polynomial' | 'step' | 'constant'), end_lr, power, step_epochs, step_gamma, the total ``epochs``, and
     cycles, cycle_epochs, cycle_base_lr.
     """
-    peak = scaled_lr(cfg.base_lr, global_batch, cfg.base_batch, cfg.get("lr_scaling", "linear"))
+    peak = scaled_lr(cfg.base_lr, global_batch, cfg.base_batch, cfg.lr_scaling)
     total = main_steps(cfg, steps_per_epoch)
     warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     decay = _decay(cfg, peak, max(1, total - warmup), warmup, steps_per_epoch)
@@ -76,13 +76,13 @@ def main_steps(cfg, steps_per_epoch: int) -> int:
 
 
 def cycle_steps(cfg, steps_per_epoch: int) -> int:
-    return max(1, int(round(cfg.get("cycle_epochs", 0.0) * steps_per_epoch)))
+    return max(1, int(round(cfg.cycle_epochs * steps_per_epoch)))
 
 
 def snapshot_steps(cfg, steps_per_epoch: int) -> list[int]:
     """The steps whose checkpoints are the collapsed ensemble's members (kept whatever ``keep_checkpoints``):
     the end of the main run and the end of each of the ``cycles`` cycles; none without cycles."""
-    cycles = cfg.get("cycles", 0)
+    cycles = cfg.cycles
     if cycles <= 0:
         return []
     main, cycle = main_steps(cfg, steps_per_epoch), cycle_steps(cfg, steps_per_epoch)
@@ -99,10 +99,10 @@ def cyclic_schedule(cfg, main: optax.Schedule, steps_per_epoch: int, global_batc
     """``main`` for the main run, then ``cycles`` cosine-restart cycles of ``cycle_epochs`` each: every cycle
     restarts at ``cycle_base_lr`` (at ``base_batch``, scaled like ``base_lr``) and decays along a cosine
     to ``end_lr``; its last step is a snapshot (``snapshot_steps``). ``main`` alone without cycles."""
-    cycles = cfg.get("cycles", 0)
+    cycles = cfg.cycles
     if cycles <= 0:
         return main
-    peak = scaled_lr(cfg.cycle_base_lr, global_batch, cfg.base_batch, cfg.get("lr_scaling", "linear"))
+    peak = scaled_lr(cfg.cycle_base_lr, global_batch, cfg.base_batch, cfg.lr_scaling)
     if peak <= 0:
         raise ValueError(f"optim.cycle_base_lr must be positive with optim.cycles={cycles}; got {cfg.cycle_base_lr}")
     # a cycle's first step is taken at the restart peak and its last one, which ends at the snapshot, at end_lr

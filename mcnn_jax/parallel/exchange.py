@@ -15,7 +15,7 @@
   last step (its orthonormal basis). At rank min(n_in, n_out) it is the plain sum, up to rounding. Traffic ``r x (n_in
   + n_out)`` per layer, independent of the number of ranks and of the batch.
 
-How the factored layers' local weight gradients are never computed (``local_gradients``): the loss is
+How the factored layers' local weight gradients are never computed (``gradients_and_factors``): the loss is
 differentiated with respect to every parameter EXCEPT the factored layers' kernels, which enter as constants,
 so JAX's autodiff builds no transpose (no ``X^T D`` matmul) for them. A method interceptor
 (``flax.linen.intercept_methods``) wraps those layers' ``__call__``: it records the input X and adds a zero
@@ -155,7 +155,7 @@ def _kernel(layer: Layer) -> tuple:
     return layer.path + ("kernel",)
 
 
-def local_gradients(plan: Plan, loss_fn: Callable, params):
+def gradients_and_factors(plan: Plan, loss_fn: Callable, params):
     """``loss_fn(params) -> (loss, aux)``. Returns ``aux``, the gradients of every parameter except the factored
     kernels (a flat dict keyed by path tuples) and the factors ``{path: (X [b, n_in], D [b, n_out])}``."""
     flat = flatten_dict(params)
@@ -278,7 +278,9 @@ def exchange_powersgd(plan: Plan, grads: dict, sums: dict, state: dict, allreduc
     return out, sums, new_state
 
 
-def exchange(plan: Plan, grads: dict, factors: dict, sums: dict, comm_state: Any, allreduce=None, allgather=None):
+def exchange_gradients(
+    plan: Plan, grads: dict, factors: dict, sums: dict, comm_state: Any, allreduce=None, allgather=None
+):
     """Dispatches to the plan's exchange; returns (mean gradients as a flat dict, summed sums, comm state)."""
     if plan.compressed:
         return exchange_powersgd(plan, grads, sums, comm_state, allreduce)

@@ -7,7 +7,7 @@ does not need its sum. So the local gradients of the last (or only) micro-batch 
 1. ``stage_one``: the body (every layer before the first dense layer, the "cut") forward under ``jax.vjp``,
    giving the features at the cut; then the head (the dense layers) as a function of its parameters and those
    features: the head's gradients (or, for the dense layers the plan factors, their X and D, as
-   ``comm.local_gradients`` gives them), the metric sums and ``d_features``;
+   ``comm.gradients_and_factors`` gives them), the metric sums and ``d_features``;
 2. ``exchange``: ``Exchanger.start`` of the head's summed dense gradients (packed into one buffer on the host), which
    passes ``d_features`` through, so that the branches' backward (the body's vjp on ``d_features``) runs after
    the start; ``Exchanger.finish`` takes the branches' gradients as an operand, so that it waits only after
@@ -87,7 +87,7 @@ def _features(model, params, images, cut):
 
 def _head_loss(loss_fn, body: dict, cut, batch):
     """``(head params + FEATURES as a tree) -> (loss, metrics)``, and the interceptor that feeds the features to
-    the cut layer (installed outside ``comm.local_gradients``, so that a factored cut layer records them as X).
+    the cut layer (installed outside ``comm.gradients_and_factors``, so that a factored cut layer records them as X).
     The body's forward pass is traced too but nothing uses it: XLA drops it."""
     holder = {}
 
@@ -121,7 +121,7 @@ def stage_one(model, loss_fn, plan: comm.Plan, params, batch):
     _check_tail(make, body, head_tree)
     head_loss, feed = make(body)
     with nn.intercept_methods(feed):
-        metrics, grads, factors = comm.local_gradients(plan, head_loss, head_tree)
+        metrics, grads, factors = comm.gradients_and_factors(plan, head_loss, head_tree)
     d_feats = grads.pop(FEATURES)
     return metrics, grads, factors, d_feats, body_vjp
 
@@ -145,7 +145,7 @@ def _check_tail(make, body, head_tree):
         )
 
 
-def exchange(
+def exchange_overlapped(
     plan: comm.Plan,
     exchanger,
     head: dict,

@@ -43,13 +43,6 @@ class World:
     def bcast_object(self, obj):
         return self.comm.bcast(obj, root=0) if self.size > 1 else obj
 
-    def allreduce_max(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        from mpi4py import MPI
-
-        return self.comm.allreduce(value, op=MPI.MAX)
-
     def allreduce_host_sum(self, value):
         """The sum over ranks of a number or a NumPy array (arrays are summed in place and returned)."""
         if self.size == 1:

@@ -9,14 +9,22 @@ built (no C++ compiler, no OpenMP) :func:`status` says why, and the model falls 
 - ``ops``: the FFI calls (``conv_fwd``, ``conv_dk``) and the differentiable ops ``conv`` and ``conv_bias_relu``.
 """
 
-from mcnn_jax.model.native.library import Support, available, build, cache_dir, status, supports, warn_unavailable
+from mcnn_jax.model.native.library import (
+    Support,
+    available,
+    build,
+    native_cache_dir,
+    status,
+    supports,
+    warn_unavailable,
+)
 from mcnn_jax.model.native.ops import conv, conv_bias_relu, conv_dk, conv_fwd
 
 __all__ = [
     "Support",
     "available",
     "build",
-    "cache_dir",
+    "native_cache_dir",
     "conv",
     "conv_bias_relu",
     "conv_dk",

@@ -32,7 +32,7 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def cache_dir() -> Path:
+def native_cache_dir() -> Path:
     return runtime.cache_dir("native", env="MCNN_NATIVE_CACHE")
 
 
@@ -72,7 +72,7 @@ def build() -> Path:
             [source, version.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode(), jax.__version__.encode()]
         )
     ).hexdigest()[:16]
-    out = cache_dir() / f"libmcnn_conv-{key}.so"
+    out = native_cache_dir() / f"libmcnn_conv-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

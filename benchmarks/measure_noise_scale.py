@@ -2,8 +2,8 @@
 which
 a larger batch stops keeping its accuracy at the same number of epochs (McCandlish et al. 2018).
 
-    python benchmarks/noise_scale.py --run study/runs/adamw_b16    # at initialisation and every kept checkpoint
-    python benchmarks/noise_scale.py --run A --run B --checkpoints latest --chunk 8 --out ns.json
+    python benchmarks/measure_noise_scale.py --run study/runs/adamw_b16    # at initialisation and every kept checkpoint
+    python benchmarks/measure_noise_scale.py --run A --run B --checkpoints latest --chunk 8 --out ns.json
 
 For each run (a training workdir) and each of ``--checkpoints`` (``init``: the run's initial parameters, from its
 config's seed; ``all``: every checkpoint kept; or ``latest``, ``best`` and step numbers, comma-separated), the
@@ -60,14 +60,14 @@ def checkpoint_steps(ckpt, which: str) -> list:
 
 def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: int) -> list[dict]:
     import jax
-    import ml_collections
     import numpy as np
 
     from mcnn_jax.checkpoint import Checkpointer
+    from mcnn_jax.config import restore_config
     from mcnn_jax.data import Reader, open_store, split_indices
-    from mcnn_jax.evaluation.evaluate import load_ensemble
+    from mcnn_jax.evaluation.run import load_ensemble
     from mcnn_jax.model.mcnn import from_config, init_params
-    from mcnn_jax.optim.batch_schedule import from_config as batch_schedule
+    from mcnn_jax.optim.batch_schedule import schedule_from_config as batch_schedule
     from mcnn_jax.optim.noise_scale import gradient_noise_scale
 
     ckpt = Checkpointer(workdir, write=False)
@@ -78,7 +78,7 @@ def measure_run(workdir: Path, which: str, chunk: int, split: str, max_images: i
         meta = ckpt.meta(ckpt.steps()[-1])
     finally:
         ckpt.close()
-    config = ml_collections.ConfigDict(meta["config"])
+    config = restore_config(meta["config"])
     store = open_store(meta["store"])
     train_idx, val_idx = split_indices(store, config.data)
     idx = train_idx if split == "train" else val_idx
