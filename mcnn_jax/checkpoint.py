@@ -22,12 +22,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from mcnn_jax.step import CHECKPOINTED
+
 
 def _checkpointed(state) -> dict:
     """The fields of a ``TrainState`` a checkpoint holds (``step.CHECKPOINTED``): not the exchange's per-rank
     state (PowerSGD's error feedback differs between ranks; a resume starts it afresh)."""
-    from mcnn_jax.step import CHECKPOINTED
-
     return {k: getattr(state, k) for k in CHECKPOINTED}
 
 

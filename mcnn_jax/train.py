@@ -25,6 +25,8 @@ from absl import logging
 
 from mcnn_jax import optim
 from mcnn_jax.checkpoint import config_to_json, host_tree, rank_checkpointer
+from mcnn_jax.data import Reader, split_indices
+from mcnn_jax.data.prepare import prepare_store
 from mcnn_jax.evaluation.evaluate import Evaluator
 from mcnn_jax.metrics_log import MetricsLog, Progress
 from mcnn_jax.model.flops import mcnn_flops
@@ -188,8 +190,6 @@ class Run:
 
 # --- set-up ----------------------------------------------------------------------------------------------------
 def _open_data(config, workdir, world):
-    from mcnn_jax.data import split_indices
-    from mcnn_jax.data.prepare import prepare_store
 
     pairs = batch_schedule.parse(config.train.batch_schedule, config.train.global_batch, config.optim.epochs)
     for _, gb in pairs:
@@ -233,7 +233,6 @@ def _initial_state(config, model, tx, image_shape, ckpt, world, sched: BatchSche
 def _train_batches(config, store, train_idx, world, sched: BatchSchedule, start_step: int):
     """``(step, batch)`` from ``start_step`` on, endless: each phase of the batch schedule from its own training
     Reader at the phase's batch (opened when the phase starts, closed when it ends or this generator is closed)."""
-    from mcnn_jax.data import Reader
 
     for i, p in enumerate(sched.phases):
         end = sched.phases[i + 1].start_step if i + 1 < len(sched.phases) else None
@@ -261,7 +260,6 @@ def _train_batches(config, store, train_idx, world, sched: BatchSchedule, start_
 
 
 def _eval_reader(config, store, val_idx, world, stack):
-    from mcnn_jax.data import Reader
 
     eval_batch = config.train.eval_batch or config.train.microbatch or config.train.global_batch // world.size
     return stack.enter_context(

@@ -10,6 +10,9 @@ mcnn-data synthetic --out DIR [--channels 3|5] [--images N] [--classes K] [--hei
 mcnn-data info      STORE
 """
 
+# Each subcommand imports its importer inside its function: `mcnn-data X --help` and the other importers' heavy
+# dependencies (TensorStore's zarr drivers, pandas) are not loaded for a command that does not use them.
+
 from __future__ import annotations
 
 import argparse

@@ -8,7 +8,7 @@ import sys
 from mcnn_jax.data import StoreError
 from mcnn_jax.evaluation import embed
 from mcnn_jax.evaluation.embed import LAYERS, write_image_table
-from mcnn_jax.evaluation.run import open_run
+from mcnn_jax.evaluation.run import EVAL_BATCH, open_run
 from mcnn_jax.runtime import enable_compilation_cache
 
 
@@ -28,7 +28,7 @@ def main(argv=None):
     )
     p.add_argument("--store", default="", help="another store (default: the run's)")
     p.add_argument("--split", default="all", choices=("all", "val", "train"))
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=EVAL_BATCH, help=f"images per forward pass (default {EVAL_BATCH})")
     args = p.parse_args(argv)
     enable_compilation_cache()
     try:

@@ -13,6 +13,7 @@ from mcnn_jax.data.store import StoreError
 from mcnn_jax.evaluation import evaluate
 from mcnn_jax.evaluation.embed import evaluate_to_table, format_treatment_summary
 from mcnn_jax.evaluation.evaluate import evaluate_checkpoint, format_confusion
+from mcnn_jax.evaluation.run import EVAL_BATCH
 from mcnn_jax.runtime import enable_compilation_cache
 
 
@@ -29,7 +30,7 @@ def main(argv=None):
     )
     parser.add_argument("--store", default="", help="another store to evaluate on (default: the run's)")
     parser.add_argument("--split", default="val", choices=("val", "train", "all"))
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=EVAL_BATCH, help=f"images per forward pass (default {EVAL_BATCH})")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
         "--predictions",

@@ -22,6 +22,7 @@ from mcnn_jax.evaluation.loco import (
 )
 from mcnn_jax.evaluation.profile_metrics import add_options as add_profile_options
 from mcnn_jax.evaluation.profile_metrics import options_from_args
+from mcnn_jax.evaluation.run import EVAL_BATCH
 from mcnn_jax.runtime import enable_compilation_cache
 
 
@@ -47,7 +48,7 @@ def parse_args(argv):
         "ensemble predicts with the mean of its members' probabilities and embeds with their features "
         "side by side. Not best: it is picked by accuracy on the held-out compound, the test set",
     )
-    p.add_argument("--batch", type=int, default=8, help="evaluation batch")
+    p.add_argument("--batch", type=int, default=EVAL_BATCH, help=f"images per forward pass (default {EVAL_BATCH})")
     add_profile_options(p)  # --normalize, --level, --nscb-rule, --control (also not a fold), mAP options
     args, rest = p.parse_known_args(argv)
     if "best" in [w.strip() for w in args.checkpoint.split(",")]:

@@ -14,6 +14,9 @@ import traceback
 
 from absl import flags, logging
 
+# The package's modules are imported inside the functions below: `mcnn-train --help` and a config error answer
+# before JAX and the trainer load (seconds on a cold start).
+
 
 def _user_errors():
     """Errors that are the input's fault: printed as one line, without a traceback."""

@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mcnn_jax.metrics_log import Progress, track
+from mcnn_jax.runtime import ensure_terminal_logging
+
 
 def fsync_dir(path: Path) -> None:
     """Flushes a directory entry (so a rename inside it survives a crash); a no-op where unsupported."""
@@ -84,18 +87,12 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
 
 def progress_counter(total: int, desc: str):
     """A ``metrics_log.Progress`` over ``total`` images: call ``update(n)`` and ``close()``."""
-    from mcnn_jax.metrics_log import Progress
-    from mcnn_jax.runtime import ensure_terminal_logging
-
     ensure_terminal_logging()
     return Progress(total, desc=desc, unit="image")
 
 
 def progress(it, total: int, desc: str, enabled: bool = True):
     """Iterates ``it`` with progress shown as ``progress_counter`` does (nothing when not ``enabled``)."""
-    from mcnn_jax.metrics_log import track
-    from mcnn_jax.runtime import ensure_terminal_logging
-
     if enabled:
         ensure_terminal_logging()
     yield from track(it, total, desc, enabled)

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from absl import logging
 
+from mcnn_jax.data.store import open_store
+from mcnn_jax.data.synthetic import Camera, prepare_synthetic_store
+
 
 def store_path(config, workdir) -> Path:
     """``data.store``, or ``<workdir>/data/store`` when it is empty."""
@@ -19,9 +22,6 @@ def store_path(config, workdir) -> Path:
 def prepare_store(config, workdir, world):
     """Opens the config's store; with ``data.synthetic.enabled`` and no ``data.store``, rank 0 first generates
     the synthetic screen into ``<workdir>/data`` (once: a complete store is reused) while the others wait."""
-    from mcnn_jax.data import open_store, prepare_synthetic_store
-    from mcnn_jax.data.synthetic import Camera
-
     syn = config.data.synthetic
     if syn.enabled and not config.data.store:
         if world.is_primary:

@@ -42,7 +42,8 @@ import tifffile
 
 from mcnn_jax.data._util import atomic_write_json, write_csv
 from mcnn_jax.data._util import progress as progress_bar
-from mcnn_jax.data.bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV
+from mcnn_jax.data.bbbc021 import IMAGE_COLUMNS, IMAGE_CSV, MOA_COLUMNS, MOA_CSV, import_bbbc021
+from mcnn_jax.data.store import StoreError, is_complete, open_store
 
 MARKER = ".synthetic_complete.json"
 SITES_PER_WELL = 4
@@ -564,9 +565,6 @@ def prepare_synthetic_store(
     illumination correction, uint16; with a realistic ``camera``, no illumination correction (it would undo
     the flat background: the store keeps flat regions, saturated objects and the camera's quantisation).
     """
-    from mcnn_jax.data.bbbc021 import import_bbbc021
-    from mcnn_jax.data.store import StoreError, is_complete, open_store
-
     root = Path(root)
     store_path = root / "store"
     params = dict(

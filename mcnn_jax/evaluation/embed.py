@@ -43,7 +43,8 @@ import pandas as pd
 from mcnn_jax.data import Reader
 from mcnn_jax.evaluation import profiles as P
 from mcnn_jax.evaluation.evaluate import confusion_summary
-from mcnn_jax.evaluation.run import as_members, open_run
+from mcnn_jax.evaluation.run import EVAL_BATCH, as_members, open_run
+from mcnn_jax.step import mean_log_probs
 
 LAYERS = ("hidden", "merge")
 # store metadata key -> table column (present only when the store records it)
@@ -69,8 +70,6 @@ def outputs_fn(model, layer: str = "hidden"):
     """A jitted ``(members, images) -> (log-probabilities, features)`` for ``layer``, one forward pass of each
     member (``members``: a list of parameter trees): the log of the mean of the members' class probabilities
     (``step.mean_log_probs``) and the members' features side by side, [N, members x width]."""
-    from mcnn_jax.step import mean_log_probs
-
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
 
@@ -150,7 +149,7 @@ class TableWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hidden"):
+def iter_outputs(model, params, store, indices, batch: int = EVAL_BATCH, layer: str = "hidden"):
     """The one forward pass over a store that every table and prediction uses: yields (indices, log-probabilities,
     features) per batch of images (``outputs_fn``; ``params``: one parameter tree or an ensemble's list of
     them), read by the evaluation ``Reader`` (the next batches in flight while the model runs; the last batch
@@ -163,7 +162,7 @@ def iter_outputs(model, params, store, indices, batch: int = 8, layer: str = "hi
             yield indices[reader.batch_positions(step)[keep]], log_probs[keep], feats[keep]
 
 
-def predict_probabilities(model, params, store, indices, batch: int = 8) -> np.ndarray:
+def predict_probabilities(model, params, store, indices, batch: int = EVAL_BATCH) -> np.ndarray:
     """Class probabilities [N, classes] of images ``indices`` (an ensemble: the mean of its members')."""
     return np.concatenate([np.exp(lp) for _, lp, _ in iter_outputs(model, params, store, indices, batch)])
 
@@ -190,7 +189,15 @@ def _rows(store, chunk, log_probs, feats, kind: str, layer: str, members: int = 
 
 
 def write_image_table(
-    model, params, store, indices, out, kind: str = "embeddings", layer: str = "hidden", batch: int = 8, log=None
+    model,
+    params,
+    store,
+    indices,
+    out,
+    kind: str = "embeddings",
+    layer: str = "hidden",
+    batch: int = EVAL_BATCH,
+    log=None,
 ) -> dict:
     """Writes one row per image of ``indices``: features (``kind="embeddings"``) or the predicted class and
     class probabilities (``kind="predictions"``), streaming batch by batch; returns rows, seconds, images/s.
@@ -227,7 +234,7 @@ def write_image_table(
 
 # --- a run's predictions ----------------------------------------------------------------------------------
 def evaluate_to_table(
-    workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = 8, out="predictions.csv"
+    workdir, checkpoint="best", store: str = "", split: str = "val", batch: int = EVAL_BATCH, out="predictions.csv"
 ) -> dict:
     """``mcnn-eval --predictions``: writes the predictions table of a checkpoint and returns what
     ``evaluate.evaluate_checkpoint`` returns (loss, accuracy, per-class accuracy, confusion) plus

@@ -10,7 +10,7 @@ import numpy as np
 
 from mcnn_jax.data import Reader
 from mcnn_jax.evaluation.profiles import treatment_accuracy
-from mcnn_jax.evaluation.run import as_members, open_run
+from mcnn_jax.evaluation.run import EVAL_BATCH, as_members, open_run
 from mcnn_jax.parallel.world import World
 from mcnn_jax.step import make_eval_step
 
@@ -89,7 +89,7 @@ def format_confusion(confusion: np.ndarray, class_names) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=8) -> dict:
+def evaluate_checkpoint(workdir, checkpoint="best", store="", split="val", batch=EVAL_BATCH) -> dict:
     """Loss, accuracy, per-class accuracy and confusion (``Evaluator``) of a run's checkpoint or ensemble
     (``run.open_run``) on the images of ``split`` of its store (or ``store``)."""
     run = open_run(workdir, checkpoint, store, split)

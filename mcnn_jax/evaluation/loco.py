@@ -60,7 +60,7 @@ from mcnn_jax.evaluation.profile_metrics import (
     summarize_parts,
     to_json,
 )
-from mcnn_jax.evaluation.run import open_run
+from mcnn_jax.evaluation.run import EVAL_BATCH, open_run
 from mcnn_jax.parallel.world import World
 
 MARKER = "FOLD_COMPLETE.json"
@@ -207,7 +207,13 @@ def open_fold(fold_path: Path, store_path, compound: str, checkpoint: str = "lat
 
 
 def evaluate_fold(
-    fold_path: Path, store_path, compound: str, layer="hidden", batch=8, control=P.CONTROL, checkpoint: str = "latest"
+    fold_path: Path,
+    store_path,
+    compound: str,
+    layer="hidden",
+    batch=EVAL_BATCH,
+    control=P.CONTROL,
+    checkpoint: str = "latest",
 ) -> dict:
     """The fold's latest model (or the ensemble ``checkpoint`` names: the mean of its members' probabilities,
     its members' features side by side) on its held-out compound (predictions) and on every image

@@ -31,6 +31,7 @@ from mcnn_jax.optim import make_optimizer, make_schedule
 from mcnn_jax.step import create_state
 
 SPLITS = ("all", "train", "val")
+EVAL_BATCH = 8  # images per forward pass when evaluating or embedding a run (every command's --batch default)
 
 
 @dataclasses.dataclass
