@@ -253,7 +253,12 @@ def _explain(argv: list[str], error: Exception) -> Exception:
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     if not overrides or not paths:
         return ValueError(str(error))
-    config = parse_config_flags(["mcnn", f"--config={paths[-1]}"]).config
+    return _explain_overrides(parse_config_flags(["mcnn", f"--config={paths[-1]}"]).config, argv, error)
+
+
+def _explain_overrides(config, argv: list[str], error: Exception) -> Exception:
+    """Why the ``--config.KEY=VALUE`` overrides in ``argv`` failed on ``config``."""
+    overrides = [a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")]
     for key in overrides:
         if (problem := _key_error(config, key)) is not None:
             return problem
@@ -296,30 +301,20 @@ def all_keys(config, prefix: str = "") -> list[str]:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Sets ``KEY=VALUE`` overrides (e.g. ``optim.b2=0.984``) on ``config`` in place, as ``--config.KEY=VALUE``
-    would: VALUE is read as a Python literal (a number, a tuple; ``true``/``false`` as the flags read them) or
-    else taken as a string, and must suit the key's current type. An unknown key or a section is a ValueError
-    naming the key (with close matches)."""
-    import ast
+    """``config`` with ``KEY=VALUE`` overrides (e.g. ``optim.b2=0.984``), parsed by the same
+    ``ml_collections.config_flags`` parser as ``--config.KEY=VALUE`` on the command line (so values read as
+    they do there), with the same errors (an unknown key with close matches, a section, a wrong type)."""
+    from absl import flags
+    from ml_collections import config_flags
 
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
+        if "=" not in item:
             raise ValueError(f"config override {item!r} must be KEY=VALUE")
-        if (problem := _key_error(config, key)) is not None:
-            raise problem
-        *parents, last = key.split(".")
-        node = functools.reduce(lambda n, part: n[part], parents, config)
-        word = text.strip().lower()
-        if word in ("true", "false"):
-            value = word == "true"
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
-        try:
-            node[last] = value
-        except TypeError as e:
-            raise _type_error(key, node[last], text, e) from None
-    return config
+    argv = ["mcnn", *[f"--config.{o}" for o in overrides]]
+    fv = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise _explain_overrides(config, argv, e) from None
+    return fv.config
