@@ -276,3 +276,23 @@ def test_bad_options_are_named(bbbc021, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         profile_eval_cli([str(path), "--normalize", "whiten"])
     assert e.value.code == 2 and "unknown normalisation step(s) 'whiten'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("copy_on_write", [False, True])
+def test_normalisations_under_pandas_copy_on_write(copy_on_write):
+    """pycytominer switches pandas' copy-on-write on when imported (then ``to_numpy`` gives read-only views):
+    every normalisation must work, and give the same result, either way."""
+    df = pd.DataFrame(
+        dict(
+            Metadata_Plate=["W1_1"] * 3 + ["W2_1"] * 3,
+            Metadata_Compound=["DMSO", "DMSO", "X"] * 2,
+            a=[1.0, 3.0, 4.0, 10.0, 30.0, 40.0],
+            b=[0.0, 1.0, 5.0, 2.0, 0.0, 1.0],
+        )
+    )
+    with pd.option_context("mode.copy_on_write", copy_on_write):
+        out = N.normalize(df, ["a", "b"], "plate,tvn,coral")
+    with pd.option_context("mode.copy_on_write", False):
+        ref = N.normalize(df, ["a", "b"], "plate,tvn,coral")
+    np.testing.assert_allclose(out[["a", "b"]].to_numpy(), ref[["a", "b"]].to_numpy())
+    assert df.a.tolist() == [1.0, 3.0, 4.0, 10.0, 30.0, 40.0]  # the input table is left as it was

@@ -63,7 +63,7 @@ def standardize_per_plate(df: pd.DataFrame, features, control: str = CONTROL, so
     """Standardises every feature per plate against the plate's control rows: (x - mean) / std."""
     require_columns(df, [PLATE, COMPOUND], "per-plate normalisation", source)
     out = df.copy()
-    x = df[features].to_numpy(np.float64)
+    x = df[features].to_numpy(np.float64, copy=True)  # written in place below (read-only under copy-on-write)
     is_ctrl = (df[COMPOUND] == control).to_numpy()
     for plate, rows in df.groupby(PLATE).indices.items():
         ctrl = rows[is_ctrl[rows]]
