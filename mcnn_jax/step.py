@@ -2,22 +2,20 @@
 
 A step has three parts, in this order:
 
-1. ``rank_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in
-   micro-batches of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so
-   that peak memory follows the micro-batch, not the local batch. The dense layers that the exchange plan
+1. ``rank_gradients``: the gradient of this rank's mean loss and the metric sums over its local batch, in micro-batches
+   of ``microbatch`` images (``train.microbatch``) accumulated by a ``lax.scan`` inside the step, so that peak memory
+   follows the micro-batch, not the local batch. The dense layers that the exchange plan
    (``mcnn_jax.parallel.exchange.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of
-   a
-   weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
+   a weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
 2. ``comm.exchange_gradients``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
-   buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's
-   fused "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``),
-   whatever the number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed
-   per step: ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught).
-   With ``train.overlap`` (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.parallel.overlap``) the last
-   micro-batch's
-   backward pass runs in two stages and the dense layers' summed gradients leave that allreduce: they are summed
-   by ONE background allreduce (``nonblocking.Exchanger``) started after the head's backward pass and waited
-   for after the branches' (one background allreduce + one packed mpi4jax allreduce + at most one allgather);
+   buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's fused
+   "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``), whatever the
+   number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed per step:
+   ``metrics["stop"]`` is the sum over ranks of the ``stop`` argument (the signal a rank caught). With ``train.overlap``
+   (``exchanger``; ``overlapped_gradients``, ``mcnn_jax.parallel.overlap``) the last micro-batch's backward pass runs in
+   two stages and the dense layers' summed gradients leave that allreduce: they are summed by ONE background allreduce
+   (``nonblocking.Exchanger``) started after the head's backward pass and waited for after the branches' (one background
+   allreduce + one packed mpi4jax allreduce + at most one allgather);
 3. ONE optimizer update.
 
 Why not ``optax.MultiSteps``: it accumulates over successive calls of the train step, one micro-batch per call,

@@ -85,8 +85,7 @@ class MCNN(nn.Module):
     """The M-CNN. ``MCNN(num_classes=13)`` at 1024x1280x3 has 42,577,261 parameters.
 
     Input: NHWC float (any float dtype; it is cast to ``dtype``). Output: float32 logits [N, num_classes] (float64 if
-    ``dtype`` is float64,
-    as the finite-difference tests use).
+    ``dtype`` is float64, as the finite-difference tests use).
     """
 
     num_classes: int = 13

@@ -25,11 +25,10 @@ as usual and summed. With micro-batches, the factors of all micro-batches are co
 axis before the one allgather (``concat_factors``).
 
 Collectives per step: one packed allreduce (the summed gradients, the metric sums and the stop signal) plus, for
-"factored"/"auto", at most one packed allgather (all factored layers' X and D); "powersgd" makes two packed
-allreduces (the P's, then the Q's with everything else) and no allgather. With one rank, nothing is sent and the
-same arithmetic runs. ``train.overlap`` (``mcnn_jax.parallel.overlap``) moves the summed dense layers' gradients out of
-the
-packed allreduce into a background allreduce that runs during the branches' backward pass.
+"factored"/"auto", at most one packed allgather (all factored layers' X and D); "powersgd" makes two packed allreduces
+(the P's, then the Q's with everything else) and no allgather. With one rank, nothing is sent and the same arithmetic
+runs. ``train.overlap`` (``mcnn_jax.parallel.overlap``) moves the summed dense layers' gradients out of the packed
+allreduce into a background allreduce that runs during the branches' backward pass.
 """
 
 from __future__ import annotations

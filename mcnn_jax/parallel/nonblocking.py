@@ -4,11 +4,10 @@ XLA's CPU runtime runs a collective (mpi4jax's, or any host callback) on its own
 compute that does not depend on it is not run meanwhile (``benchmarks/bench_overlap.py``). ``Exchanger`` splits
 the sum into two host callbacks:
 
-- ``start(arrays) -> ticket``: copies ``arrays`` into one host buffer (the callback's inputs belong to XLA and
-  are not ours after the callback returns; the buffer is reused from step to step), hands the copy to a background
-  thread that sums it over the ranks with a blocking MPI
-  Allreduce (``reduce``: ``World.background_sum``, on its own clone of the communicator; mpi4py releases the GIL
-  inside MPI calls), and returns at once a ticket (an int32 scalar);
+- ``start(arrays) -> ticket``: copies ``arrays`` into one host buffer (the callback's inputs belong to XLA and are not
+  ours after the callback returns; the buffer is reused from step to step), hands the copy to a background thread that
+  sums it over the ranks with a blocking MPI Allreduce (``reduce``: ``World.background_sum``, on its own clone of the
+  communicator; mpi4py releases the GIL inside MPI calls), and returns at once a ticket (an int32 scalar);
 - ``finish(ticket) -> sums``: waits for that thread and returns the sums, as arrays of the started shapes.
 
 Between the two the step runs whatever the data flow puts there: ``start`` passes an array through (``then``:

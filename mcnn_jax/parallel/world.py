@@ -1,11 +1,10 @@
 """MPI data parallelism: who am I, the fused gradient allreduce, broadcasts, and failing the whole job fast.
 
-Under ``mpiexec -n N`` every rank runs the same program on its share of each global batch. Gradients (and
-the step's metric sums) are packed into one flat float32 buffer and summed with ONE mpi4jax allreduce inside
-the jitted train step (GradientFlow's fused "lazy" allreduce; see ``mcnn_jax.step``). Run without ``mpiexec``, the
-world is one rank
-and nothing touches MPI beyond initialising it. Host-side collectives (broadcasts, sums of evaluation counts,
-barriers) are methods of ``World`` too: no other module calls mpi4py.
+Under ``mpiexec -n N`` every rank runs the same program on its share of each global batch. Gradients (and the step's
+metric sums) are packed into one flat float32 buffer and summed with ONE mpi4jax allreduce inside the jitted train step
+(GradientFlow's fused "lazy" allreduce; see ``mcnn_jax.step``). Run without ``mpiexec``, the world is one rank and
+nothing touches MPI beyond initialising it. Host-side collectives (broadcasts, sums of evaluation counts, barriers) are
+methods of ``World`` too: no other module calls mpi4py.
 """
 
 from __future__ import annotations
