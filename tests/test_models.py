@@ -7,13 +7,18 @@ from mcnn_jax import MCNN, count_params, from_config, init_params, mcnn_flops
 from mcnn_jax.config import base_config
 
 
-def test_published_parameter_count():
-    params = init_params(MCNN(num_classes=13), jax.random.key(0), (1024, 1280, 3))
-    assert count_params(params) == 42_577_261
+@pytest.fixture(scope="module")
+def published():
+    """The published model's parameters at 1024x1280x3, initialised once for the tests that read them."""
+    return init_params(MCNN(num_classes=13), jax.random.key(0), (1024, 1280, 3))
 
 
-def test_published_layer_shapes():
-    params = init_params(MCNN(num_classes=13), jax.random.key(0), (1024, 1280, 3))
+def test_published_parameter_count(published):
+    assert count_params(published) == 42_577_261
+
+
+def test_published_layer_shapes(published):
+    params = published
     assert params["branch0"]["conv0"]["kernel"].shape == (5, 5, 3, 16)
     assert params["branch6"]["conv2"]["kernel"].shape == (5, 5, 64, 64)
     assert params["merge"]["kernel"].shape == (1, 1, 208, 1024)
