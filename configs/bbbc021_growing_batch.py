@@ -6,7 +6,7 @@ a tenth of the peak, cosine decay to a hundredth of it over 40 epochs), each pha
 In the large-batch study (benchmarks/study_large_batch.py, the run ``adamw_b256_ramp``; README: "Large global
 batches") this schedule kept the base batch's accuracy where a constant batch of 256 did not: 70.4% best
 validation accuracy over five seeds, against 69.3% at a constant 16 and 66.3% at a constant 256, in 2,800 updates
-(8,200 at 16). The batch grows where the measured gradient noise scale does (benchmarks/noise_scale.py).
+(8,200 at 16). The batch grows where the measured gradient noise scale does (benchmarks/measure_noise_scale.py).
 
 Each rank takes its whole local batch in one micro-batch (train.microbatch=0: 1, 4 then 16 images, about 9 GB at
 16 images of 1024x1280x3; a micro-batch must divide every phase's local batch). The learning rates are the study's

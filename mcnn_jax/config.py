@@ -122,7 +122,8 @@ def train_defaults() -> ml_collections.ConfigDict:
 def restore_config(stored: dict) -> ml_collections.ConfigDict:
     """A stored run's config (``config.json``, a checkpoint's metadata) merged onto ``base_config()``: keys the
     run did not record (it predates them) take today's defaults, so no reader needs a fallback of its own.
-    Tuples stored as JSON lists become tuples again; keys that ``base_config()`` no longer has are kept."""
+    Tuples stored as JSON lists become tuples again; keys that ``base_config()`` no longer has are kept, and so is
+    a stored value of another type than today's default."""
     config = base_config()
 
     def merge(target: ml_collections.ConfigDict, values: dict):
@@ -132,10 +133,15 @@ def restore_config(stored: dict) -> ml_collections.ConfigDict:
                     target[key] = value
             elif isinstance(target[key], ml_collections.ConfigDict) and isinstance(value, dict):
                 merge(target[key], value)
-            elif isinstance(target[key], tuple) and isinstance(value, list):
-                target[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             else:
-                target[key] = value
+                if isinstance(target[key], tuple) and isinstance(value, list):
+                    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                try:
+                    target[key] = value
+                except TypeError:  # the run stored another type (e.g. per-branch remat flags): the run's value
+                    with target.unlocked():
+                        del target[key]
+                        target[key] = value
 
     merge(config, stored)
     return config
@@ -303,7 +309,8 @@ def all_keys(config, prefix: str = "") -> list[str]:
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """``config`` with ``KEY=VALUE`` overrides (e.g. ``optim.b2=0.984``), parsed by the same
     ``ml_collections.config_flags`` parser as ``--config.KEY=VALUE`` on the command line (so values read as
-    they do there), with the same errors (an unknown key with close matches, a section, a wrong type)."""
+    they do there), with the same errors (an unknown key with close matches, a section, a wrong type). The
+    overrides are applied to ``config`` itself, which is returned locked."""
     from absl import flags
     from ml_collections import config_flags
 

@@ -190,7 +190,6 @@ class Run:
 
 # --- set-up ----------------------------------------------------------------------------------------------------
 def _open_data(config, workdir, world):
-
     pairs = batch_schedule.parse(config.train.batch_schedule, config.train.global_batch, config.optim.epochs)
     for _, gb in pairs:
         key = f"the global batch {gb} of train.batch_schedule" if len(pairs) > 1 else f"train.global_batch={gb}"
@@ -260,7 +259,6 @@ def _train_batches(config, store, train_idx, world, sched: BatchSchedule, start_
 
 
 def _eval_reader(config, store, val_idx, world, stack):
-
     eval_batch = config.train.eval_batch or config.train.microbatch or config.train.global_batch // world.size
     return stack.enter_context(
         contextlib.closing(

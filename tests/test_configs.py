@@ -174,3 +174,5 @@ def test_a_stored_config_is_merged_onto_todays_defaults():
     r = restore_config(stored)
     assert r.optim.cycles == 0 and r.data.synthetic.difficulty == 0.0 and r.train.batch_schedule == ()
     assert r.model.input_shape == (256, 256, 3) and isinstance(r.model.widths, tuple) and r.optim.retired_key == 1
+    stored["model"]["remat"] = [True] * 7  # another type than today's default (a bool): the run's value is kept
+    assert from_config(restore_config(stored).model, num_classes=4).remat == (True,) * 7

@@ -97,6 +97,12 @@ def test_three_compound_loco_with_an_interrupted_fold(store, tmp_path):
         r"snapshots: no snapshot checkpoint in .*add --config.optim.cycles=N",
     ):
         loco.evaluate_fold(fold, store, "cmpd01a", checkpoint="snapshots")
+    # a fold evaluated on another store (its recorded fingerprint differs) is refused by name
+    doc = json.loads((fold / loco.MARKER).read_text())
+    assert doc["store_fingerprint"] == loco.store_fingerprint(st)
+    (fold / loco.MARKER).write_text(json.dumps(dict(doc, store_fingerprint="0" * 16)))
+    with pytest.raises(loco.LocoError, match=rf"fold\(s\) {fold.name} were trained and evaluated on another store"):
+        loco.merged_report(tmp_path, st, compounds, only=HELD_OUT)
 
 
 def test_bad_input_names_what_is_missing(store, tmp_path):

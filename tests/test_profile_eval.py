@@ -296,3 +296,29 @@ def test_normalisations_under_pandas_copy_on_write(copy_on_write):
         ref = N.normalize(df, ["a", "b"], "plate,tvn,coral")
     np.testing.assert_allclose(out[["a", "b"]].to_numpy(), ref[["a", "b"]].to_numpy())
     assert df.a.tolist() == [1.0, 3.0, 4.0, 10.0, 30.0, 40.0]  # the input table is left as it was
+
+
+def test_folds_pool_when_a_fold_has_nothing_for_nscb(bbbc021):
+    """A leave-one-compound-out fold whose compound's MoA NSCB leaves out (simvastatin: Cholesterol-lowering) has
+    no NSCB query and no NSCB AP; pooled with another fold the report still forms (typed empty tables)."""
+    opts = E.ProfileOptions(null_size=500)
+    left_out = E.profile_parts(bbbc021, opts, query_compounds=["simvastatin"])
+    kept = E.profile_parts(bbbc021, opts, query_compounds=["colchicine"])
+    assert len(left_out["ap"]["nscb"]) == 0 and len(left_out["matches"]["nscb"]) == 0
+    assert len(left_out["matches"]["nsc"]) == 3  # simvastatin's three concentrations are NSC queries
+    res = E.summarize_parts([left_out, kept], opts)
+    n_colchicine = len(kept["matches"]["nscb"])
+    assert n_colchicine > 0 and res["nscb"]["treatments"] == n_colchicine
+    assert res["map"]["moa_nscb"]["queries"] == n_colchicine and res["map"]["moa_nsc"]["queries"] == 3 + n_colchicine
+    with pytest.raises(ValueError, match="no profile parts"):
+        E.summarize_parts([], opts)
+
+
+def test_features_that_are_not_finite_are_named(bbbc021):
+    bad = bbbc021.assign(f03=np.where(np.arange(len(bbbc021)) == 5, np.nan, bbbc021.f03))
+    with pytest.raises(P.TableError, match="1 feature.*missing or infinite values: f03"):
+        E.profile_report(bad, E.ProfileOptions(map=False))
+    with pytest.raises(ValueError, match="regularisation must be positive"):
+        E.ProfileOptions(normalize="tvn", reg=0.0)
+    with pytest.raises(P.TableError, match="NSCB needs a batch"):
+        E.profile_report(bbbc021.drop(columns=["Metadata_Plate"]), E.ProfileOptions(map=False))

@@ -76,7 +76,7 @@ def main(argv=None):
                 "training makes only with optim.cycles > 0: add --config.optim.cycles=N (see "
                 "optim.cycle_epochs and optim.cycle_base_lr)"
             )
-        store = open_loco_store(config, args.workdir)
+        store = open_loco_store(config, args.workdir, prepare=not (args.report or args.list))
         compounds = fold_compounds(store, args.control)
         if args.list:
             for k, c in enumerate(compounds):

@@ -30,6 +30,7 @@ of every class (``P_<class>``) instead of features (``write_image_table(..., kin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -210,13 +211,16 @@ def write_image_table(
     confusion, loss_sum, members = np.zeros((k, k), np.int64), 0.0, as_members(params)
     t0 = time.perf_counter()
     try:
-        for chunk, log_probs, feats in iter_outputs(model, members, store, indices, batch, layer):
-            writer.write(_rows(store, chunk, log_probs, feats, kind, layer, len(members)))
-            labels = np.asarray(store.labels)[chunk]
-            np.add.at(confusion, (labels, log_probs.argmax(-1)), 1)
-            loss_sum -= float(np.take_along_axis(log_probs, labels[:, None], 1).sum())
-            if log:
-                log(f"{writer.rows}/{len(indices)} images")
+        # closing: an error in the loop closes the generator, so its Reader's threads stop at once
+        outputs = contextlib.closing(iter_outputs(model, members, store, indices, batch, layer))
+        with outputs as batches:
+            for chunk, log_probs, feats in batches:
+                writer.write(_rows(store, chunk, log_probs, feats, kind, layer, len(members)))
+                labels = np.asarray(store.labels)[chunk]
+                np.add.at(confusion, (labels, log_probs.argmax(-1)), 1)
+                loss_sum -= float(np.take_along_axis(log_probs, labels[:, None], 1).sum())
+                if log:
+                    log(f"{writer.rows}/{len(indices)} images")
         writer.close()
     except BaseException:
         writer.abort()

@@ -1,8 +1,8 @@
 """``mcnn-loco``: the leave-one-compound-out protocol, whole: one training per held-out compound, then one report.
 
     mcnn-loco --config configs/default.py --workdir runs/loco [--compounds A,B,... | --fold K] [--config.KEY=VALUE ...]
-    mcnn-loco --config configs/default.py --workdir runs/loco --list      # the folds (prepares the store)
-    mcnn-loco --config configs/default.py --workdir runs/loco --report    # the merged report only
+    mcnn-loco --config configs/default.py --workdir runs/loco --list      # the folds
+    mcnn-loco --config configs/default.py --workdir runs/loco --report [--normalize tvn,coral] [--level well]
     mcnn-loco ... --checkpoint snapshots --config.optim.cycles=3           # each fold's collapsed ensemble
 
 Every compound of the store except the control (DMSO) is one fold, numbered in sorted order. Fold K trains
@@ -10,9 +10,10 @@ Every compound of the store except the control (DMSO) is one fold, numbered in s
 and ``train.target_accuracy=0`` (stopping on the held-out compound's accuracy would select on the test set;
 your overrides come after and win), then evaluates the fold's **latest** checkpoint (by default, not the best
 by validation accuracy, for the same reason; an ensemble: see ``--checkpoint`` below): the held-out images'
-predictions (``predictions.parquet``), the embeddings of every image by the fold's model (``embeddings.parquet``,
-layer ``--layer``) and the NSC / NSCB matches of the held-out compound's treatments against all other
-treatments in that embedding. ``FOLD_COMPLETE.json``, written last and atomically, marks a finished fold:
+predictions (``predictions.parquet``) and the embeddings of every image by the fold's model
+(``embeddings.parquet``, layer ``--layer``). Every fold trains on the store ``mcnn-train`` would prepare for the
+config (``data.prepare.prepare_store``), and records its fingerprint. ``FOLD_COMPLETE.json``, written last and
+atomically, marks a finished fold:
 rerunning skips finished folds and resumes an interrupted one (the trainer resumes from its latest checkpoint;
 ``train_wall_s`` adds up the attempts, read from the fold's ``metrics.jsonl``). ``--fold K`` runs one fold (a
 SLURM array task: ``launch/loco.sbatch``).
@@ -30,13 +31,18 @@ per fold in the report; a finished fold asked for with another ``--checkpoint`` 
 again).
 
 When every fold is finished (or with ``--report``) the merged report is written: ``loco_report.json`` (per-fold
-accuracy; pooled image, treatment-level and per-compound accuracy; NSC / NSCB; the confusion matrix; the classes
-with a single compound, whose fold cannot be right because no other compound of the class is left to train on),
-``loco_predictions.parquet`` and ``loco_neighbours.csv``.
+accuracy; pooled image, treatment-level and per-compound accuracy; NSC, NSCB and mAP; the confusion matrix; the
+classes with a single compound, whose fold cannot be right because no other compound of the class is left to
+train on), ``loco_predictions.parquet``, ``loco_neighbours.csv`` and ``loco_ap.csv``. NSC / NSCB and mAP are
+computed by the report from each fold's embeddings (the held-out compound's treatments as the queries in its
+fold's embedding, pooled over the folds), with ``mcnn-profile-eval``'s options (``--normalize``, ``--level``,
+``--nscb-rule``, ...), so a finished run can be reported again with other options. Folds evaluated on a store
+whose fingerprint differs from the current one are refused, by name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -48,7 +54,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mcnn_jax.data.prepare import prepare_store
+from mcnn_jax.data import open_store
+from mcnn_jax.data.prepare import prepare_store, store_path
+from mcnn_jax.data.store import is_complete
 from mcnn_jax.evaluation import profiles as P
 from mcnn_jax.evaluation.embed import write_image_table
 from mcnn_jax.evaluation.evaluate import confusion_summary, format_confusion
@@ -56,6 +64,7 @@ from mcnn_jax.evaluation.profile_metrics import (
     MODES,
     ProfileOptions,
     format_profile_report,
+    fraction,
     profile_parts,
     summarize_parts,
     to_json,
@@ -246,6 +255,7 @@ def evaluate_fold(
         treatments=summary["treatments"],
         moa=str(summary["per_compound"][P.MOA].iloc[0]),
         confusion=conf["confusion"].tolist(),
+        store_fingerprint=store_fingerprint(st),
         embed_images_per_s=emb["images_per_s"],
     )
 
@@ -294,6 +304,19 @@ def _finished(workdir, compounds, only=None):
     return done, missing
 
 
+def _check_same_store(done, store) -> None:
+    """Folds evaluated on a store whose recorded description differs from ``store``'s cannot be pooled with it
+    (folds finished before the fingerprint was recorded are taken as they are)."""
+    fp = store_fingerprint(store)
+    other = [p.name for p, f in done if f.get("store_fingerprint", fp) != fp]
+    if other:
+        raise LocoError(
+            f"fold(s) {', '.join(other)} were trained and evaluated on another store than {store.path} (it has "
+            f"changed since, e.g. a synthetic screen rebuilt with other settings): their results cannot be pooled "
+            f"with this store's; delete those fold folders and run them again"
+        )
+
+
 def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptions(), only=None) -> dict:
     """Pools the finished folds of ``only`` (default: all ``compounds``; see the module docstring); writes the
     report files into ``workdir``. NSC / NSCB and mAP are computed here from each fold's embeddings, with
@@ -301,6 +324,7 @@ def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptio
     workdir = Path(workdir)
     control = opts.control
     done, missing = _finished(workdir, compounds, only)
+    _check_same_store(done, store)
     preds = pd.concat([P.read_table(p / "predictions.parquet") for p, _ in done], ignore_index=True)
     summary = P.prediction_summary(preds, control=control)
     parts = [
@@ -373,25 +397,22 @@ def merged_report(workdir, store, compounds, opts: ProfileOptions = ProfileOptio
 
 
 def format_loco_report(r: dict) -> str:
-    def pct(x):
-        return "n/a" if x is None else f"{x:.4f}"
-
     lines = [
         f"leave-one-compound-out: {r['folds_finished']} of {r['folds_total']} folds finished"
         + (f" (missing: {', '.join(r['folds_missing'])})" if r["folds_missing"] else "")
         + f"; evaluated checkpoint(s): {', '.join(r['checkpoint'])}"
     ]
     lines += [
-        f"  {f['fold']:<24s} {f['moa']:<24s} {f['images']:>5d} images  accuracy {pct(f['accuracy'])}  "
-        f"treatments {pct(f['treatment_accuracy'])}  NSC {pct(f['nsc'])}  NSCB {pct(f['nscb'])}"
+        f"  {f['fold']:<24s} {f['moa']:<24s} {f['images']:>5d} images  accuracy {fraction(f['accuracy'])}  "
+        f"treatments {fraction(f['treatment_accuracy'])}  NSC {fraction(f['nsc'])}  NSCB {fraction(f['nscb'])}"
         + f"  step(s) {','.join(map(str, f['members']))}"
         + ("  (single-compound class)" if f["single_compound_class"] else "")
         for f in r["per_fold"]
     ]
     lines += [
-        f"image accuracy {pct(r['image_accuracy'])} over {r['images']} held-out images; without the "
-        f"single-compound classes {pct(r['image_accuracy_without_single_compound_classes'])}",
-        f"treatment-level accuracy {pct(r['treatment_accuracy'])} over {r['treatments']} treatments",
+        f"image accuracy {fraction(r['image_accuracy'])} over {r['images']} held-out images; without the "
+        f"single-compound classes {fraction(r['image_accuracy_without_single_compound_classes'])}",
+        f"treatment-level accuracy {fraction(r['treatment_accuracy'])} over {r['treatments']} treatments",
         format_profile_report(r, matches=False),
         "classes with a single compound (their fold has no other compound of the class to learn from): "
         + (", ".join(f"{k} ({v})" for k, v in r["single_compound_classes"].items()) or "none"),
@@ -404,10 +425,20 @@ def format_loco_report(r: dict) -> str:
 # --- the command line ------------------------------------------------------------------------------------------
 
 
-def open_loco_store(config, workdir):
+def open_loco_store(config, workdir, prepare: bool = True):
     """The config's store, prepared as the trainer prepares it (``data.prepare.prepare_store``: ``data.store``, or
     the config's synthetic screen, camera and difficulty included, generated once into ``WORKDIR/data``), so
-    every fold trains on the store that ``mcnn-train`` with the same config would."""
+    every fold trains on the store that ``mcnn-train`` with the same config would. ``prepare=False`` (``--report``,
+    ``--list``) opens a store that is already there as it is, without generating or rebuilding it."""
     if not config.data.store and not config.data.synthetic.enabled:
         raise LocoError("the config names no store (data.store) and no synthetic screen (data.synthetic.enabled)")
+    path = store_path(config, workdir)
+    if not prepare and is_complete(path):
+        return open_store(path)
     return prepare_store(config, workdir, World())
+
+
+def store_fingerprint(store) -> str:
+    """A short hash of a store's recorded description (its info: images, classes, import or synthetic
+    parameters): a fold records the store it was trained and evaluated on."""
+    return hashlib.sha256(json.dumps(store.info, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -12,7 +12,7 @@ multiple testing by Benjamini-Hochberg (``copairs.map.mean_average_precision``).
 - **MoA consistency** (``consistency_ap``), on treatment profiles (controls left out): does a treatment rank
   the treatments of its MoA first? ``nsc``: positives of the same MoA and another compound, negatives of
   other MoAs; ``nscb``, the mAP form of NSCB: positives also from another batch, negatives from another batch
-  too, with the treatments and MoAs NSCB leaves out (``profiling.nscb_plan``) left out here as well. Batches
+  too, with the treatments and MoAs NSCB leaves out (``profiles.nscb_plan``) left out here as well. Batches
   are compared as the treatment's list of batches (``Metadata_Batches``): that is NSCB's "no shared batch"
   where every treatment is in one batch, or in all of them under the field rule.
 
@@ -38,6 +38,7 @@ AP_COLUMNS = [
     "n_pos_pairs",
     "n_total_pairs",
 ]
+AP_DTYPES = [object, np.float64, object, np.float64, np.float64, np.int64, np.int64]
 _TREATMENT, _BATCH, _REF = "Metadata_Treatment", "Metadata_BatchKey", "Metadata_Reference_Index"
 
 
@@ -60,8 +61,13 @@ def _copairs_ap(meta: pd.DataFrame, feats: np.ndarray, **pairs) -> pd.DataFrame:
                 **pairs,
             )
     except UnpairedException:
-        return pd.DataFrame(columns=list(meta.columns) + AP_COLUMNS[3:])
+        return empty_ap()
     return ap[ap["average_precision"].notna()]
+
+
+def empty_ap() -> pd.DataFrame:
+    """An AP table without rows, with the column types of a full one (so that tables pool with ``pd.concat``)."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(AP_COLUMNS, AP_DTYPES)})
 
 
 def _treatment_key(df: pd.DataFrame) -> pd.Series:
@@ -94,27 +100,27 @@ def consistency_ap(
     control: str = CONTROL,
     rule: str = "field",
     query_compounds=None,
+    plan: dict | None = None,
 ) -> pd.DataFrame:
     """The AP of every treatment profile (of ``query_compounds``) retrieving its MoA's treatments of other
-    compounds (``nscb``: and batches) against other MoAs' (``nscb``: of other batches)."""
+    compounds (``nscb``: and batches) against other MoAs' (``nscb``: of other batches); ``nscb`` takes part as
+    ``profiles.nscb_plan`` (``plan``, if already made) says."""
     if mode not in ("nsc", "nscb"):
         raise ValueError(f"mode must be 'nsc' or 'nscb', got {mode!r}")
-    prof = profiles[profiles[COMPOUND] != control]
-    meta = prof[[COMPOUND, CONCENTRATION, MOA]].assign(**{_BATCH: prof["Metadata_Batches"].astype(str)})
+    keep = (profiles[COMPOUND] != control).to_numpy()
+    meta = profiles[[COMPOUND, CONCENTRATION, MOA]].assign(**{_BATCH: profiles["Metadata_Batches"].astype(str)})
     pos_diffby, neg_diffby = [COMPOUND], [MOA]
     if mode == "nscb":
-        plan = nscb_plan(profiles, control, rule)
-        every = set(plan["every_batch"])
-        is_every = np.array([(str(c), float(x)) in every for c, x in zip(prof[COMPOUND], prof[CONCENTRATION])], bool)
-        keep = ~prof[MOA].astype(str).isin(list(plan["left_out_moas"])).to_numpy()
-        if rule == "field":  # a batch key of its own: it shares a batch with no one, as NSCB's rule waives it
-            meta.loc[is_every, _BATCH] = "every batch: " + _treatment_key(prof[is_every])
-        else:
-            keep &= ~is_every
-        prof, meta = prof[keep], meta[keep]
+        plan = plan or nscb_plan(profiles, control, rule)
+        keep = plan["taking_part"]
+        # a treatment in every batch (kept by the field rule) gets a batch key of its own: it shares a batch with
+        # no one, as NSCB's rule waives the batch condition for it
+        every = plan["every"]
+        meta.loc[every, _BATCH] = "every batch: " + _treatment_key(profiles[every])
         pos_diffby, neg_diffby = [COMPOUND, _BATCH], [MOA, _BATCH]
+    prof, meta = profiles[keep], meta[keep]
     if query_compounds is not None and not prof[COMPOUND].isin(list(query_compounds)).any():
-        return pd.DataFrame(columns=AP_COLUMNS)
+        return empty_ap()
     ap = _copairs_ap(
         meta,
         prof[list(features)].to_numpy(np.float64),
@@ -155,6 +161,7 @@ def summarize(ap: pd.DataFrame, sameby: str, null_size: int = 10000, threshold: 
         return dict(out, groups=0, fraction_significant=None, per_group=[])
     from copairs.map import mean_average_precision
 
+    ap = ap.astype({"n_pos_pairs": np.int64, "n_total_pairs": np.int64})
     ap = ap.assign(**{_TREATMENT: _treatment_key(ap)})
     key = _TREATMENT if sameby == "treatment" else sameby
     with warnings.catch_warnings():

@@ -90,7 +90,7 @@ def tvn(df: pd.DataFrame, features, control: str = CONTROL, reg: float = 1.0, so
 
 def coral(df: pd.DataFrame, features, control: str = CONTROL, reg: float = 1.0, source="the table") -> pd.DataFrame:
     """CORAL per batch: each batch's rows times ``(C_b + reg I)^(-1/2) (C + reg I)^(1/2)`` (second moments of
-    the batch's and of all control rows; the batch as ``profiling.batches``)."""
+    the batch's and of all control rows; the batch as ``profiles.batches``)."""
     is_ctrl = _control_rows(df, control, source, "CORAL")
     x = df[features].to_numpy(np.float64)
     eye = reg * np.eye(x.shape[1])

@@ -2,15 +2,15 @@
 
     mcnn-profile-eval emb.parquet [--normalize tvn,coral] [--level well] [--nscb-rule field|strict] [--json F]
 
-From a table with the cytomining columns (``profiling``'s docstring), in this order:
+From a table with the cytomining columns (``profiles``' docstring), in this order:
 
-1. **normalise** the rows against the controls (``profile_norm``: ``plate``, ``tvn``, ``coral``, in the order
+1. **normalise** the rows against the controls (``normalize``: ``plate``, ``tvn``, ``coral``, in the order
    given; none by default);
 2. **aggregate**: ``--level image`` (default) takes the rows as they are, ``--level well`` first averages each
-   well's sites (``profiling.well_profiles``); treatment profiles are then the median over a treatment's rows;
+   well's sites (``profiles.well_profiles``); treatment profiles are then the median over a treatment's rows;
 3. **NSC / NSCB** 1-nearest-neighbour MoA accuracy over treatments (NSCB by the field's protocol:
-   ``profiling.nscb_plan`` says what it leaves out and why);
-4. **mAP** through copairs (``profile_map``): phenotypic activity against the controls (per treatment, on
+   ``profiles.nscb_plan`` says what it leaves out and why);
+4. **mAP** through copairs (``mean_ap``): phenotypic activity against the controls (per treatment, on
    the rows of step 2) and MoA consistency (``nsc`` and ``nscb`` forms, on treatment profiles).
 
 In Python: ``profile_report(table, ProfileOptions(...))``; a leave-one-compound-out fold uses
@@ -23,14 +23,16 @@ import argparse
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 
-from mcnn_jax.evaluation import mean_ap as profile_map
-from mcnn_jax.evaluation import normalize as profile_norm
+from mcnn_jax.evaluation import mean_ap
+from mcnn_jax.evaluation import normalize as norm
 from mcnn_jax.evaluation.profiles import (
     CONTROL,
-    MATCH_COLUMNS,
     NSCB_RULES,
+    PLAN_MASKS,
+    TableError,
     feature_columns,
     nearest_neighbours,
     nn_accuracy,
@@ -45,10 +47,10 @@ MODES = ("nsc", "nscb")
 
 @dataclasses.dataclass(frozen=True)
 class ProfileOptions:
-    normalize: tuple = ()  # profile_norm steps, in order
+    normalize: tuple = ()  # evaluation.normalize steps, in order
     reg: float = 1.0  # TVN / CORAL regularisation (DeepProfiler's REG_PARAM)
     level: str = "image"  # image | well
-    nscb_rule: str = "field"  # field | strict (profiling.nscb_plan)
+    nscb_rule: str = "field"  # field | strict (profiles.nscb_plan)
     control: str = CONTROL
     map: bool = True  # mAP through copairs
     null_size: int = 10000  # copairs' null distribution for the mAP p-values
@@ -56,11 +58,16 @@ class ProfileOptions:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "normalize", profile_norm.parse_steps(self.normalize))
+        object.__setattr__(self, "normalize", norm.parse_steps(self.normalize))
         if self.level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
         if self.nscb_rule not in NSCB_RULES:
             raise ValueError(f"the NSCB rule must be one of {', '.join(NSCB_RULES)}, got {self.nscb_rule!r}")
+        if self.reg <= 0 and {"tvn", "coral"} & set(self.normalize):
+            raise ValueError(
+                f"the TVN / CORAL regularisation must be positive, got {self.reg} (with fewer control rows than "
+                f"features the controls' covariance is singular)"
+            )
         if self.null_size < 1:
             raise ValueError(f"null_size must be >= 1, got {self.null_size}")
 
@@ -72,31 +79,39 @@ def profile_parts(
     {activity, nsc, nscb} (one AP per query), ``plan`` (what NSCB leaves out), the rows' ``level`` and the
     number of treatments. ``query_compounds``: only these compounds' treatments (rows) are queries."""
     features = feature_columns(df, source)
-    rows = profile_norm.normalize(df, features, opts.normalize, opts.control, opts.reg, source)
+    rows = norm.normalize(df, features, opts.normalize, opts.control, opts.reg, source)
+    bad = [f for f, ok in zip(features, np.isfinite(rows[features].to_numpy(np.float64)).all(0)) if not ok]
+    if bad:
+        raise TableError(
+            f"{source}: {len(bad)} feature(s) have missing or infinite values"
+            f"{' after normalisation' if opts.normalize else ''}: {', '.join(map(str, bad[:10]))}"
+            f"{' ...' if len(bad) > 10 else ''} (drop those columns, e.g. pycytominer's drop_na_columns)"
+        )
     if opts.level == "well":
         rows = well_profiles(rows, features, source)
     prof = treatment_profiles(rows, features, source)
+    plan = nscb_plan(prof, opts.control, opts.nscb_rule)
     queries = None if query_compounds is None else prof["Metadata_Compound"].isin(list(query_compounds)).to_numpy()
-    matches = {m: nearest_neighbours(prof, features, m, opts.control, queries, opts.nscb_rule) for m in MODES}
+    matches = {m: nearest_neighbours(prof, features, m, opts.control, queries, opts.nscb_rule, plan) for m in MODES}
     ap = {}
     if opts.map:
-        ap["activity"] = profile_map.activity_ap(rows, features, opts.control, query_compounds)
+        ap["activity"] = mean_ap.activity_ap(rows, features, opts.control, query_compounds)
         for m in MODES:
-            ap[m] = profile_map.consistency_ap(prof, features, m, opts.control, opts.nscb_rule, query_compounds)
-    plan = nscb_plan(prof, opts.control, opts.nscb_rule)
-    plan.pop("every_batch_rows")
+            ap[m] = mean_ap.consistency_ap(prof, features, m, opts.control, opts.nscb_rule, query_compounds, plan)
     return dict(
         matches=matches,
         ap=ap,
-        plan=plan,
+        plan={k: v for k, v in plan.items() if k not in PLAN_MASKS},
         level=opts.level,
         rows=len(rows),
-        partly_shared_batches=profile_map.partly_shared_batches(prof, opts.control),
+        partly_shared_batches=mean_ap.partly_shared_batches(prof, opts.control),
     )
 
 
 def summarize_parts(parts: list[dict], opts: ProfileOptions = ProfileOptions()) -> dict:
     """Pools the parts of one or more ``profile_parts`` calls (e.g. one per fold) into the report."""
+    if not parts:
+        raise ValueError("no profile parts to pool")
     out = dict(
         options=dataclasses.asdict(opts),
         level=opts.level,
@@ -104,18 +119,14 @@ def summarize_parts(parts: list[dict], opts: ProfileOptions = ProfileOptions()) 
         partly_shared_batches=sorted({t for p in parts for t in p["partly_shared_batches"]}),
     )
     for m in MODES:
-        matches = (
-            pd.concat([p["matches"][m] for p in parts], ignore_index=True)
-            if parts
-            else pd.DataFrame(columns=MATCH_COLUMNS)
-        )
+        matches = pd.concat([p["matches"][m] for p in parts], ignore_index=True)
         out[m] = dict(nn_accuracy(matches), matches=matches)
     if opts.map:
         pooled = {k: pd.concat([p["ap"][k] for p in parts], ignore_index=True) for k in ("activity", *MODES)}
         out["map"] = dict(
-            activity=profile_map.summarize(pooled["activity"], "treatment", opts.null_size, opts.threshold, opts.seed),
+            activity=mean_ap.summarize(pooled["activity"], "treatment", opts.null_size, opts.threshold, opts.seed),
             **{
-                f"moa_{m}": profile_map.summarize(pooled[m], "Metadata_MoA", opts.null_size, opts.threshold, opts.seed)
+                f"moa_{m}": mean_ap.summarize(pooled[m], "Metadata_MoA", opts.null_size, opts.threshold, opts.seed)
                 for m in MODES
             },
         )
@@ -130,7 +141,8 @@ def profile_report(
 
 
 # --- printing --------------------------------------------------------------------------------------------------
-def _pct(x) -> str:
+def fraction(x) -> str:
+    """A fraction (an accuracy, a mean AP) for a report line; ``n/a`` where there is none."""
     return "n/a" if x is None else f"{x:.4f}"
 
 
@@ -146,7 +158,7 @@ def format_profile_report(res: dict, matches: bool = True) -> str:
     for m in MODES:
         r = res[m]
         lines.append(
-            f"{m.upper()}: 1-NN MoA accuracy {_pct(r['accuracy'])} over {r['treatments']} treatments"
+            f"{m.upper()}: 1-NN MoA accuracy {fraction(r['accuracy'])} over {r['treatments']} treatments"
             + (f" ({r['without_neighbour']} without an allowed neighbour)" if r["without_neighbour"] else "")
             + (f" ({res['level']}-level profiles)" if res["level"] != "image" and m == "nsc" else "")
         )
@@ -173,12 +185,12 @@ def format_profile_report(res: dict, matches: bool = True) -> str:
     if "map" in res:
         a = res["map"]["activity"]
         lines.append(
-            f"mAP, phenotypic activity ({res['level']}s against the controls): mean AP {_pct(a['mean_ap'])} "
+            f"mAP, phenotypic activity ({res['level']}s against the controls): mean AP {fraction(a['mean_ap'])} "
             f"over {a['queries']} queries; "
             + (
                 f"{sum(g['significant'] for g in a['per_group'])} of {a['groups']} treatments active "
                 f"(corrected p < {a['threshold']:g}), {a['compounds_retrieved']} of {a['compounds']} "
-                f"compounds retrieved ({_pct(a['fraction_compounds_retrieved'])})"
+                f"compounds retrieved ({fraction(a['fraction_compounds_retrieved'])})"
                 if a["groups"]
                 else "no treatment with replicates"
             )
@@ -186,7 +198,7 @@ def format_profile_report(res: dict, matches: bool = True) -> str:
         for m, what in (("nsc", "another compound"), ("nscb", "another compound and batch")):
             c = res["map"][f"moa_{m}"]
             lines.append(
-                f"mAP, MoA consistency ({what}): mean AP {_pct(c['mean_ap'])} over {c['queries']} "
+                f"mAP, MoA consistency ({what}): mean AP {fraction(c['mean_ap'])} over {c['queries']} "
                 f"treatments; "
                 + (
                     f"{sum(g['significant'] for g in c['per_group'])} of {c['groups']} "
@@ -217,14 +229,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     d = ProfileOptions()
     p.add_argument(
         "--normalize",
-        nargs="?",
-        const="plate",
         default="",
         metavar="STEPS",
         help="normalise the rows against the control rows first, with these comma-separated steps in "
-        f"order: {', '.join(profile_norm.STEPS)} (plate: standardise per plate; tvn: whitening fitted "
+        f"order: {', '.join(norm.STEPS)} (plate: standardise per plate; tvn: whitening fitted "
         "on the controls; coral: align each batch's control covariance; DeepProfiler's BBBC021 "
-        "evaluation uses tvn,coral). --normalize alone means plate",
+        "evaluation uses tvn,coral); the steps are required (--normalize plate for the per-plate standardisation)",
     )
     p.add_argument("--reg", type=float, default=d.reg, help=f"TVN / CORAL regularisation (default {d.reg})")
     p.add_argument(

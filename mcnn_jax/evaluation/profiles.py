@@ -20,19 +20,20 @@ most cosine-similar treatment under
   batch follow a stated rule (``nscb_plan``: the field's protocol, as published BBBC021 figures are computed),
 
 and the MoA accuracy is the fraction of queries whose neighbour has the query's MoA (Ljosa et al. 2013;
-Ando et al. 2017). Normalisations are in ``profile_norm``, mAP in ``profile_map``, and ``profile_eval`` puts
+Ando et al. 2017). Normalisations are in ``normalize``, mAP in ``mean_ap``, and ``profile_metrics`` puts
 them together (``mcnn-profile-eval FILE``).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mcnn_jax.data._util import atomic_write_bytes, atomic_write_json
 
 COMPOUND, CONCENTRATION, MOA = "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA"
 PLATE, WELL, SITE, BATCH = "Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Batch"
@@ -61,25 +62,23 @@ def read_table(path) -> pd.DataFrame:
 
 
 def write_table(df: pd.DataFrame, path) -> Path:
-    """Writes ``df`` as Parquet (``.parquet``) or CSV, atomically (a temp file renamed into place)."""
+    """Writes ``df`` as Parquet (``.parquet``) or CSV, atomically (``data._util.atomic_write_bytes``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    buf = io.BytesIO()
     if path.suffix == ".parquet":
-        df.to_parquet(tmp, index=False)
+        df.to_parquet(buf, index=False)
     else:
-        df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+        df.to_csv(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def write_json(doc, path) -> Path:
-    """Writes ``doc`` as JSON, atomically (a temp file renamed into place)."""
+    """Writes ``doc`` as JSON, atomically (``data._util.atomic_write_json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
     return path
 
 
@@ -182,36 +181,59 @@ def nscb_plan(profiles: pd.DataFrame, control: str = CONTROL, rule: str = "field
       taxol @ 0.3, a control on every plate) have no neighbour in another batch. Rule ``field`` (default)
       waives the batch condition for them, as and against them, so they stay in (the reference code compares
       a treatment's whole list of batches, which is unique to such a treatment); rule ``strict`` leaves them
-      out (queries and neighbours), which makes NSCB over 91 on BBBC021.
+      out (queries and neighbours), which makes NSCB over 91 on BBBC021, and an MoA whose other treatments
+      all lie in one batch is then left out too.
+
+    Also, over the rows of ``profiles``: ``taking_part`` (the treatments NSCB matches, as queries and
+    neighbours), ``every`` (the every-batch treatments) and ``shares_batch`` [T, T] (two treatments share a
+    batch).
     """
     if rule not in NSCB_RULES:
         raise ValueError(f"the NSCB rule must be one of {', '.join(NSCB_RULES)}, got {rule!r}")
+    if (profiles["Metadata_Batches"].astype(str) == "").any():
+        raise TableError(f"NSCB needs a batch: the table has neither {BATCH} nor {PLATE}")
     treated = (profiles[COMPOUND] != control).to_numpy()
     sets = batch_sets(profiles)
-    screen = set().union(*sets) if sets else set()
+    screen = sorted(set().union(*sets)) if sets else []
+    member = np.array([[b in s for b in screen] for s in sets], dtype=np.float64).reshape(len(sets), len(screen))
+    every = treated & (len(screen) > 1) & (member.sum(1) == len(screen))
+    taking_part = treated & ~every if rule == "strict" else treated.copy()
     left_out = {}
-    for moa, rows in profiles[treated].groupby(MOA).indices.items():
-        rows = np.flatnonzero(treated)[rows]
+    for moa, rows in profiles[taking_part].groupby(MOA).indices.items():
+        rows = np.flatnonzero(taking_part)[rows]
         moa_batches = set().union(*(sets[i] for i in rows))
         if len(moa_batches) == 1:
             left_out[str(moa)] = (
                 f"its {len(rows)} treatment(s) all lie in batch {next(iter(moa_batches))}: no "
                 f"treatment of another compound in another batch shares its MoA"
             )
-    every = [i for i in np.flatnonzero(treated) if len(screen) > 1 and sets[i] == screen]
+    taking_part &= ~profiles[MOA].astype(str).isin(list(left_out)).to_numpy()
     return dict(
         rule=rule,
         left_out_moas=left_out,
-        every_batch=[(str(profiles[COMPOUND].iat[i]), float(profiles[CONCENTRATION].iat[i])) for i in every],
-        every_batch_rows=every,
+        every_batch=[
+            (str(profiles[COMPOUND].iat[i]), float(profiles[CONCENTRATION].iat[i])) for i in np.flatnonzero(every)
+        ],
+        taking_part=taking_part,
+        every=every,
+        shares_batch=member @ member.T > 0,
     )
 
 
+PLAN_MASKS = ("taking_part", "every", "shares_batch")  # nscb_plan's arrays (not part of a JSON report)
+
+
 def nearest_neighbours(
-    profiles: pd.DataFrame, features=None, mode: str = "nsc", control: str = CONTROL, queries=None, rule: str = "field"
+    profiles: pd.DataFrame,
+    features=None,
+    mode: str = "nsc",
+    control: str = CONTROL,
+    queries=None,
+    rule: str = "field",
+    plan: dict | None = None,
 ) -> pd.DataFrame:
     """For every query treatment, its most cosine-similar allowed treatment (see the module docstring and
-    ``nscb_plan`` for what NSCB leaves out and ``rule``).
+    ``nscb_plan`` for what NSCB leaves out and ``rule``; ``plan``: ``nscb_plan``'s result, if already made).
 
     ``queries``: a boolean mask over ``profiles`` (default: every non-control treatment). Controls are never
     queries nor neighbours. Returns one row per query: compound, concentration, MoA, the neighbour's compound,
@@ -225,19 +247,22 @@ def nearest_neighbours(
     allowed = treated[None, :] & (comp[None, :] != comp[:, None])
     taking_part = treated.copy()
     if mode == "nscb":
-        plan = nscb_plan(profiles, control, rule)
-        taking_part &= ~profiles[MOA].astype(str).isin(list(plan["left_out_moas"])).to_numpy()
-        sets = batch_sets(profiles)
-        allowed &= np.array([[not (a & b) for b in sets] for a in sets], dtype=bool)
-        every = np.zeros(len(profiles), bool)
-        every[plan["every_batch_rows"]] = True
-        if rule == "field":  # the batch condition is waived for treatments imaged in every batch
-            allowed |= treated[None, :] & (comp[None, :] != comp[:, None]) & (every[None, :] | every[:, None])
-        else:
-            taking_part &= ~every
+        plan = plan or nscb_plan(profiles, control, rule)
+        taking_part, every = plan["taking_part"], plan["every"]
+        # another batch, except that the batch condition is waived for a treatment imaged in every batch (the
+        # field rule; under the strict rule such a treatment is not taking part)
+        allowed &= ~plan["shares_batch"] | every[None, :] | every[:, None]
         allowed &= taking_part[None, :]
     q = taking_part if queries is None else taking_part & np.asarray(queries, bool)
-    sim = _cosine(profiles[features].to_numpy(np.float64))
+    x = profiles[features].to_numpy(np.float64)
+    bad = [f for f, ok in zip(features, np.isfinite(x).all(0)) if not ok]
+    if bad:
+        raise TableError(
+            f"the treatment profiles have missing or infinite values in {len(bad)} feature(s): "
+            f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} (drop those columns, e.g. "
+            f"pycytominer's feature_select drop_na_columns)"
+        )
+    sim = _cosine(x)
     rows = []
     for i in np.flatnonzero(q):
         row = {COMPOUND: comp[i], CONCENTRATION: profiles[CONCENTRATION].iat[i], MOA: profiles[MOA].iat[i]}

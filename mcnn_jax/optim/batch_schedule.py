@@ -1,11 +1,11 @@
 """A global batch that grows during training (``train.batch_schedule``).
 
-The gradient noise scale (``noise_scale.py``) grows as training proceeds: early on a batch far above it wastes
-images, later the same batch keeps its accuracy. ``train.batch_schedule = ((0, 16), (10, 64), (20, 256))`` trains
-epochs 0-10 at a global batch of 16, epochs 10-20 at 64 and the rest at 256 (Smith et al. 2018, "Don't decay the
-learning rate, increase the batch size"; Devarakonda et al. 2017, "AdaBatch"). Each entry is (the whole epoch
-the phase starts at, its global batch); the first starts at epoch 0 and the last batch is ``train.global_batch``,
-the batch the run scales to.
+The gradient noise scale (``optim.noise_scale``; ``benchmarks/measure_noise_scale.py``) grows as training proceeds:
+early on a batch far above it wastes images, later the same batch keeps its accuracy. ``train.batch_schedule = ((0, 16),
+(10, 64), (20, 256))`` trains epochs 0-10 at a global batch of 16, epochs 10-20 at 64 and the rest at 256 (Smith et al.
+2018, "Don't decay the learning rate, increase the batch size"; Devarakonda et al. 2017, "AdaBatch"). Each entry is (the
+whole epoch the phase starts at, its global batch); the first starts at epoch 0 and the last batch is
+``train.global_batch``, the batch the run scales to.
 
 Durations stay in epochs: warmup, decay, evaluations and the collapsed ensemble's cycles happen at the same epochs
 as at a constant batch. The learning rate at every step is the one the run at ``train.global_batch`` would have
