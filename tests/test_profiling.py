@@ -182,3 +182,32 @@ def test_cli_on_parquet_and_csv(table, tmp_path, capsys):
         assert "NSCB: 1-NN MoA accuracy 0.2857" in out and "A @ 1 (m1) -> D @ 1 (m2)" in out
         doc = json.loads((tmp_path / "res.json").read_text())
         assert doc["nscb"]["accuracy"] == pytest.approx(2 / 7) and len(doc["nsc"]["matches"]) == 7
+
+
+def test_the_strict_rule_leaves_out_an_moa_kept_only_by_an_every_batch_treatment():
+    # MoA s: T @ 0.3 in both weeks (every batch) and U in Week1 only; MoA m: A (Week1), B (Week2)
+    rows = []
+    for comp, conc, moa, plates in [
+        ("T", 0.3, "s", ["Week1_1", "Week2_1"]),
+        ("U", 1.0, "s", ["Week1_1"]),
+        ("A", 1.0, "m", ["Week1_1"]),
+        ("B", 1.0, "m", ["Week2_1"]),
+        ("DMSO", 0.0, "DMSO", ["Week1_1", "Week2_1"]),
+    ]:
+        for plate in plates:
+            rows.append(
+                dict(
+                    Metadata_Compound=comp,
+                    Metadata_Concentration=conc,
+                    Metadata_MoA=moa,
+                    Metadata_Plate=plate,
+                    f0=1.0 + len(rows),
+                    f1=float(len(moa)),
+                )
+            )
+    prof = P.treatment_profiles(pd.DataFrame(rows))
+    field, strict = P.nscb_plan(prof, rule="field"), P.nscb_plan(prof, rule="strict")
+    assert field["left_out_moas"] == {} and field["every_batch"] == [("T", 0.3)]
+    assert list(strict["left_out_moas"]) == ["s"] and "all lie in batch Week1" in strict["left_out_moas"]["s"]
+    taking = dict(zip(prof.Metadata_Compound, strict["taking_part"]))
+    assert taking == {"A": True, "B": True, "DMSO": False, "T": False, "U": False}
