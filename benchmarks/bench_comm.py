@@ -5,7 +5,7 @@ projected to 8-512 nodes on 10, 25 and 100 Gb/s networks.
     python benchmarks/bench_comm.py --batches 1,16 --reps 3  # quicker
 
 The script starts itself under ``mpiexec -n 2``. Each rank takes the parameter shapes of ``MCNN(num_classes=13)``
-at the image size (``jax.eval_shape``: nothing is allocated), builds ``comm.make_plan`` for every scheme and local
+at the image size (``jax.eval_shape``: nothing is allocated), builds ``exchange.make_plan`` for every scheme and local
 batch, and times the plan's collectives exactly as the step makes them (``World.time_comm``: a barrier, then
 one jitted function with the packed allreduce(s) of ``Plan.sizes()`` and the packed allgather, waited for),
 ``--reps`` times after a warm-up; medians and minima over the reps, the slower rank's. Reported per scheme and
@@ -76,9 +76,9 @@ def abstract_params(height: int, width: int, num_classes: int = 13):
 
 
 def plans(params, batches, ranks, rank):
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
 
-    return {(s, b): comm.make_plan(s, params, b, ranks, rank) for s in SCHEMES for b in batches}
+    return {(s, b): exchange.make_plan(s, params, b, ranks, rank) for s in SCHEMES for b in batches}
 
 
 def plan_row(plan) -> dict:
@@ -156,9 +156,11 @@ def ring_allreduce_s(floats: int, nodes: int, bw: float, lat: float) -> float:
 def overlap_split(plan, params) -> tuple[int, int]:
     """float32 elements of the overlapped head buffer (the summed dense kernels, every dense bias) and of the
     rest of the plan's allreduce."""
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
 
-    head = sum(la.fan_out + (0 if la in plan.factored else la.fan_in * la.fan_out) for la in comm.dense_layers(params))
+    head = sum(
+        la.fan_out + (0 if la in plan.factored else la.fan_in * la.fan_out) for la in exchange.dense_layers(params)
+    )
     return head, plan.sizes()["allreduce"] - head
 
 
@@ -180,10 +182,10 @@ def read_overlap(path: str) -> dict:
 
 
 def head_floats_at(image_shape) -> int:
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
 
     params = abstract_params(image_shape[0], image_shape[1])
-    return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(params))
+    return sum(la.fan_out * (la.fan_in + 1) for la in exchange.dense_layers(params))
 
 
 def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
@@ -224,18 +226,18 @@ def project_row(args, params, plan, p, bw, node_gflops, ov=None) -> dict:
 
 
 def project(args, params, node_gflops: float, ov=None) -> list[dict]:
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
 
     rows = []
     for gbits in args.networks:
         bw = gbits * 1e9 / 8
         for p in args.nodes:
             for scheme in SCHEMES:
-                plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
+                plan = exchange.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
                 row = project_row(args, params, plan, p, bw, node_gflops)
                 rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
             for scheme in OVERLAPPED if ov else ():
-                plan = comm.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
+                plan = exchange.make_plan(scheme, params, args.node_batch, p, args.powersgd_rank)
                 row = project_row(args, params, plan, p, bw, node_gflops, ov)
                 rows.append(dict(network_gbit_s=gbits, nodes=p, **row))
     return rows

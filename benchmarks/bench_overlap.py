@@ -120,13 +120,13 @@ def measure(args):
     import optax
 
     from mcnn_jax.model.mcnn import MCNN, init_params
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
     from mcnn_jax.parallel.nonblocking import Exchanger
     from mcnn_jax.step import create_state, make_train_step
 
     model = MCNN(num_classes=13)
     params = init_params(model, jax.random.key(0), (args.height, args.width, 3))
-    plan = comm.make_plan("factored", params, args.batch, 1)
+    plan = exchange.make_plan("factored", params, args.batch, 1)
     tx = optax.sgd(1e-4, momentum=0.9, nesterov=True)
     rng = np.random.default_rng(0)
     batch = dict(
@@ -134,7 +134,7 @@ def measure(args):
         label=rng.integers(0, 13, args.batch).astype(np.int32),
     )
 
-    summed = comm.make_plan("allreduce", params, args.batch, 1)
+    summed = exchange.make_plan("allreduce", params, args.batch, 1)
     exchangers = {}
 
     def build(sleep_gather: float, sleep_reduce: float):
@@ -179,11 +179,11 @@ def roundtrip_seconds(plan, params, reps: int = 4) -> float:
     import jax
     import jax.numpy as jnp
 
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
     from mcnn_jax.parallel.nonblocking import Exchanger
 
     ex = Exchanger()
-    shapes = [(la.fan_in, la.fan_out) for la in comm.dense_layers(params)]
+    shapes = [(la.fan_in, la.fan_out) for la in exchange.dense_layers(params)]
     xs = [jnp.ones(s, jnp.float32) for s in shapes]
     d = jnp.ones((1, shapes[0][0]), jnp.float32)
 
@@ -210,12 +210,12 @@ def head_floats(args) -> int:
     import jax.numpy as jnp
 
     from mcnn_jax.model.mcnn import MCNN
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
 
     shapes = jax.eval_shape(
         lambda: MCNN(num_classes=13).init(jax.random.key(0), jnp.zeros((1, args.height, args.width, 3)))
     )
-    return sum(la.fan_out * (la.fan_in + 1) for la in comm.dense_layers(shapes["params"]))
+    return sum(la.fan_out * (la.fan_in + 1) for la in exchange.dense_layers(shapes["params"]))
 
 
 def stage2_seconds(exchanger, skip: int) -> list:

@@ -107,7 +107,7 @@ def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
     from bench_comm import abstract_params, project_row, read_overlap
     from study_large_batch import epochs_to
 
-    from mcnn_jax.parallel import exchange as comm
+    from mcnn_jax.parallel import exchange
 
     mine = [r for r in runs_of(study) if r["recipe"] == recipe and not r["cycles"] and not r.get("comm")]
     runs = sorted((r for r in mine if not r.get("batch_schedule")), key=lambda r: r["global_batch"])
@@ -124,7 +124,7 @@ def rows_for(a, study: dict, recipe: str) -> tuple[float, list[dict]]:
             raise SystemExit(f"the global batch {g} of {name} is not a multiple of its {nodes} node(s)")
         local = g // nodes
         ns = SimpleNamespace(node_batch=local, node_image_s=a.node_image_s, latency_us=a.latency_us)
-        plan = comm.make_plan(a.scheme, params, local, nodes, a.powersgd_rank)
+        plan = exchange.make_plan(a.scheme, params, local, nodes, a.powersgd_rank)
         return local, project_row(ns, params, plan, nodes, a.network * 1e9 / 8, a.node_gflops, ov)
 
     out, base_hours = [], None

@@ -50,6 +50,16 @@ def data_defaults() -> ml_collections.ConfigDict:
     c.synthetic.saturation = 0
     c.synthetic.bits = 16
     c.synthetic.difficulty = 0.0  # 0..1: weaker, more variable phenotypes and more noise (a harder screen)
+    # whole-well montages (mcnn_jax.data.montage): with grid "RxC" (e.g. "2x2") the sites of each well are stitched
+    # into one image and training reads that montage store (one image per well); "" = off. A synthetic screen is
+    # then generated with whole wells (num_images rounded up to a multiple of 4 x num_classes; grid 2x2, 1x4, 4x1)
+    c.montage = ml_collections.ConfigDict()
+    c.montage.grid = ""
+    c.montage.order = "row"  # "row": site 1 top-left, left to right, row by row; "snake": rows 2, 4, ... right to left
+    c.montage.skip_incomplete = False  # leave out wells that lack sites (default: an error naming them)
+    # where the montage store goes; "" = beside data.store (<store>.montage-2x2-row) if that folder exists or the
+    # store's folder is writable, else <workdir>/data/montage-2x2-row (mcnn_jax/data/prepare.py)
+    c.montage.store = ""
     c.split = "random"  # "random" (seeded, stratified) or "compound" (leave one compound out)
     c.val_fraction = 0.2
     c.holdout_compound = ""  # with split="compound": the compound whose images are the validation set

@@ -7,7 +7,7 @@ A step has three parts, in this order:
    follows the micro-batch, not the local batch. The dense layers that the exchange plan
    (``mcnn_jax.parallel.exchange.Plan``, ``train.comm``) factors yield their inputs X and output gradients D instead of
    a weight gradient; the micro-batches' factors are stacked, so they are gathered once per step;
-2. ``comm.exchange_gradients``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
+2. ``exchange_gradients``: the summed gradients, the metric sums and the stop signal packed into ONE flat float32
    buffer and summed over the ranks with ONE allreduce (``allreduce``: ``World.allreduce_sum``; GradientFlow's fused
    "lazy" allreduce), the factors of all factored layers in at most ONE allgather (``World.allgather``), whatever the
    number of micro-batches (PowerSGD: two allreduces, P then Q). No host-side MPI call is needed per step:
@@ -37,8 +37,7 @@ import optax
 from flax.traverse_util import unflatten_dict
 
 from mcnn_jax.optim import smoothed_targets
-from mcnn_jax.parallel import exchange as comm
-from mcnn_jax.parallel import overlap
+from mcnn_jax.parallel import exchange, overlap
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -52,13 +51,13 @@ class TrainState(flax.struct.PyTreeNode):
 CHECKPOINTED = ("step", "params", "opt_state", "rng")  # the fields a checkpoint holds
 
 
-def create_state(params, tx: optax.GradientTransformation, seed: int, plan: comm.Plan | None = None) -> TrainState:
+def create_state(params, tx: optax.GradientTransformation, seed: int, plan: exchange.Plan | None = None) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
-        exchange_state=comm.powersgd_init(plan, seed) if plan is not None and plan.compressed else None,
+        exchange_state=exchange.powersgd_init(plan, seed) if plan is not None and plan.compressed else None,
     )
 
 
@@ -99,22 +98,22 @@ def rank_gradients(
     num_classes: int,
     label_smoothing: float = 0.0,
     microbatch: int = 0,
-    plan: comm.Plan | None = None,
+    plan: exchange.Plan | None = None,
     denominator=None,
 ):
     """(gradients, metric sums, factors) of this rank's local batch: the gradient of its mean loss (the loss summed
     over the batch / the batch's count) as a flat dict keyed by parameter paths, without the kernels of the
-    layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``comm.gradients_and_factors``). Computed over
+    layers ``plan`` factors, whose ``{path: (X, D)}`` come instead (``exchange.gradients_and_factors``). Computed over
     micro-batches of ``microbatch`` images by a ``lax.scan`` that adds up each micro-batch's gradient of (its
     loss sum / the whole batch's count) and its metric sums, and stacks its factors (rows of the local batch).
     With one micro-batch it is the plain gradient of the batch's mean loss. ``denominator``: the count to divide
     by (default: ``batch``'s own)."""
-    plan = plan or comm.Plan("allreduce", 1, 0, 0)
+    plan = plan or exchange.Plan("allreduce", 1, 0, 0)
     k = num_microbatches(batch["label"].shape[0], microbatch)
     loss_fn = _loss_fn(model, num_classes, label_smoothing, _count(batch) if denominator is None else denominator)
 
     def grad_fn(mb):
-        metrics, grads, factors = comm.gradients_and_factors(plan, lambda p: loss_fn(p, mb), params)
+        metrics, grads, factors = exchange.gradients_and_factors(plan, lambda p: loss_fn(p, mb), params)
         return (grads, metrics), factors
 
     if k == 1:
@@ -156,7 +155,7 @@ def overlapped_gradients(
     num_classes: int,
     label_smoothing: float,
     microbatch: int,
-    plan: comm.Plan,
+    plan: exchange.Plan,
     exchanger,
     sums: dict,
     allreduce=None,
@@ -178,7 +177,7 @@ def overlapped_gradients(
         earlier, m0, f0 = rank_gradients(model, params, first, num_classes, label_smoothing, size, plan, denominator)
         head = {key: g + earlier.pop(key) for key, g in head.items()}
         metrics = jax.tree_util.tree_map(jnp.add, metrics, m0)
-        factors = comm.concat_factors([f0, factors]) if factors else factors
+        factors = exchange.concat_factors([f0, factors]) if factors else factors
     sums = dict({key: v.astype(jnp.float32) for key, v in metrics.items()}, **sums)
     return overlap.exchange_overlapped(
         plan, exchanger, head, d_feats, body_vjp, earlier, factors, sums, allreduce, allgather
@@ -194,17 +193,17 @@ def make_train_step(
     num_ranks: int = 1,
     schedule: optax.Schedule | None = None,
     microbatch: int = 0,
-    plan: comm.Plan | None = None,
+    plan: exchange.Plan | None = None,
     allgather: Callable[[jax.Array], jax.Array] | None = None,
     exchanger=None,
 ):
     """Returns the jitted train step ``(state, batch, stop=0) -> (state, metrics)``. ``allreduce`` sums a flat
     float32 buffer over the ``num_ranks`` ranks, ``allgather`` stacks one per rank; ``plan``
-    (``comm.make_plan``) says which dense layers are exchanged as factors or compressed (None: every gradient is
+    (``exchange.make_plan``) says which dense layers are exchanged as factors or compressed (None: every gradient is
     summed). ``microbatch`` > 0 processes each rank's local batch in micro-batches of that many images (one
     exchange and one update per call all the same). ``exchanger`` (a ``nonblocking.Exchanger``; None: no
     overlap) sums the head's dense gradients while the branches' backward pass runs (``train.overlap``)."""
-    plan = plan or comm.Plan("allreduce", num_ranks, 0, 0)
+    plan = plan or exchange.Plan("allreduce", num_ranks, 0, 0)
     if plan.ranks != num_ranks:
         raise ValueError(f"the exchange plan is for {plan.ranks} ranks, the step for {num_ranks}")
     if exchanger is not None and plan.compressed:
@@ -232,7 +231,7 @@ def make_train_step(
             return grads, sums, comm_state
         grads, metrics, factors = rank_gradients(model, params, batch, num_classes, label_smoothing, microbatch, plan)
         sums = dict({k: v.astype(jnp.float32) for k, v in metrics.items()}, **sums)
-        return comm.exchange_gradients(plan, grads, factors, sums, comm_state, allreduce, allgather)
+        return exchange.exchange_gradients(plan, grads, factors, sums, comm_state, allreduce, allgather)
 
     def train_step(state: TrainState, batch, stop=0.0):
         grads, sums, comm_state = gradients(state.params, batch, stop, state.exchange_state)

@@ -33,7 +33,7 @@ from mcnn_jax.model.flops import mcnn_flops
 from mcnn_jax.model.mcnn import from_config, init_params
 from mcnn_jax.optim import batch_schedule
 from mcnn_jax.optim.batch_schedule import BatchSchedule
-from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel import exchange
 from mcnn_jax.parallel.nonblocking import Exchanger
 from mcnn_jax.parallel.world import World, init_world
 from mcnn_jax.runtime import StopRequest, setup_logging
@@ -216,7 +216,9 @@ def _initial_state(config, model, tx, image_shape, ckpt, world, sched: BatchSche
     Returns it with the exchange's plan (``train.comm``) of each phase of the batch schedule."""
     params = init_params(model, jax.random.key(config.seed), image_shape)
     plans = tuple(
-        comm.make_plan(config.train.comm, params, p.global_batch // world.size, world.size, config.train.powersgd_rank)
+        exchange.make_plan(
+            config.train.comm, params, p.global_batch // world.size, world.size, config.train.powersgd_rank
+        )
         for p in sched.phases
     )
     state = create_state(params, tx, config.seed, plans[0])  # PowerSGD's state does not depend on the batch

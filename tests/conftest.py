@@ -1,4 +1,5 @@
-"""Shared fixtures: small stores built once per session; MPI tests run alone under pytest-xdist."""
+"""Shared fixtures: small stores built once per session; MPI tests run alone under pytest-xdist; one persistent XLA
+compilation cache for the whole run."""
 
 import fcntl
 import os
@@ -7,6 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# One XLA compilation cache for the run, shared by the xdist workers and every process a test starts (mcnn-train,
+# mpiexec): the tiny config's train step, compiled by dozens of subprocesses, is compiled once. Set before JAX is
+# imported (the variables are read then, and subprocesses inherit them); a run's own directory, so a test never
+# reads a program compiled by another checkout.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"mcnn-jax-xla-cache-{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The tests are compile-bound (tiny fields, a few steps): XLA's backend at optimisation level 0 compiles the tiny
+# config's train step in ~40% of the time (benchmarks/README.md, "The test suite"). Every comparison in a test is
+# between programs compiled alike; the benchmarks (check_gradients.py, bench_train.py) run at XLA's default level.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 REPO = Path(__file__).resolve().parents[1]
 BBBC021_CSVS = REPO.parent / "shared" / "bbbc021"  # CI: ../shared/bbbc021 relative to the repo root
@@ -103,7 +117,7 @@ def assert_same_model(plain, other, params, x, labels):
     np.testing.assert_allclose(
         jax.jit(other.apply)({"params": params}, x), jax.jit(plain.apply)({"params": params}, x), rtol=1e-5, atol=1e-6
     )
-    grad = jax.jit(jax.grad(loss_fn(x, labels)), static_argnums=1)
-    g0, g1 = grad(params, plain), grad(params, other)
+    grad = jax.jit(jax.grad(lambda p, m, x, y: loss_fn(x, y)(p, m)), static_argnums=1)  # x an argument, not a
+    g0, g1 = grad(params, plain, x, labels), grad(params, other, x, labels)  # constant that XLA would fold
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
         assert rel_err(b, a) < 1e-4, jax.tree_util.keystr(path)

@@ -12,7 +12,7 @@ import numpy as np
 from mcnn_jax import optim
 from mcnn_jax.config import load_config
 from mcnn_jax.model.mcnn import from_config, init_params
-from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel import exchange
 from mcnn_jax.parallel.nonblocking import Exchanger
 from mcnn_jax.parallel.world import fail_fast, init_world
 from mcnn_jax.step import create_state, make_train_step
@@ -39,7 +39,7 @@ def run(optimizer: str, scheme: str, rank: int = 4, exchanger=None, microbatch: 
     c.base_lr, c.warmup_epochs, c.decay, c.trust_coefficient = 0.5, 0.0, "constant", 0.05
     schedule = optim.make_schedule(c, 4, 2 * LOCAL)
     tx = optim.make_optimizer(c, schedule)
-    plan = comm.make_plan(scheme, params, LOCAL, world.size, rank)
+    plan = exchange.make_plan(scheme, params, LOCAL, world.size, rank)
     step = make_train_step(
         model,
         tx,

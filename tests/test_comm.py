@@ -16,7 +16,7 @@ from conftest import rel_err
 from flax.traverse_util import flatten_dict
 
 from mcnn_jax.model.mcnn import MCNN, init_params
-from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel import exchange
 from mcnn_jax.step import create_state, loss_and_metrics, make_train_step, rank_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,21 +39,21 @@ def setup():
 
 def test_dense_layers_are_found(setup):
     params, _, _ = setup
-    assert comm.dense_layers(params) == [comm.Layer(("hidden",), 40, 24), comm.Layer(("logits",), 24, 3)]
+    assert exchange.dense_layers(params) == [exchange.Layer(("hidden",), 40, 24), exchange.Layer(("logits",), 24, 3)]
 
 
 def test_factored_gradient_equals_the_plain_gradient(setup):
     params, _, loss_fn = setup
-    plain = comm.make_plan("allreduce", params, 5, 1)
-    factored = comm.make_plan("factored", params, 5, 1)
+    plain = exchange.make_plan("allreduce", params, 5, 1)
+    factored = exchange.make_plan("factored", params, 5, 1)
     assert [la.path for la in factored.factored] == [("hidden",), ("logits",)]
-    sums0, g0, f0 = comm.gradients_and_factors(plain, loss_fn, params)
-    sums1, g1, f1 = comm.gradients_and_factors(factored, loss_fn, params)
+    sums0, g0, f0 = exchange.gradients_and_factors(plain, loss_fn, params)
+    sums1, g1, f1 = exchange.gradients_and_factors(factored, loss_fn, params)
     assert not f0 and set(f1) == {("hidden",), ("logits",)}
     assert f1[("hidden",)][0].shape == (5, 40) and f1[("hidden",)][1].shape == (5, 24)
     assert ("hidden", "kernel") not in g1 and ("hidden", "bias") in g1  # kernels: only as factors
-    e0, _ = comm.exchange_exact(plain, g0, f0, sums0)
-    e1, _ = comm.exchange_exact(factored, g1, f1, sums1)
+    e0, _ = exchange.exchange_exact(plain, g0, f0, sums0)
+    e1, _ = exchange.exchange_exact(factored, g1, f1, sums1)
     assert set(e0) == set(e1) == set(flatten_dict(params))
     for k in e0:
         assert rel_err(e1[k], e0[k]) < 1e-5, k
@@ -78,35 +78,37 @@ def _dot_shapes(fn, *args):
 def test_the_local_weight_gradient_of_a_factored_layer_is_never_computed(setup):
     params, _, loss_fn = setup
     for scheme, computed in (("allreduce", True), ("factored", False)):
-        plan = comm.make_plan(scheme, params, 5, 1)
-        shapes = _dot_shapes(lambda p: comm.gradients_and_factors(plan, loss_fn, p), params)
+        plan = exchange.make_plan(scheme, params, 5, 1)
+        shapes = _dot_shapes(lambda p: exchange.gradients_and_factors(plan, loss_fn, p), params)
         assert ((40, 24) in shapes or (24, 40) in shapes) == computed, (scheme, shapes)  # dW or dW^T
 
 
 def test_auto_factors_only_when_the_factors_are_smaller(setup):
     params, _, _ = setup
     # hidden 40x24: summing sends 2 (R-1)/R x 960 floats; the factors x b x 64: fewer for b x R < 30
-    small = comm.make_plan("auto", params, local_batch=2, ranks=8)
+    small = exchange.make_plan("auto", params, local_batch=2, ranks=8)
     assert [la.path for la in small.factored] == [("hidden",)]  # logits 24x3: factors 8 x 2 x 27 > 2 x 72
-    big = comm.make_plan("auto", params, local_batch=8, ranks=8)
+    big = exchange.make_plan("auto", params, local_batch=8, ranks=8)
     assert big.factored == ()
-    assert big.sizes() == comm.make_plan("allreduce", params, 8, 8).sizes()
-    assert comm.make_plan("auto", params, local_batch=1, ranks=1).factored == ()  # one rank sends nothing
+    assert big.sizes() == exchange.make_plan("allreduce", params, 8, 8).sizes()
+    assert exchange.make_plan("auto", params, local_batch=1, ranks=1).factored == ()  # one rank sends nothing
     for plan in (small, big):
-        for la in comm.dense_layers(params):
+        for la in exchange.dense_layers(params):
             chosen = la in plan.factored
             assert chosen == (la.factored_bytes(plan.local_batch, 8) < la.allreduce_bytes(8))
-    assert small.bytes_sent()["total"] < comm.make_plan("allreduce", params, 2, 8).bytes_sent()["total"]
+    assert small.bytes_sent()["total"] < exchange.make_plan("allreduce", params, 2, 8).bytes_sent()["total"]
     with pytest.raises(ValueError, match="train.comm must be one of"):
-        comm.make_plan("allgather", params, 1, 1)
+        exchange.make_plan("allgather", params, 1, 1)
 
 
 def test_auto_at_full_resolution_factors_the_hidden_layer_below_about_1000_images():
     shapes = jax.eval_shape(lambda: MCNN(num_classes=13).init(jax.random.key(0), jnp.zeros((1, 1024, 1280, 3))))
     params = shapes["params"]
-    assert comm.dense_layers(params)[0] == comm.Layer(("hidden",), 81920, 512)
-    assert [la.path for la in comm.make_plan("auto", params, 16, 8).factored] == [("hidden",)]
-    assert comm.make_plan("auto", params, 16, 64).factored == ()  # global batch 1024 > 2 x 81920 x 512 / 82432 = 1017.6
+    assert exchange.dense_layers(params)[0] == exchange.Layer(("hidden",), 81920, 512)
+    assert [la.path for la in exchange.make_plan("auto", params, 16, 8).factored] == [("hidden",)]
+    assert (
+        exchange.make_plan("auto", params, 16, 64).factored == ()
+    )  # global batch 1024 > 2 x 81920 x 512 / 82432 = 1017.6
 
 
 def _train(plan, params, batch, steps=3, lr=0.5):
@@ -120,9 +122,9 @@ def _train(plan, params, batch, steps=3, lr=0.5):
 
 def test_powersgd_at_full_rank_reproduces_the_plain_update(setup):
     params, batch, _ = setup
-    plain, _ = _train(comm.make_plan("allreduce", params, 5, 1), params, batch)
-    full, m = _train(comm.make_plan("powersgd", params, 5, 1, powersgd_rank=24), params, batch)
-    low, _ = _train(comm.make_plan("powersgd", params, 5, 1, powersgd_rank=1), params, batch)
+    plain, _ = _train(exchange.make_plan("allreduce", params, 5, 1), params, batch)
+    full, m = _train(exchange.make_plan("powersgd", params, 5, 1, powersgd_rank=24), params, batch)
+    low, _ = _train(exchange.make_plan("powersgd", params, 5, 1, powersgd_rank=1), params, batch)
     flat = {
         k: (flatten_dict(full.params)[k], flatten_dict(low.params)[k], v) for k, v in flatten_dict(plain.params).items()
     }
@@ -137,7 +139,7 @@ def test_powersgd_at_full_rank_reproduces_the_plain_update(setup):
 
 def test_the_stop_signal_is_summed_in_the_step(setup):
     params, batch, _ = setup
-    plan = comm.make_plan("auto", params, 5, 1)
+    plan = exchange.make_plan("auto", params, 5, 1)
     tx = optax.sgd(0.1)
     step = make_train_step(MODEL, tx, 3, plan=plan)
     state, m = step(create_state(jax.tree_util.tree_map(jnp.array, params), tx, 0), batch)
@@ -176,7 +178,7 @@ def test_factored_with_micro_batches_equals_the_plain_step(setup):
     batch6 = dict(image=np.concatenate([batch["image"], batch["image"][:1]]), label=np.array([0, 1, 2, 0, 1, 2]))
     tx = optax.sgd(0.5)
     plain = make_train_step(MODEL, tx, 3, 0.1)
-    factored_plan = comm.make_plan("factored", params, 6, 1)
+    factored_plan = exchange.make_plan("factored", params, 6, 1)
     micro = make_train_step(MODEL, tx, 3, 0.1, microbatch=2, plan=factored_plan)
     _, _, factors = rank_gradients(MODEL, params, batch6, 3, 0.1, microbatch=2, plan=factored_plan)
     assert factors[("hidden",)][0].shape == (6, 40) and factors[("logits",)][1].shape == (6, 3)
@@ -205,7 +207,7 @@ def test_one_packed_allreduce_and_at_most_one_allgather_per_step(setup, scheme, 
         calls["allgather"] += 1
         return jnp.stack([x, x])
 
-    plan = comm.make_plan(scheme, params, 6, 2)  # auto: factors the hidden layer, sums the output layer
+    plan = exchange.make_plan(scheme, params, 6, 2)  # auto: factors the hidden layer, sums the output layer
     tx = optax.sgd(0.1)
     step = make_train_step(MODEL, tx, 3, microbatch=2, plan=plan, allreduce=allreduce, allgather=allgather, num_ranks=2)
     step.lower(create_state(params, tx, 0, plan), batch6)  # traces, does not run

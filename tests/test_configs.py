@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from mcnn_jax.config import apply_overrides, base_config, config_module, load_config, published_recipe
+from mcnn_jax.data.montage import parse_grid
 from mcnn_jax.model.mcnn import from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -18,8 +19,9 @@ def test_config_loads_locked_with_its_command(path):
         config.train.not_a_key = 1
     h, w, c = config.model.input_shape
     from_config(config.model)  # builds
-    if config.data.synthetic.enabled:
-        assert (config.data.synthetic.height, config.data.synthetic.width) == (h, w)
+    if config.data.synthetic.enabled:  # the fields, or with data.montage their whole-well montages
+        rows, cols = parse_grid(config.data.montage.grid) if config.data.montage.grid else (1, 1)
+        assert (rows * config.data.synthetic.height, cols * config.data.synthetic.width) == (h, w)
 
 
 def test_published_recipe_preset():

@@ -81,6 +81,21 @@ def test_two_ranks_in_microbatches_equal_one_rank_with_the_whole_batch(store, on
     assert max_rel_diff(load_model(tmp_path, "latest")[1], load_model(one_rank, "latest")[1]) < 1e-5
 
 
+STREAMED = ("model.stream_tile=64", "model.stream_branches=-1")
+
+
+def test_two_ranks_streamed_equal_one_rank_unstreamed(store, one_rank, tmp_path):
+    """model.stream_tile=64 (every branch in 2x2 tiles) on 2 ranks: the unstreamed 1-rank run's parameters; the
+    checkpoint loads as any other and its streamed model gives the unstreamed model's logits."""
+    train(tmp_path, store, 2, "train.max_steps=5", "train.checkpoint_every_steps=1", *STREAMED)
+    model, params, meta = load_model(tmp_path, "latest")
+    plain, one, _ = load_model(one_rank, "latest")
+    assert meta["step"] == 5 and model.stream_tile == 64 and plain.stream_tile == 0
+    assert max_rel_diff(params, one) < 1e-5
+    x = np.random.default_rng(0).random((2, 128, 128, 3), np.float32)
+    assert max_rel_diff(jax.jit(model.apply)({"params": params}, x), jax.jit(plain.apply)({"params": params}, x)) < 1e-5
+
+
 def test_checkpoint_of_two_ranks_resumes_on_one(store, one_rank, tmp_path):
     train(tmp_path, store, 2, "train.max_steps=3", "train.checkpoint_every_steps=1")
     proc = train(tmp_path, store, 1, "train.max_steps=5", "train.checkpoint_every_steps=1")

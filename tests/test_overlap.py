@@ -13,8 +13,7 @@ import pytest
 from conftest import rel_err
 
 from mcnn_jax.model.mcnn import MCNN, Branch, init_params
-from mcnn_jax.parallel import exchange as comm
-from mcnn_jax.parallel import overlap
+from mcnn_jax.parallel import exchange, overlap
 from mcnn_jax.parallel.nonblocking import Exchanger
 from mcnn_jax.step import create_state, loss_and_metrics, make_train_step
 
@@ -43,7 +42,7 @@ def _train(params, batch, plan, microbatch, exchanger, steps=3):
 )
 def test_the_overlapped_step_gives_the_plain_steps_parameters(setup, scheme, microbatch):
     params, batch = setup
-    plan = comm.make_plan(scheme, params, 6, 1)
+    plan = exchange.make_plan(scheme, params, 6, 1)
     exchanger = Exchanger()
     plain, m0 = _train(params, batch, plan, microbatch, None)
     over, m1 = _train(params, batch, plan, microbatch, exchanger)
@@ -69,7 +68,7 @@ def test_the_body_runs_once(setup):
     """The head's pass traces the body's forward too, unused: XLA must drop it (as many convolutions as the plain
     step)."""
     params, batch = setup
-    plan = comm.make_plan("auto", params, 6, 1)
+    plan = exchange.make_plan("auto", params, 6, 1)
     tx = optax.sgd(0.1)
     state = create_state(params, tx, 0, plan)
     texts = {}
@@ -101,7 +100,7 @@ def _marker(times):
 
 def test_start_comes_before_the_branches_backward_pass_and_finish_after_it(setup):
     params, batch = setup
-    plan = comm.make_plan("auto", params, 6, 1)
+    plan = exchange.make_plan("auto", params, 6, 1)
     exchanger = Exchanger(delay=0.2)
     stage2 = []
     mark = _marker(stage2)
@@ -146,7 +145,9 @@ def test_the_exchanger_sums_in_the_background():
 def test_overlap_rejects_powersgd_and_a_head_that_is_not_the_tail(setup):
     params, batch = setup
     with pytest.raises(ValueError, match="train.overlap=True supports the exact exchanges"):
-        make_train_step(MODEL, optax.sgd(0.1), 3, plan=comm.make_plan("powersgd", params, 6, 1), exchanger=Exchanger())
+        make_train_step(
+            MODEL, optax.sgd(0.1), 3, plan=exchange.make_plan("powersgd", params, 6, 1), exchanger=Exchanger()
+        )
 
     class Scaled(nn.Module):  # a dense layer, then a parameter that is not a dense layer's
         @nn.compact
@@ -163,4 +164,4 @@ def test_overlap_rejects_powersgd_and_a_head_that_is_not_the_tail(setup):
         return loss, metrics
 
     with pytest.raises(ValueError, match="the head also uses \\['scale'\\]"):
-        overlap.stage_one(model, loss_fn, comm.make_plan("allreduce", p, 6, 1), p, batch)
+        overlap.stage_one(model, loss_fn, exchange.make_plan("allreduce", p, 6, 1), p, batch)

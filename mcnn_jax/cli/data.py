@@ -7,6 +7,7 @@ mcnn-data ome-zarr  --plate PLATE.zarr --out STORE [--level 0] [--labels TABLE.c
 mcnn-data folder    --images DIR --out STORE
 mcnn-data synthetic --out DIR [--channels 3|5] [--images N] [--classes K] [--height H] [--width W] [--seed S]
                     [--store STORE]
+mcnn-data montage   SRC --out DST --grid 2x2 [--order row|snake] [--skip-incomplete]   # one image per well
 mcnn-data info      STORE
 """
 
@@ -34,6 +35,15 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
     p.add_argument("--workers", type=int, default=2, help="threads reading and processing images (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _grid(text: str) -> tuple[int, int]:
+    from mcnn_jax.data.montage import parse_grid
+
+    try:
+        return parse_grid(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _plane(text: str) -> tuple[str, int]:
@@ -261,6 +271,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
+        "montage",
+        help="stitch the sites of each well of a store into one image (a new store, one image per well)",
+        description="Write the whole-well montage of a complete store: the sites of each (plate, well) stitched "
+        "into one [rows*H, cols*W, C] image, site 1 top-left (see mcnn_jax.data.montage). Every well must have "
+        "all rows*cols sites.",
+    )
+    p.add_argument(
+        "source", type=Path, metavar="SRC", help="the store of the fields (with plate, well and site metadata)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="the store directory to write")
+    p.add_argument(
+        "--grid", required=True, type=_grid, metavar="RxC", help="rows x columns of sites in a well, e.g. 2x2 or 3x3"
+    )
+    p.add_argument(
+        "--order",
+        choices=("row", "snake"),
+        default="row",
+        help="row: site 1 top-left, then left to right, row by row (default); snake: the second, fourth, ... "
+        "rows right to left, as a microscope's serpentine scan",
+    )
+    p.add_argument(
+        "--skip-incomplete",
+        action="store_true",
+        help="leave out wells that lack sites (counted in a warning; default: an error naming them)",
+    )
+    p.add_argument(
+        "--codec", default=None, choices=sorted(CODECS), help="compression of the images (default: the source's)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
         "info", help="describe a store", description="Print a store's images per class, size, dtype and compounds."
     )
     p.add_argument("store", type=Path)
@@ -283,8 +325,15 @@ def describe(path) -> str:
             if "scaling" in s.info
             else ""
         ),
-        f"classes     {len(s.class_names)}",
     ]
+    if "montage" in s.info:
+        m = s.info["montage"]
+        skipped = len(m.get("skipped_wells", []))
+        lines.append(
+            f"montage     {m['grid'][0]}x{m['grid'][1]} sites a well ({m['order']} order) of {m['source']}"
+            + (f"; {skipped} incomplete well(s) left out" if skipped else "")
+        )
+    lines.append(f"classes     {len(s.class_names)}")
     width = max(len(n) for n in s.class_names)
     comp = s.metadata.get("compound", [""] * s.num_images)
     for name, n in s.class_counts().items():
@@ -359,6 +408,21 @@ def _folder(args):
     return import_folder(args.images, args.out, **_store(args))
 
 
+def _montage(args):
+    from mcnn_jax.data.montage import montage_store
+
+    return montage_store(
+        args.source,
+        args.out,
+        args.grid,
+        args.order,
+        args.skip_incomplete,
+        codec=args.codec,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+
+
 def _synthetic(args):
     t0 = time.perf_counter()
     common = (
@@ -410,6 +474,7 @@ COMMANDS = {
     "ome-zarr": _ome_zarr,
     "folder": _folder,
     "synthetic": _synthetic,
+    "montage": _montage,
 }
 
 

@@ -1,6 +1,7 @@
 """``mcnn-train``: trains an M-CNN from a config file, on one process or under ``mpiexec -n N``.
 
     mcnn-train --config configs/default.py --workdir runs/default [--config.KEY=VALUE ...]
+    mcnn-train --config configs/montage.py --dry-run [--ranks N]    # the expected peak memory per rank, then exit
 
 Rerunning the same command resumes from the work directory's latest checkpoint. Overrides: any config key,
 e.g. --config.train.global_batch=64 --config.optim.name=lars (a misspelt key is an error that lists the valid
@@ -34,14 +35,29 @@ def parse_args(argv):
         sys.exit(0)
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the summary go", flag_values=fv)
-    argv = ["mcnn-train", *argv]
+    flags.DEFINE_bool("dry_run", False, "print the expected peak memory per rank and exit", flag_values=fv)
+    flags.DEFINE_integer("ranks", 0, "with --dry-run: the number of MPI ranks (default: this launch's)", flag_values=fv)
+    argv = ["mcnn-train", *["--dry_run" if a == "--dry-run" else a for a in argv]]
     try:
         parse_config_flags(argv, fv)
     except flags.Error as e:
         raise ValueError(f"{e}; usage: mcnn-train --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]")
-    if not fv.workdir:
+    if not fv.workdir and not fv.dry_run:
         raise ValueError("--workdir DIR is required")
-    return fv.config, fv.workdir
+    return fv.config, fv.workdir, fv.dry_run, fv.ranks
+
+
+def dry_run(config, ranks: int) -> None:
+    """Prints ``memory.estimate`` for the config (its ``model.input_shape``; the classes of its synthetic screen,
+    else ``model.num_classes``) as a summary and as JSON."""
+    import json
+
+    from mcnn_jax.memory import describe, estimate
+
+    classes = config.data.synthetic.num_classes if config.data.synthetic.enabled else config.model.num_classes
+    est = estimate(config, num_classes=classes, ranks=ranks)
+    print(describe(est))
+    print(json.dumps(est))
 
 
 def _fail(world, code: int, message: str):
@@ -59,8 +75,12 @@ def main(argv=None):
     setup_logging(rank=world.rank, size=world.size)  # train_and_evaluate adds the per-rank file
     fail_fast(world)
     try:
-        config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
+        config, workdir, dry, ranks = parse_args(sys.argv[1:] if argv is None else argv)
         enable_compilation_cache()
+        if dry:
+            if world.is_primary:
+                dry_run(config, ranks or world.size)
+            return
         from mcnn_jax.train import TrainingDiverged, train_and_evaluate
 
         try:

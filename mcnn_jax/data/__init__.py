@@ -10,8 +10,8 @@
 
 Importers: ``import_bbbc021``, ``import_manifest`` (any screen from a table, any number of channels),
 ``import_ome_zarr`` (NGFF HCS plates), ``import_folder``; synthetic screens: ``generate_screen`` (BBBC021
-layout) + ``prepare_synthetic_store``, ``generate_cellpainting_screen`` (five channels). The CLI is ``mcnn-data``
-(mcnn_jax.cli.data).
+layout) + ``prepare_synthetic_store``, ``generate_cellpainting_screen`` (five channels); whole-well montages of a
+store: ``montage_store``. The CLI is ``mcnn-data`` (mcnn_jax.cli.data).
 """
 
 from mcnn_jax.data.augment import Augment
@@ -20,6 +20,7 @@ from mcnn_jax.data.bbbc021 import import_bbbc021
 from mcnn_jax.data.cellpainting import generate_cellpainting_screen
 from mcnn_jax.data.folder import import_folder
 from mcnn_jax.data.manifest import import_manifest
+from mcnn_jax.data.montage import montage_store
 from mcnn_jax.data.omezarr import import_ome_zarr
 from mcnn_jax.data.reader import Reader
 from mcnn_jax.data.split import split_indices
@@ -53,6 +54,7 @@ __all__ = [
     "import_folder",
     "import_manifest",
     "import_ome_zarr",
+    "montage_store",
     "open_store",
     "prepare_synthetic_store",
     "split_indices",

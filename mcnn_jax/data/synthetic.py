@@ -409,6 +409,13 @@ def layout(
     return [dataclasses.replace(x, image_number=i + 1) for i, x in enumerate(sites)]
 
 
+def whole_well_images(num_images: int, num_classes: int) -> int:
+    """The smallest number of images >= ``num_images`` for which ``layout`` gives every well all its
+    ``SITES_PER_WELL`` sites: a multiple of SITES_PER_WELL x num_classes (each class then fills whole wells)."""
+    per = SITES_PER_WELL * num_classes
+    return max(1, math.ceil(num_images / per)) * per
+
+
 def _plate_dir(site: Site) -> tuple[str, str]:
     name = f"Week{site.week}_{20000 + site.plate}"
     return f"Week{site.week}/{name}", name

@@ -144,6 +144,7 @@ def train_fold(config_file, fold_path: Path, store_path, compound: str, override
         f"--config.data.holdout_compound={compound}",
         "--config.train.target_accuracy=0",
         *[f"--config.{o}" for o in overrides],
+        "--config.data.montage.grid=",  # the store is the prepared one (a montage already, with data.montage)
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd)

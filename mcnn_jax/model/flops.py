@@ -1,5 +1,8 @@
 """FLOPs of the M-CNN per image, counted layer by layer (a multiply-add is 2 FLOPs; pooling and ReLU are free).
 
+The count is the model's, whatever the form: exact streaming (``model.stream_tile``) computes each tile's halo
+again on top of it, which ``mcnn_jax.model.stream.halo_overhead`` gives.
+
 Training FLOPs = forward + backward, where the backward pass computes every weight gradient (as many FLOPs
 as the forward layer) and every input gradient except that of each branch's first convolution (whose input
 is the image, which nothing differentiates).
@@ -25,6 +28,8 @@ def layer_flops(model: MCNN, height: int = 1024, width: int = 1280, channels: in
     pixels = (height // total) * (width // total)
     rows.append(dict(name="merge", forward=2 * sum(model.widths) * model.merge_width * pixels, input_grad=True))
     flat = (height // total // model.merge_pool) * (width // total // model.merge_pool) * model.merge_width
+    if model.head != "flatten":  # global pooling of the merged map: one value per channel
+        flat = model.merge_width
     rows.append(dict(name="hidden", forward=2 * flat * model.head_width, input_grad=True))
     rows.append(dict(name="logits", forward=2 * model.head_width * model.num_classes, input_grad=True))
     return rows

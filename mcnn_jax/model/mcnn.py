@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 
 from mcnn_jax.model.layers import IMPLS, Conv, max_pool
+from mcnn_jax.model.stream import check_stream, streamed_branch
 
 PUBLISHED_POOL_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 PUBLISHED_WIDTHS = (16, 16, 16, 32, 32, 32, 64)
 PUBLISHED_POST_POOLS = (64, 32, 16, 8, 4, 2, 1)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HEADS = ("flatten", "global_max", "global_avg")
 
 
 def check_architecture(pool_factors, widths, post_pools) -> int:
@@ -104,6 +106,13 @@ class MCNN(nn.Module):
     # "native" (C++ kernels, mcnn_jax.model.native, falling back to "fast" where they do not apply), "fast"
     # (XLA with faster gradients) or "xla" (plain): the same function and parameters (mcnn_jax.model.layers)
     impl: str = "native"
+    # the head on the merged, merge-pooled map: "flatten" (published: every cell into the dense hidden layer, whose
+    # size grows with the field), "global_max" or "global_avg" (pooled over the field: any field size)
+    head: str = "flatten"
+    # exact streaming (mcnn_jax.model.stream): the first ``stream_branches`` branches (-1: all) computed in tiles
+    # of ``stream_tile`` x ``stream_tile`` input pixels (a multiple of the common pooling; 0 = off)
+    stream_tile: int = 0
+    stream_branches: int = 3
 
     @nn.compact
     def __call__(self, x):
@@ -115,6 +124,11 @@ class MCNN(nn.Module):
             raise ValueError(f"norm must be 'none' or 'group', got {self.norm!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"model.head must be one of {HEADS}, got {self.head!r}")
+        streamed = self.streamed_branches()
+        if any(streamed):
+            check_stream(self.stream_tile, x.shape[1], x.shape[2], total, self.norm)
         dtype = _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
         remat = self.remat if isinstance(self.remat, (list, tuple)) else [bool(self.remat)] * len(self.widths)
         if len(remat) != len(self.widths):
@@ -122,6 +136,22 @@ class MCNN(nn.Module):
         x = x.astype(dtype)
         outs = []
         for k, (f, w, p) in enumerate(zip(self.pool_factors, self.widths, self.post_pools)):
+            if streamed[k]:  # recomputed tile by tile in the backward pass: remat is implied
+                outs.append(
+                    streamed_branch(
+                        x,
+                        name=f"branch{k}",
+                        pool=f,
+                        width=w,
+                        post_pool=p,
+                        tile=self.stream_tile,
+                        num_convs=self.convs_per_branch,
+                        kernel_size=self.kernel_size,
+                        dtype=dtype,
+                        impl=self.impl,
+                    )
+                )
+                continue
             cls = nn.remat(Branch) if remat[k] else Branch
             outs.append(
                 cls(
@@ -148,7 +178,10 @@ class MCNN(nn.Module):
         )(x)
         x = nn.relu(x)
         x = max_pool(x, self.merge_pool, self.impl)
-        x = x.reshape((x.shape[0], -1))
+        if self.head == "flatten":
+            x = x.reshape((x.shape[0], -1))
+        else:
+            x = x.max(axis=(1, 2)) if self.head == "global_max" else x.mean(axis=(1, 2))
         x = nn.Dense(
             self.head_width,
             dtype=dtype,
@@ -165,6 +198,14 @@ class MCNN(nn.Module):
             name="logits",
         )(x)
         return x.astype(jnp.promote_types(dtype, jnp.float32))  # float32 (float64 for a float64 model)
+
+    def streamed_branches(self) -> list[bool]:
+        """Which branches are computed tile by tile (``stream_tile`` and ``stream_branches``)."""
+        n = len(self.widths)
+        if self.stream_branches < -1 or self.stream_branches > n:
+            raise ValueError(f"model.stream_branches must be -1 (all) or 0..{n}, got {self.stream_branches}")
+        count = n if self.stream_branches == -1 else self.stream_branches
+        return [self.stream_tile != 0 and k < count for k in range(n)]
 
 
 # the config's model keys: MCNN's own fields (not Flax's parent / name), so a new field needs no edit here

@@ -7,13 +7,13 @@ does not need its sum. So the local gradients of the last (or only) micro-batch 
 1. ``stage_one``: the body (every layer before the first dense layer, the "cut") forward under ``jax.vjp``,
    giving the features at the cut; then the head (the dense layers) as a function of its parameters and those
    features: the head's gradients (or, for the dense layers the plan factors, their X and D, as
-   ``comm.gradients_and_factors`` gives them), the metric sums and ``d_features``;
+   ``exchange.gradients_and_factors`` gives them), the metric sums and ``d_features``;
 2. ``exchange``: ``Exchanger.start`` of the head's summed dense gradients (packed into one buffer on the host), which
    passes ``d_features`` through, so that the branches' backward (the body's vjp on ``d_features``) runs after
    the start; ``Exchanger.finish`` takes the branches' gradients as an operand, so that it waits only after
    them; meanwhile the sum travels on the exchanger's thread. (``jax.lax.optimization_barrier`` would not do:
    XLA:CPU's compiler drops it, and the finish ran right after the start.) The rest
-   goes as without overlap (``comm.exchange_exact``): the body's gradients, the metric sums and the stop signal
+   goes as without overlap (``exchange.exchange_exact``): the body's gradients, the metric sums and the stop signal
    in the one packed mpi4jax allreduce, the factored layers' X and D in at most one mpi4jax allgather.
 
 Collectives per step with overlap: one background allreduce (the head's summed dense layers: kernels and
@@ -29,7 +29,7 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.interpreters import partial_eval as pe
 
-from mcnn_jax.parallel import exchange as comm
+from mcnn_jax.parallel import exchange
 
 FEATURES = ("__features__",)  # the cut's features, as one more "parameter" of the head
 
@@ -49,7 +49,7 @@ def _calls(path, context) -> bool:
 def split(model, params, images) -> tuple[tuple, set]:
     """The cut (the path of the first dense layer the model calls) and the head's parameter keys (the dense
     layers', as flat-dict paths)."""
-    layers = {la.path for la in comm.dense_layers(params)}
+    layers = {la.path for la in exchange.dense_layers(params)}
     order = []
 
     def record(next_fun, args, kwargs, context):
@@ -87,8 +87,8 @@ def _features(model, params, images, cut):
 
 def _head_loss(loss_fn, body: dict, cut, batch):
     """``(head params + FEATURES as a tree) -> (loss, metrics)``, and the interceptor that feeds the features to
-    the cut layer (installed outside ``comm.gradients_and_factors``, so that a factored cut layer records them as X).
-    The body's forward pass is traced too but nothing uses it: XLA drops it."""
+    the cut layer (installed outside ``exchange.gradients_and_factors``, so that a factored cut layer records them
+    as X). The body's forward pass is traced too but nothing uses it: XLA drops it."""
     holder = {}
 
     def feed(next_fun, args, kwargs, context):
@@ -104,7 +104,7 @@ def _head_loss(loss_fn, body: dict, cut, batch):
     return head_loss, feed
 
 
-def stage_one(model, loss_fn, plan: comm.Plan, params, batch):
+def stage_one(model, loss_fn, plan: exchange.Plan, params, batch):
     """Stage 1 on ``batch``: ``(metrics, head gradients, factors, d_features, body_vjp)``. ``loss_fn(params,
     batch) -> (loss, metrics)``; head gradients: a flat dict of the head's parameters but the factored kernels;
     ``body_vjp(d_features)`` -> (the body's gradients as a flat dict,)."""
@@ -121,7 +121,7 @@ def stage_one(model, loss_fn, plan: comm.Plan, params, batch):
     _check_tail(make, body, head_tree)
     head_loss, feed = make(body)
     with nn.intercept_methods(feed):
-        metrics, grads, factors = comm.gradients_and_factors(plan, head_loss, head_tree)
+        metrics, grads, factors = exchange.gradients_and_factors(plan, head_loss, head_tree)
     d_feats = grads.pop(FEATURES)
     return metrics, grads, factors, d_feats, body_vjp
 
@@ -146,7 +146,7 @@ def _check_tail(make, body, head_tree):
 
 
 def exchange_overlapped(
-    plan: comm.Plan,
+    plan: exchange.Plan,
     exchanger,
     head: dict,
     d_feats,
@@ -165,7 +165,7 @@ def exchange_overlapped(
     (body,) = body_vjp(d_feats)
     if body_extra:
         body = {k: v + body_extra[k] for k, v in body.items()}
-    mean, sums = comm.exchange_exact(plan, body, factors, sums, allreduce, allgather)
+    mean, sums = exchange.exchange_exact(plan, body, factors, sums, allreduce, allgather)
     # the finish takes the body's gradients as an operand: its wait comes after stage 2
     total = treedef.unflatten(exchanger.finish(ticket, leaves, body))
     return {**mean, **{k: v / plan.ranks for k, v in total.items()}}, sums
