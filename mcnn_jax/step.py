@@ -252,26 +252,3 @@ def mean_log_probs(logits):
     """The log of the mean over the members (axis 0 of ``logits`` [members, N, classes]) of their class
     probabilities (one member: its log-softmax)."""
     return jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=0) - jnp.log(logits.shape[0])
-
-
-def ensemble_log_probs(model, members, images):
-    """The log of the mean over ``members`` (a list of parameter trees) of the model's class probabilities: the
-    ensemble's prediction (one member: its log-softmax)."""
-    return mean_log_probs(jnp.stack([model.apply({"params": p}, images) for p in members]))
-
-
-def make_eval_step(model, num_classes: int):
-    """Jitted ``(members, batch) -> (metrics, class probabilities)`` of an ensemble (``members``: a list of
-    parameter trees, one for a single model) that averages its members' probabilities; metrics are masked sums."""
-
-    def eval_step(members, batch):
-        log_p = ensemble_log_probs(model, members, batch["image"])
-        labels, mask = batch["label"], _mask(batch)
-        per_example = -jnp.take_along_axis(log_p, labels[:, None], 1)[:, 0]
-        predictions = jnp.argmax(log_p, -1)
-        metrics = dict(
-            loss_sum=(per_example * mask).sum(), correct=((predictions == labels) * mask).sum(), count=mask.sum()
-        )
-        return metrics, jnp.exp(log_p)
-
-    return jax.jit(eval_step)

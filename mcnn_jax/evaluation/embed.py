@@ -31,23 +31,18 @@ of every class (``P_<class>``) instead of features (``write_image_table(..., kin
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mcnn_jax.data import Reader
 from mcnn_jax.evaluation import profiles as P
-from mcnn_jax.evaluation.evaluate import confusion_summary
+from mcnn_jax.evaluation.evaluate import confusion_summary, tally
+from mcnn_jax.evaluation.forward import LAYERS, features, iter_outputs, outputs_fn, predict_probabilities  # noqa: F401
 from mcnn_jax.evaluation.run import EVAL_BATCH, as_members, open_run
-from mcnn_jax.step import mean_log_probs
 
-LAYERS = ("hidden", "merge")
 # store metadata key -> table column (present only when the store records it)
 METADATA_COLUMNS = {
     "plate": P.PLATE,
@@ -56,45 +51,6 @@ METADATA_COLUMNS = {
     "compound": P.COMPOUND,
     "concentration": P.CONCENTRATION,
 }
-
-
-def _pool_merge(merge, model):
-    x = jax.nn.relu(merge)
-    f = model.merge_pool
-    n, h, w, c = x.shape
-    x = x.reshape(n, h // f, f, w // f, f, c).max(axis=(2, 4))  # the model's merge max-pool (kernel = stride)
-    return x.mean(axis=(1, 2))
-
-
-@functools.lru_cache(maxsize=16)
-def outputs_fn(model, layer: str = "hidden"):
-    """A jitted ``(members, images) -> (log-probabilities, features)`` for ``layer``, one forward pass of each
-    member (``members``: a list of parameter trees): the log of the mean of the members' class probabilities
-    (``step.mean_log_probs``) and the members' features side by side, [N, members x width]."""
-    if layer not in LAYERS:
-        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
-
-    def member(params, images):
-        logits, state = model.apply(
-            {"params": params},
-            images,
-            mutable=["intermediates"],
-            capture_intermediates=lambda mdl, _: mdl.name == layer,
-        )
-        out = state["intermediates"][layer]["__call__"][0].astype(jnp.float32)
-        return logits, (jax.nn.relu(out) if layer == "hidden" else _pool_merge(out, model))
-
-    def fn(members, images):
-        logits, feats = zip(*[member(p, images) for p in members])
-        return mean_log_probs(jnp.stack(logits)), jnp.concatenate(feats, axis=-1)
-
-    return jax.jit(fn)
-
-
-def features(model, params, images, layer: str = "hidden") -> np.ndarray:
-    """The ``layer`` features (see the module docstring) of images float32 [N, H, W, C] in [0, 1] (an ensemble,
-    a list of parameter trees: its members' features side by side)."""
-    return np.asarray(outputs_fn(model, layer)(as_members(params), jnp.asarray(images, jnp.float32))[1])
 
 
 # --- tables --------------------------------------------------------------------------------------------------
@@ -150,24 +106,6 @@ class TableWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def iter_outputs(model, params, store, indices, batch: int = EVAL_BATCH, layer: str = "hidden"):
-    """The one forward pass over a store that every table and prediction uses: yields (indices, log-probabilities,
-    features) per batch of images (``outputs_fn``; ``params``: one parameter tree or an ensemble's list of
-    them), read by the evaluation ``Reader`` (the next batches in flight while the model runs; the last batch
-    zero-padded to ``batch``, one compilation, and cut back)."""
-    fn, members, indices = outputs_fn(model, layer), as_members(params), np.asarray(indices, np.int64)
-    with Reader(store, indices, batch, augment=None, train=False) as reader:
-        for step, b in reader.iterate():
-            keep = b["mask"] > 0
-            log_probs, feats = jax.device_get(fn(members, b["image"]))
-            yield indices[reader.batch_positions(step)[keep]], log_probs[keep], feats[keep]
-
-
-def predict_probabilities(model, params, store, indices, batch: int = EVAL_BATCH) -> np.ndarray:
-    """Class probabilities [N, classes] of images ``indices`` (an ensemble: the mean of its members')."""
-    return np.concatenate([np.exp(lp) for _, lp, _ in iter_outputs(model, params, store, indices, batch)])
-
-
 def feature_names(layer: str, width: int, members: int = 1) -> list[str]:
     """The feature columns: ``hidden_000``...; an ensemble's members side by side, ``hidden_m0_000``...,
     ``hidden_m1_000``... (member k: the k-th checkpoint of the ensemble)."""
@@ -216,9 +154,7 @@ def write_image_table(
         with outputs as batches:
             for chunk, log_probs, feats in batches:
                 writer.write(_rows(store, chunk, log_probs, feats, kind, layer, len(members)))
-                labels = np.asarray(store.labels)[chunk]
-                np.add.at(confusion, (labels, log_probs.argmax(-1)), 1)
-                loss_sum -= float(np.take_along_axis(log_probs, labels[:, None], 1).sum())
+                loss_sum += tally(confusion, np.asarray(store.labels)[chunk], log_probs)
                 if log:
                     log(f"{writer.rows}/{len(indices)} images")
         writer.close()

@@ -9,43 +9,45 @@ from __future__ import annotations
 import numpy as np
 
 from mcnn_jax.data import Reader
+from mcnn_jax.evaluation.forward import reader_outputs
 from mcnn_jax.evaluation.profiles import treatment_accuracy
-from mcnn_jax.evaluation.run import EVAL_BATCH, as_members, open_run
+from mcnn_jax.evaluation.run import EVAL_BATCH, open_run
 from mcnn_jax.parallel.world import World
-from mcnn_jax.step import make_eval_step
 
 
 class Evaluator:
     """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class) of ``params`` (or of an
-    ensemble: a list of parameter trees, whose probabilities are averaged) over one pass of ``reader``, summed
-    over the MPI ranks (each rank evaluates its share of every batch); and, when the evaluated images hold every
-    image of each of their treatments (compound x concentration, e.g. a held-out compound), the treatment-level
-    accuracy: each treatment's mean class probabilities against its class."""
+    ensemble: a list of parameter trees, whose probabilities are averaged) over one pass of ``reader``
+    (``forward.reader_outputs``), summed over the MPI ranks (each rank evaluates its share of every batch); and,
+    when the evaluated images hold every image of each of their treatments (compound x concentration, e.g. a
+    held-out compound), the treatment-level accuracy: each treatment's mean class probabilities against its class."""
 
     def __init__(self, model, reader, num_classes: int, world: World | None = None):
-        self.reader, self.num_classes, self.world = reader, num_classes, world or World()
-        self.eval_step = make_eval_step(model, num_classes)
+        self.model, self.reader, self.num_classes, self.world = model, reader, num_classes, world or World()
+        self.labels = np.asarray(reader.store.labels)[reader.indices]
         self.treatments = whole_treatments(reader.store, reader.indices)
 
     def run(self, params) -> dict:
-        members = as_members(params)
         confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
         probs = np.zeros((len(self.reader.indices), self.num_classes), np.float64)
         loss_sum = 0.0
-        for step, batch in self.reader.iterate():
-            metrics, p = self.eval_step(members, batch)
-            p, mask = np.asarray(p), batch["mask"] > 0
-            np.add.at(confusion, (batch["label"][mask], p.argmax(-1)[mask]), 1)
-            probs[self.reader.batch_positions(step)[mask]] = p[mask]
-            loss_sum += float(metrics["loss_sum"])
+        for positions, log_probs, _ in reader_outputs(self.model, params, self.reader):
+            loss_sum += tally(confusion, self.labels[positions], log_probs)
+            probs[positions] = np.exp(log_probs)
         confusion = self.world.allreduce_host_sum(confusion)
         loss_sum = self.world.allreduce_host_sum(loss_sum)
         out = dict(confusion_summary(confusion), loss=loss_sum / max(confusion.sum(), 1))
         if self.treatments is not None:
             probs = self.world.allreduce_host_sum(probs)  # each image's row is filled on one rank
-            labels = np.asarray(self.reader.store.labels)[self.reader.indices]
-            out.update(treatment_accuracy(probs, labels, *self.treatments))
+            out.update(treatment_accuracy(probs, self.labels, *self.treatments))
         return out
+
+
+def tally(confusion: np.ndarray, labels, log_probs) -> float:
+    """Adds images (true ``labels``, class ``log_probs`` [N, classes]) to ``confusion`` (rows: the true class) and
+    returns the sum of their cross-entropies (in float64)."""
+    np.add.at(confusion, (labels, log_probs.argmax(-1)), 1)
+    return -float(np.take_along_axis(np.asarray(log_probs, np.float64), np.asarray(labels)[:, None], 1).sum())
 
 
 def whole_treatments(store, indices):
