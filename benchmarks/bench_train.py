@@ -1,12 +1,12 @@
 """M-CNN training speed and memory at full resolution (1024x1280x3, 13 classes), one command, JSON out.
 
 For every (variant, batch size) a fresh subprocess builds the model, the real jitted train step
-(``mcnn_jax.step.make_train_step`` with SGD-Nesterov from ``mcnn_jax.optim``), compiles it, runs one warm-up
-step and times ``--steps`` steps; its peak resident memory (``ru_maxrss``) is then its own. A fp32 matmul peak
-(2048^3, best of 5, in JAX) is measured in the same process right before and right after the timed steps,
-and the achieved GFLOP/s (``mcnn_flops(model)["train"]`` per image) is reported as a ratio to it: the
-machine may be shared, and the ratio is what compares across runs. The parent watches each child's memory
-and kills it above ``--max-rss-gb``; a batch is skipped when the machine has not that much memory available.
+(``mcnn_jax.step.make_train_step`` with SGD-Nesterov from ``mcnn_jax.optim``), compiles it, runs one warm-up step
+and times ``--steps`` steps; its peak resident memory (``VmHWM``, ``profile_step.peak_rss_bytes``) is then its own.
+A fp32 matmul peak (2048^3, best of 5, in JAX) is measured in the same process right before and right after the
+timed steps, and the achieved GFLOP/s (``mcnn_flops(model)["train"]`` per image) is reported as a ratio to it: the
+machine may be shared, and the ratio is what compares across runs. The parent watches each child's memory and kills
+it above ``--max-rss-gb``; a batch is skipped when the machine has not that much memory available.
 
 Variants (comma-separated, ``--variants``):
     xla        the plain model: XLA convolutions and pools (MCNN(impl="xla")); aborts (std::bad_alloc in
@@ -18,6 +18,8 @@ Variants (comma-separated, ``--variants``):
     remat0     base + rematerialisation of the full-resolution branch only (remat=(True,)+(False,)*6)
     bf16       base + bfloat16 compute (dtype="bfloat16"; parameters stay float32)
     xla_remat  xla + remat=True
+    stream256  base + exact streaming of branches 0-2 in tiles of 256 pixels (model.stream_tile=256)
+    stream512  base + exact streaming in tiles of 512
 
     python benchmarks/bench_train.py                      # quick: batch 1, variants xla,base, 2 steps (~3 min)
     python benchmarks/bench_train.py --batch 1,4,16 --variants xla,base,remat,remat0,bf16 --steps 3 \\
@@ -46,15 +48,15 @@ VARIANTS = {
     "bf16": dict(dtype="bfloat16"),
     "xla_remat": dict(impl="xla", remat=True),
     "remat_bf16": dict(remat=True, dtype="bfloat16"),
+    "stream256": dict(stream_tile=256),
+    "stream512": dict(stream_tile=512),
 }
 
 
 def worker(a) -> dict:
-    import resource
-
     import jax
     import jax.numpy as jnp
-    from profile_step import machine, matmul_peak
+    from profile_step import machine, matmul_peak, peak_rss_bytes
 
     from mcnn_jax import mcnn_flops
     from mcnn_jax.config import base_config
@@ -65,7 +67,7 @@ def worker(a) -> dict:
     kw = dict(VARIANTS[a.variant])
     model = from_config(kw, num_classes=13)
     peak0 = matmul_peak()
-    rss_runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_runtime = peak_rss_bytes() / 2**30
     ocfg = base_config().optim  # the published recipe: Nesterov 0.9, weight decay 5e-5
     tx = make_optimizer(ocfg, lambda step: 1e-3)
     params = init_params(model, jax.random.key(0), (a.height, a.width, 3))
@@ -86,7 +88,7 @@ def worker(a) -> dict:
         state, m = step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    rss = peak_rss_bytes() / 2**30
     peak1 = matmul_peak()
     peak = max(peak0, peak1)
     flops = mcnn_flops(model, a.height, a.width)["train"] * a.batch_size

@@ -19,6 +19,40 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# runs argv[1:], passes its exit code on, and prints its peak resident memory (bytes) as stderr's last line
+PEAK_OF_CHILD = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "print('peak_rss_bytes', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); "
+    "sys.exit(rc)"
+)
+
+
+def train_run(config: Path, workdir: Path, overrides: list[str], store: Path | None = None) -> dict:
+    """Runs ``mcnn-train --config config`` with ``overrides`` (and ``data.store=store`` if given) into ``workdir``;
+    returns the validation loss and accuracy after every evaluation (from ``metrics.jsonl``), best and last,
+    images/s, the wall time and mcnn-train's peak resident memory. Exits naming the run if mcnn-train fails."""
+    if store is not None:
+        overrides = [*overrides, f"data.store={store}"]
+    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", str(config), "--workdir", str(workdir)]
+    cmd += [f"--config.{o}" for o in overrides]
+    t = time.perf_counter()
+    # through a small parent of its own, whose RUSAGE_CHILDREN peak is mcnn-train's alone
+    proc = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{workdir}: mcnn-train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peak_rss = int(proc.stderr.strip().splitlines()[-1].split()[-1])
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("split") == "val"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    return dict(
+        val_accuracy_per_epoch=[round(r["accuracy"], 4) for r in val],
+        val_loss_per_epoch=[round(r["loss"], 6) for r in val],
+        best=round(max(r["accuracy"] for r in val), 4),
+        last=round(val[-1]["accuracy"], 4),
+        images_per_s=summary.get("images_per_s"),
+        wall_s=round(time.perf_counter() - t, 1),
+        peak_rss_gb=round(peak_rss / 1e9, 3),
+    )
 
 
 def train(workdir: Path, head: str, a, store: Path | None) -> dict:
@@ -35,25 +69,7 @@ def train(workdir: Path, head: str, a, store: Path | None) -> dict:
         "train.progress=log",
         f"seed={a.seed}",
     ]
-    if store is not None:
-        overrides.append(f"data.store={store}")
-    cmd = [sys.executable, "-m", "mcnn_jax.cli.train", "--config", str(ROOT / "configs" / "default.py")]
-    cmd += ["--workdir", str(workdir), *[f"--config.{o}" for o in overrides]]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{head}: mcnn-train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in rows if r.get("split") == "val"]
-    summary = json.loads((workdir / "summary.json").read_text())
-    return dict(
-        head=head,
-        val_accuracy_per_epoch=[round(r["accuracy"], 4) for r in val],
-        best=round(max(r["accuracy"] for r in val), 4),
-        last=round(val[-1]["accuracy"], 4),
-        images_per_s=summary.get("images_per_s"),
-        wall_s=round(time.perf_counter() - t, 1),
-    )
+    return dict(head=head, **train_run(ROOT / "configs" / "default.py", workdir, overrides, store))
 
 
 def main(argv=None):

@@ -56,6 +56,22 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / timeit(f, a, a, reps=reps) / 1e9
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: ``VmHWM`` of /proc/self/status (Linux).
+    ``ru_maxrss`` is not that in a child process: Linux carries the parent's resident size at the fork over the
+    exec (a child of a 0.8 GB parent reports 0.8 GB at its first line), so a benchmark's workers read this."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def machine() -> dict:
     import flax
     import jax

@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import optax
 
 from mcnn_jax import optim
+from mcnn_jax.evaluation.forward import outputs_fn
 from mcnn_jax.model.mcnn import from_config
 from mcnn_jax.parallel import exchange
-from mcnn_jax.step import create_state, make_eval_step, make_train_step
+from mcnn_jax.step import create_state, make_train_step
 
-# resident memory of a training process before its model exists: the interpreter, JAX, XLA and the libraries
-# (0.33-0.40 GB measured here: mcnn-train's imports, and benchmarks/stream_memory.py's "baseline_gb")
-BASELINE_BYTES = 400 * 2**20
+# resident memory of a training process beyond its compiled programs' buffers: the interpreter, JAX, XLA and the
+# libraries once started (0.25 GB measured: benchmarks/stream_memory.py's "baseline_gb"), and XLA's own working
+# memory for compiling and running the steps (a further 0.27-0.39 GB measured there, at every field size and tile)
+BASELINE_BYTES = 550 * 2**20
 
 
 def _bytes(tree) -> int:
@@ -74,13 +76,10 @@ def estimate(config, num_classes: int | None = None, ranks: int = 1) -> dict:
     )
     train = _peak(step.lower(state, batch).compile())
     eval_batch = config.train.eval_batch or config.train.microbatch or local
-    ebatch = dict(
-        image=jax.ShapeDtypeStruct((eval_batch, h, w, c), jnp.float32),
-        label=jax.ShapeDtypeStruct((eval_batch,), jnp.int32),
-        mask=jax.ShapeDtypeStruct((eval_batch,), jnp.float32),
-    )
-    # evaluation runs between steps: the state stays resident beside its forward pass
-    evaluate = _bytes(state) + _peak(make_eval_step(model, num_classes).lower([params], ebatch).compile())
+    images = jax.ShapeDtypeStruct((eval_batch, h, w, c), jnp.float32)
+    # evaluation runs between steps: the optimizer state stays resident beside the forward pass (whose arguments
+    # hold the parameters)
+    evaluate = _bytes(state) - _bytes(params) + _peak(outputs_fn(model).lower([params], images).compile())
     data = (config.data.prefetch + 1) * local * h * w * c * 4  # float32 batches in flight and in use
     parts = dict(
         parameters=_bytes(params),

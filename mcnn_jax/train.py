@@ -30,7 +30,7 @@ from mcnn_jax.data.prepare import prepare_store
 from mcnn_jax.evaluation.evaluate import Evaluator
 from mcnn_jax.metrics_log import MetricsLog, Progress
 from mcnn_jax.model.flops import mcnn_flops
-from mcnn_jax.model.mcnn import from_config, init_params
+from mcnn_jax.model.mcnn import check_model, from_config, init_params
 from mcnn_jax.optim import batch_schedule
 from mcnn_jax.optim.batch_schedule import BatchSchedule
 from mcnn_jax.parallel import exchange
@@ -200,6 +200,7 @@ def _open_data(config, workdir, world):
             config.train.microbatch,  # raises unless it divides
             f"{key} / {world.size} MPI rank(s)",
         )
+    check_model(from_config(config.model), tuple(config.model.input_shape))  # before any data is prepared
     store = prepare_store(config, workdir, world)
     train_idx, val_idx = split_indices(store, config.data)
     h, w, c = store.image_shape

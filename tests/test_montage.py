@@ -195,7 +195,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(gap) == 1
     assert "plate 'P1' well 'A01': missing site(s) [3]" in capsys.readouterr().err
     assert main([*gap, "--skip-incomplete"]) == 0
-    assert "1 incomplete well(s) left out" in capsys.readouterr().out
+    assert "1 incomplete well(s) left out: P1 A01" in capsys.readouterr().out
 
 
 def test_prepare_store_with_a_montage_of_the_synthetic_screen(tmp_path):
@@ -242,6 +242,38 @@ def test_a_real_stores_montage_lives_beside_it(tmp_path):
         [f"data.store={tmp_path / 'screen.store'}", "data.montage.grid=2x3", f"data.montage.store={tmp_path / 'm'}"],
     )
     assert prepare_store(cfg, tmp_path / "run", World()).path == tmp_path / "m"
+
+
+def test_the_trainer_never_replaces_a_complete_montage_of_other_inputs(tmp_path):
+    """A montage of another grid, order or codec at the config's montage folder is an error naming it, not rebuilt
+    under a reader; with data.montage.skip_incomplete the default folder is another one."""
+    from mcnn_jax.data.prepare import prepare_store, store_path
+    from mcnn_jax.parallel.world import World
+
+    make_store(tmp_path / "screen.store", SITES)
+    keys = [f"data.store={tmp_path / 'screen.store'}", "data.montage.grid=2x3"]
+    cfg = load_config("tiny", keys)
+    dst = store_path(cfg, tmp_path / "run")
+    montage_store(tmp_path / "screen.store", dst, (2, 3), "row", codec="zstd1", progress=False)  # a user's own codec
+    created = open_store(dst).info["created"]
+    with pytest.raises(StoreError, match=f"{dst} already holds a complete montage of other inputs.*data.montage.store"):
+        prepare_store(cfg, tmp_path / "run", World())
+    assert open_store(dst).info["created"] == created  # untouched
+    skip = load_config("tiny", [*keys, "data.montage.skip_incomplete=True"])
+    assert store_path(skip, tmp_path / "run") == tmp_path / "screen.store.montage-2x3-row-skip-incomplete"
+
+
+def test_a_montage_in_the_work_directory_is_found_again_when_the_stores_folder_is_writable(tmp_path):
+    """A run that built its montage in <workdir>/data (the store's folder was read-only then) reads it back from
+    there later, though the store's folder is writable now."""
+    from mcnn_jax.data.prepare import store_path
+
+    make_store(tmp_path / "screen.store", SITES)
+    cfg = load_config("tiny", [f"data.store={tmp_path / 'screen.store'}", "data.montage.grid=2x3"])
+    own = tmp_path / "run" / "data" / "montage-2x3-row"
+    assert store_path(cfg, tmp_path / "run") == tmp_path / "screen.store.montage-2x3-row"  # nothing built yet
+    montage_store(tmp_path / "screen.store", own, (2, 3), progress=False)
+    assert store_path(cfg, tmp_path / "run") == own
 
 
 def test_whole_wells_of_the_synthetic_layout():

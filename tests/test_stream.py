@@ -79,6 +79,22 @@ def test_streamed_equals_the_whole_field_in_float64(float64_reference, tile, bra
     assert rel_err(grads0["branch0"]["conv0"]["bias"], 0 * grads0["branch0"]["conv0"]["bias"]) > 0  # not all zero
 
 
+def test_streamed_equals_the_whole_field_in_float64_on_a_non_square_field():
+    """256x384 in tiles of 128 (2 x 3 tiles; a shifted last tile is tested on the square field), relative 1e-10 on
+    logits and every parameter gradient."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.stack([field(k, 256, 384, 3, seed=i) for i, k in enumerate(KINDS[:2])]), jnp.float64)
+        plain = MCNN(**THIN, impl="xla", dtype=jnp.float64)
+        params = _perturbed(_init(plain, x), jnp.float64, seed=4)
+        logits0, grads0 = _logits_and_grads(plain, params, x)
+        for tile in (128,):
+            model = plain.clone(stream_tile=tile, stream_branches=-1)
+            logits, grads = _logits_and_grads(model, params, x)
+            assert rel_err(logits, logits0) < 1e-10, tile
+            err, leaf = _worst(grads, grads0)
+            assert err < 1e-10, (tile, leaf, err)
+
+
 @pytest.mark.parametrize("impl", ["native", "fast", "xla"])
 def test_streamed_float32_is_as_close_to_float64_as_float32_xla(float64_reference, impl):
     """Every gradient leaf of the streamed float32 model (tiles of 64: 16 tiles) is within 2x (+1e-6) of plain
@@ -113,6 +129,34 @@ def test_streamed_train_step_with_micro_batches_equals_the_plain_step():
     err, leaf = _worst(s1.params, s0.params)
     assert err < 1e-5, (leaf, err)
     assert _worst(s0.params, params)[0] > 1e-3  # the step moved the parameters
+
+
+@pytest.mark.parametrize("scheme,overlapped", [("factored", False), ("powersgd", False), ("factored", True)])
+def test_streamed_train_step_with_every_exchange_equals_the_plain_one(scheme, overlapped):
+    """train.comm factored / powersgd (rank 2) and train.overlap with the streamed model (every branch in tiles of
+    64): two steps give the unstreamed model's parameters with the same exchange (relative 1e-5)."""
+    from mcnn_jax.parallel import exchange
+    from mcnn_jax.parallel.nonblocking import Exchanger
+
+    x = jnp.asarray(np.stack([field(k, 128, 256, 3, seed=i) for i, k in enumerate(KINDS[:4])]))
+    batch = dict(image=x, label=jnp.array([0, 1, 2, 3]))
+    plain, streamed = MCNN(**THIN), MCNN(**THIN, stream_tile=64, stream_branches=-1)
+    params = _perturbed(_init(plain, x), jnp.float32, seed=3)
+    plan = exchange.make_plan(scheme, params, 4, 1, powersgd_rank=2)
+    tx = optax.sgd(0.5, momentum=0.9)
+    out = []
+    for model in (plain, streamed):
+        exchanger = Exchanger() if overlapped else None
+        step = make_train_step(model, tx, 4, plan=plan, exchanger=exchanger)
+        state = create_state(jax.tree_util.tree_map(jnp.array, params), tx, 0, plan)
+        for _ in range(2):
+            state, _ = step(state, batch)
+        out.append(state.params)
+        if exchanger is not None:
+            exchanger.close()
+    err, leaf = _worst(out[1], out[0])
+    assert err < 1e-5, (leaf, err)
+    assert _worst(out[0], params)[0] > 1e-3  # the steps moved the parameters
 
 
 def test_streaming_bounds_the_backward_pass_memory():
@@ -150,6 +194,7 @@ def test_global_heads_take_any_field_size_with_the_same_parameters(head):
         (dict(stream_tile=384), "model.stream_tile 384 is larger than the 256x256 field"),
         (dict(stream_tile=64, norm="group"), "needs model.norm='none'"),
         (dict(stream_tile=64, stream_branches=8), "model.stream_branches must be -1"),
+        (dict(stream_tile=100, stream_branches=0), "positive multiple of the branches' common pooling 64"),
         (dict(head="avg"), "model.head must be one of"),
     ],
 )
@@ -169,12 +214,28 @@ def test_embeddings_of_a_streamed_model_are_the_unstreamed_ones():
 
 
 def test_halo_overhead_counts_each_tiles_halo():
-    """Tiles of 128 on a 256x256 field, 3 branches streamed: branch k's tiles of 128 / 2^k pooled pixels, each
-    computed with a halo of 6 on every side; the other branches as they are."""
+    """Tiles of 128 on a 256x256 field, 3 branches streamed: branch k's 4 tiles of t = 128 / 2^k pooled pixels; its
+    first convolution (3 -> w) runs on the tile and a halo of 6 on every side, the second (w -> w) on a halo of 4,
+    the third on 2; the other branches as they are."""
     model = MCNN(**THIN, stream_tile=128, stream_branches=3)
     per_pixel = [3 * w + 2 * w * w for w in THIN["widths"]]  # 3 convs: 3 -> w -> w -> w
     pixels = [(256 // f) ** 2 for f in (1, 2, 4, 8, 16, 32, 64)]
-    tiles = [4 * (128 + 12) ** 2, 4 * (64 + 12) ** 2, 4 * (32 + 12) ** 2]
-    streamed = sum(p * t for p, t in zip(per_pixel, tiles)) + sum(p * n for p, n in zip(per_pixel[3:], pixels[3:]))
+    w = THIN["widths"]
+    tiles = [
+        4 * (3 * w[k] * (t + 12) ** 2 + w[k] ** 2 * ((t + 8) ** 2 + (t + 4) ** 2)) for k, t in enumerate((128, 64, 32))
+    ]
+    streamed = sum(tiles) + sum(p * n for p, n in zip(per_pixel[3:], pixels[3:]))
     assert halo_overhead(model, 256, 256) == pytest.approx(streamed / sum(p * n for p, n in zip(per_pixel, pixels)))
     assert halo_overhead(MCNN(**THIN), 256, 256) == 1.0
+
+
+def test_the_trainer_rejects_a_bad_tile_before_it_prepares_any_data(tmp_path):
+    """A bad stream_tile in a synthetic-screen config is an error naming the key before the screen is generated."""
+    from mcnn_jax.config import load_config
+    from mcnn_jax.train import train_and_evaluate
+
+    cfg = load_config("tiny", ["model.stream_tile=96"])
+    assert cfg.data.synthetic.enabled and not cfg.data.store
+    with pytest.raises(ValueError, match="model.stream_tile must be 0 .off. or a positive multiple"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "data").exists()

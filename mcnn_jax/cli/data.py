@@ -328,10 +328,15 @@ def describe(path) -> str:
     ]
     if "montage" in s.info:
         m = s.info["montage"]
-        skipped = len(m.get("skipped_wells", []))
+        skipped = [f"{plate} {well}" for plate, well in m.get("skipped_wells", [])]
         lines.append(
             f"montage     {m['grid'][0]}x{m['grid'][1]} sites a well ({m['order']} order) of {m['source']}"
-            + (f"; {skipped} incomplete well(s) left out" if skipped else "")
+            + (
+                f"; {len(skipped)} incomplete well(s) left out: {', '.join(skipped[:5])}"
+                + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+                if skipped
+                else ""
+            )
         )
     lines.append(f"classes     {len(s.class_names)}")
     width = max(len(n) for n in s.class_names)

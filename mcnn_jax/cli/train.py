@@ -48,13 +48,20 @@ def parse_args(argv):
 
 
 def dry_run(config, ranks: int) -> None:
-    """Prints ``memory.estimate`` for the config (its ``model.input_shape``; the classes of its synthetic screen,
-    else ``model.num_classes``) as a summary and as JSON."""
+    """Prints ``memory.estimate`` for the config (its ``model.input_shape``; the classes of its ``data.store`` if
+    that exists, else of its synthetic screen, else ``model.num_classes``) as a summary and as JSON."""
     import json
+    from pathlib import Path
 
+    from mcnn_jax.data import open_store
     from mcnn_jax.memory import describe, estimate
 
-    classes = config.data.synthetic.num_classes if config.data.synthetic.enabled else config.model.num_classes
+    if config.data.store and Path(config.data.store).exists():
+        classes = len(open_store(config.data.store).class_names)
+    elif config.data.synthetic.enabled:
+        classes = config.data.synthetic.num_classes
+    else:
+        classes = config.model.num_classes
     est = estimate(config, num_classes=classes, ranks=ranks)
     print(describe(est))
     print(json.dumps(est))

@@ -5,9 +5,10 @@ from mcnn_jax.data.prepare import prepare_store, store_path
 store = prepare_store(config, workdir, world)   # every rank; rank 0 generates a synthetic screen / montage first
 
 The montage store (``mcnn_jax.data.montage``) is ``data.montage.store`` if set; else, for ``data.store``, a folder
-beside it (``<store>.montage-2x2-row``), shared by every run on that store, when that folder exists or the
-store's folder is writable; else (a synthetic screen, or a read-only store folder)
-``<workdir>/data/montage-2x2-row``.
+beside it (``<store>.montage-2x2-row``, ``-skip-incomplete`` appended with ``data.montage.skip_incomplete``), shared
+by every run on that store, when that folder exists, or when the store's folder is writable and the work directory
+holds no montage of its own; else (a synthetic screen, or a read-only store folder) ``<workdir>/data/montage-2x2-row``.
+A complete montage store of other inputs is never replaced by the trainer: that is an error naming the folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from absl import logging
 
 from mcnn_jax.data.montage import ORDERS, montage_name, montage_store, parse_grid
-from mcnn_jax.data.store import open_store
+from mcnn_jax.data.store import StoreError, is_complete, open_store
 from mcnn_jax.data.synthetic import SITES_PER_WELL, Camera, prepare_synthetic_store, whole_well_images
 
 
@@ -28,17 +29,23 @@ def source_path(config, workdir) -> Path:
 
 
 def montage_path(config, workdir) -> Path:
-    """Where the config's whole-well montage store lives (see the module docstring); ``data.montage.grid`` set."""
+    """Where the config's whole-well montage store lives (see the module docstring); ``data.montage.grid`` set.
+
+    A montage that exists is found wherever it was built (beside the store, or in the work directory), so a run's
+    readers (``mcnn-eval``, ``mcnn-embed``, LOCO) find the store it trained on whether or not the store's folder is
+    writable where they run."""
     mont = config.data.montage
     if mont.store:
         return Path(mont.store)
-    name = montage_name(mont.grid, mont.order)
-    if config.data.store:
-        src = Path(config.data.store)
-        beside = src.parent / f"{src.name}.{name}"
-        if beside.exists() or os.access(src.parent, os.W_OK):
-            return beside
-    return Path(workdir) / "data" / name
+    name = montage_name(mont.grid, mont.order) + ("-skip-incomplete" if mont.skip_incomplete else "")
+    own = Path(workdir) / "data" / name
+    if not config.data.store:
+        return own
+    src = Path(config.data.store)
+    beside = src.parent / f"{src.name}.{name}"
+    if beside.exists() or (not own.exists() and os.access(src.parent, os.W_OK)):
+        return beside
+    return own
 
 
 def store_path(config, workdir) -> Path:
@@ -111,6 +118,15 @@ def prepare_store(config, workdir, world):
     dst = montage_path(config, workdir)  # on every rank, before rank 0 creates it
     if world.is_primary:
         logging.info(f"preparing the {mont.grid} whole-well montage ({mont.order} order) of {path} in {dst}")
-        montage_store(path, dst, mont.grid, mont.order, mont.skip_incomplete, overwrite=True)
+        try:  # never replaces a complete store: another run or reader may be using it
+            montage_store(path, dst, mont.grid, mont.order, mont.skip_incomplete)
+        except StoreError as e:
+            if not is_complete(dst):
+                raise
+            raise StoreError(
+                f"{dst} already holds a complete montage of other inputs than this config's data.montage and store "
+                f"(another source store, grid, order or codec, or its source rebuilt since): remove it, or set "
+                f"data.montage.store to another folder"
+            ) from e
     world.barrier()
     return open_store(dst)

@@ -127,7 +127,7 @@ class MCNN(nn.Module):
         if self.head not in HEADS:
             raise ValueError(f"model.head must be one of {HEADS}, got {self.head!r}")
         streamed = self.streamed_branches()
-        if any(streamed):
+        if self.stream_tile:  # checked even where no branch streams (stream_branches=0), so a bad tile never waits
             check_stream(self.stream_tile, x.shape[1], x.shape[2], total, self.norm)
         dtype = _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
         remat = self.remat if isinstance(self.remat, (list, tuple)) else [bool(self.remat)] * len(self.widths)
@@ -228,6 +228,13 @@ def from_config(model_config, num_classes: int | None = None) -> MCNN:
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return MCNN(**kwargs)
+
+
+def check_model(model: MCNN, input_shape) -> None:
+    """Raises the ValueError (naming the config key) that ``model.init`` would raise on NHWC inputs of
+    ``input_shape`` (H, W, C): sizes, head, streaming. Traces shapes only: nothing is computed or allocated, so the
+    trainer checks a config before it prepares any data."""
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape), jnp.float32)))
 
 
 def init_params(model: MCNN, rng, input_shape=(1024, 1280, 3)):

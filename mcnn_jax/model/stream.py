@@ -3,9 +3,10 @@
 A streamed branch max-pools the whole image as usual, then runs its convolutions on one tile of the pooled
 image at a time (a ``lax.scan`` over tiles whose body is rematerialised, so the backward pass recomputes one
 tile at a time and only the pooled image is kept for it). Each tile is read with a halo as wide as the
-receptive field of the branch's convolutions (``convs x (kernel // 2)`` pooled pixels); after every
-convolution the pixels outside the field are set to zero, which is the zero padding that 'SAME' gives at the
-field's real border, so no bias + ReLU leaks into an inner tile. Tiles are aligned to the branch's post-pool
+receptive field of the branch's convolutions (``convs x (kernel // 2)`` pooled pixels), which each convolution
+consumes by ``kernel // 2`` (its output's outer ring is cut); after every convolution the pixels outside the field
+are set to zero, which is the zero padding that 'SAME' gives at the field's real border, so no bias + ReLU leaks
+into an inner tile. Tiles are aligned to the branch's post-pool
 (the common pooling D in input pixels), so no pool window crosses a tile edge and ties resolve as on the
 whole image; the last tile of a row or column is shifted back to end at the border (its cells already
 computed by the previous tile are taken from that tile). The result does not depend on the tile size.
@@ -65,17 +66,21 @@ def halo_overhead(model, height: int, width: int, channels: int = 3) -> float:
     """The convolution FLOPs that ``model`` (an ``MCNN`` with ``stream_tile``) computes on a ``height`` x
     ``width`` field, over the unstreamed model's: each tile's convolutions also run on its halo (and a shifted last
     tile on the cells it shares with the previous one)."""
-    halo = model.convs_per_branch * (model.kernel_size // 2)
+    p = model.kernel_size // 2
+    halo = model.convs_per_branch * p
     nominal = streamed = 0
     for k, (f, w, on) in enumerate(zip(model.pool_factors, model.widths, model.streamed_branches())):
         h_, w_ = height // f, width // f
-        per_pixel = sum((channels if j == 0 else w) * w for j in range(model.convs_per_branch))
-        nominal += per_pixel * h_ * w_
-        if on:
-            t = model.stream_tile // f
-            streamed += per_pixel * len(tile_starts(h_, t)) * len(tile_starts(w_, t)) * (t + 2 * halo) ** 2
-        else:
-            streamed += per_pixel * h_ * w_
+        for j in range(model.convs_per_branch):
+            per_pixel = (channels if j == 0 else w) * w
+            nominal += per_pixel * h_ * w_
+            if on:  # conv j runs on the tile and what is left of the halo before it: halo - j p on each side
+                t = model.stream_tile // f
+                streamed += (
+                    per_pixel * len(tile_starts(h_, t)) * len(tile_starts(w_, t)) * (t + 2 * (halo - j * p)) ** 2
+                )
+            else:
+                streamed += per_pixel * h_ * w_
     return streamed / nominal
 
 
@@ -105,10 +110,13 @@ class _Tile(nn.Module):
         inside = ((rows >= 0) & (rows < self.shape[0]))[:, None] & ((cols >= 0) & (cols < self.shape[1]))[None, :]
         mask = inside.astype(self.dtype)[None, :, :, None]
         x = x * mask.astype(x.dtype)
+        p = self.kernel_size // 2
         for j in range(self.num_convs):
             x = Conv(self.width, self.kernel_size, dtype=self.dtype, impl=self.impl, relu=True, name=f"conv{j}")(x)
-            x = x * mask
-        x = x[:, halo : halo + self.tile, halo : halo + self.tile]
+            # exact only p pixels in from the block's edge (beyond, 'SAME' padded the block, not the field): the
+            # ring is cut, so each layer computes on the block its successors need (the halo shrinks by p a layer)
+            r = (j + 1) * p
+            x = x[:, p : x.shape[1] - p, p : x.shape[2] - p] * mask[:, r : size - r, r : size - r]
         return carry, max_pool(x, self.post_pool, self.impl)
 
 
