@@ -23,7 +23,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # run float64 references and finite differences, whose convolutions run 4-5x slower at level 0 (the three
 # finite-difference tests of test_realistic_fields.py: 28 s instead of 234 s). JAX reads XLA_FLAGS once, when its
 # backend starts: so the flag is taken out (a worker inherits it from the controller), the backend started, and the
-# flag set again for the child processes alone. Every comparison in a test is between programs compiled alike.
+# flag set again for the child processes alone. A bit-for-bit comparison is between programs compiled alike (a
+# started run against a started run: test_train.py's uninterrupted_cli).
 _LEVEL0 = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "").replace(_LEVEL0, "").strip()
 import jax  # noqa: E402

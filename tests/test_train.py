@@ -90,9 +90,19 @@ def test_resume_equals_uninterrupted_bit_for_bit(store, uninterrupted, tmp_path)
     assert not same_tree(final_params(ref_dir), load_model(ref_dir, 4)[1])  # training did move the weights
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_cli(store, tmp_path_factory):
+    """Six steps without a stop, by mcnn-train as the killed runs are (so compiled as they are: the tests' own
+    process compiles at XLA's default level, the programs it starts at level 0; conftest.py)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted_cli")
+    out, _ = cli(workdir, store, "train.max_steps=6", "train.checkpoint_every_steps=1").communicate(timeout=600)
+    assert (workdir / "summary.json").is_file(), out
+    return workdir
+
+
 @pytest.mark.parametrize("kill_after", [1, 3])
-def test_sigkill_and_resume_equals_uninterrupted(store, uninterrupted, tmp_path, kill_after):
-    ref_dir, _ = uninterrupted
+def test_sigkill_and_resume_equals_uninterrupted(store, uninterrupted_cli, tmp_path, kill_after):
+    ref_dir = uninterrupted_cli
     proc = cli(tmp_path, store, "train.max_steps=6", "train.checkpoint_every_steps=1")
     deadline = time.time() + 300
     ckpts = tmp_path / "checkpoints"
