@@ -6,9 +6,11 @@
 ``estimate`` compiles (without running or allocating) the config's own train and evaluation steps for its
 image size, local batch, micro-batch, stream tile, head, optimizer and exchange, and reads XLA's buffer
 assignment: parameters, optimizer state, the batch, the activations kept for the backward pass and every
-temporary. To that it adds the data pipeline's batches in flight and the process's own baseline (Python, JAX and
-the libraries), so the total is the resident memory to expect (benchmarks/stream_memory.py compares it with the
-measured peak). A config that cannot fit can be estimated all the same: nothing is allocated.
+temporary. To that it adds the data pipeline's batches in flight, the trainer's readers and checkpoints, and the
+process's own baseline (Python, JAX and the libraries), so the total is the resident memory to expect
+(benchmarks/stream_memory.py compares the baseline and the train step with a bare step's measured peak,
+benchmarks/stream_training.py the whole with mcnn-train's). A config that cannot fit can be estimated all the same:
+nothing is allocated.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from mcnn_jax.step import create_state, make_train_step
 # libraries once started (0.25 GB measured: benchmarks/stream_memory.py's "baseline_gb"), and XLA's own working
 # memory for compiling and running the steps (a further 0.27-0.39 GB measured there, at every field size and tile)
 BASELINE_BYTES = 550 * 2**20
+# what mcnn-train holds beyond a bare train step: its own libraries (0.11 GB), the readers' threads, buffers and
+# caches, checkpoint writes (0.47 and 0.68 GB measured beyond the other parts in mcnn-train runs of configs/montage.py,
+# unstreamed and streamed: benchmarks/stream_training.py)
+TRAINER_BYTES = 512 * 2**20
 
 
 def _bytes(tree) -> int:
@@ -88,6 +94,7 @@ def estimate(config, num_classes: int | None = None, ranks: int = 1) -> dict:
         eval_step=evaluate,
         data_pipeline=data,
         baseline=BASELINE_BYTES,
+        trainer=TRAINER_BYTES,
     )
     return dict(
         image=[h, w, c],
@@ -97,7 +104,7 @@ def estimate(config, num_classes: int | None = None, ranks: int = 1) -> dict:
         stream_branches=config.model.stream_branches,
         head=config.model.head,
         bytes=parts,
-        peak_bytes=BASELINE_BYTES + data + max(train, evaluate),
+        peak_bytes=BASELINE_BYTES + TRAINER_BYTES + data + max(train, evaluate),
     )
 
 
@@ -114,6 +121,6 @@ def describe(est: dict) -> str:
         f"  train step {p['train_step'] / gb:.2f} GB (parameters {p['parameters'] / gb:.2f}, optimizer state "
         f"{p['optimizer_state'] / gb:.2f}, the rest activations, gradients and temporaries)",
         f"  evaluation {p['eval_step'] / gb:.2f} GB, data pipeline {p['data_pipeline'] / gb:.2f} GB, "
-        f"process baseline {p['baseline'] / gb:.2f} GB",
+        f"process baseline {p['baseline'] / gb:.2f} GB, readers and checkpoints {p['trainer'] / gb:.2f} GB",
     ]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from mcnn_jax.config import load_config
-from mcnn_jax.memory import BASELINE_BYTES, describe, estimate
+from mcnn_jax.memory import BASELINE_BYTES, TRAINER_BYTES, describe, estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def test_the_estimate_follows_the_batch_the_micro_batch_and_streaming():
     c = _config(input_shape=(512, 512, 3), head="global_max")
     c.train.global_batch = 4
     whole = estimate(c)
-    assert whole["peak_bytes"] == BASELINE_BYTES + whole["bytes"]["data_pipeline"] + max(
+    assert whole["peak_bytes"] == BASELINE_BYTES + TRAINER_BYTES + whole["bytes"]["data_pipeline"] + max(
         whole["bytes"]["train_step"], whole["bytes"]["eval_step"]
     )
     assert whole["bytes"]["data_pipeline"] == (c.data.prefetch + 1) * 4 * 512 * 512 * 3 * 4
