@@ -9,6 +9,7 @@ in the same round), with the halo's share of extra convolution FLOPs (``model.st
 
     python benchmarks/stream_speed.py                                        # 1024x1280, 2048x2560 (~6 min)
     python benchmarks/stream_speed.py --sizes 4096x5120 --rounds 3 --out s.json
+    python benchmarks/stream_speed.py --sizes 1024x1280 --tiles 256 --probe    # and where the time goes
 """
 
 from __future__ import annotations
@@ -34,38 +35,46 @@ from mcnn_jax.model.mcnn import from_config, init_params  # noqa: E402
 from mcnn_jax.model.stream import halo_overhead  # noqa: E402
 from mcnn_jax.step import create_state, make_train_step  # noqa: E402
 
+# --probe: where the time goes; branches 0-2 rematerialised without tiles, and branch 0 alone streamed
+PROBES = {
+    "remat_0_2": dict(remat=(True,) * 3 + (False,) * 4),
+    "tile256_branch0": dict(stream_tile=256, stream_branches=1),
+}
 
-def build(tile: int, h: int, w: int):
+
+def build(model_keys: dict, h: int, w: int):
     c = base_config()
-    c.model.head, c.model.stream_tile, c.model.stream_branches = "global_max", tile, 3
-    model = from_config(c.model, num_classes=13)
+    c.model.head, c.model.stream_branches = "global_max", 3
+    model = from_config({**c.model, **model_keys}, num_classes=13)
     tx = optim.make_optimizer(c.optim, optax.constant_schedule(1e-3))
     state = create_state(init_params(model, jax.random.key(0), (h, w, 3)), tx, 0)
     return model, make_train_step(model, tx, 13), state
 
 
-def run_size(h: int, w: int, tiles: list[int], rounds: int) -> dict:
+def run_size(h: int, w: int, tiles: list[int], rounds: int, probe: bool = False) -> dict:
     image = np.random.default_rng(1).integers(0, 256, (1, h, w, 3), dtype=np.uint8)  # an 8-bit field
     batch = dict(image=jnp.asarray(image).astype(jnp.float32) / 255.0, label=jnp.zeros(1, jnp.int32))
+    named = {"unstreamed": {}, **{f"tile{t}": dict(stream_tile=t) for t in tiles}, **(PROBES if probe else {})}
     variants = {}
-    for tile in [0, *tiles]:
-        model, step, state = build(tile, h, w)
+    for name, keys in named.items():
+        model, step, state = build(keys, h, w)
         t = time.perf_counter()
         state, m = step(state, batch)  # compiles
         jax.block_until_ready(m)
-        variants[tile] = dict(model=model, step=step, state=state, compile_s=time.perf_counter() - t, times=[])
+        variants[name] = dict(model=model, step=step, state=state, compile_s=time.perf_counter() - t, times=[])
     for _ in range(rounds):
         for v in variants.values():
             t = time.perf_counter()
             v["state"], m = v["step"](v["state"], batch)
             jax.block_until_ready(m)
             v["times"].append(time.perf_counter() - t)
-    base = variants[0]["times"]
+    base = variants["unstreamed"]["times"]
     rows = []
-    for tile, v in variants.items():
+    for name, v in variants.items():
         rows.append(
             dict(
-                stream_tile=tile,
+                variant=name,
+                model=named[name],
                 first_step_s=round(v["compile_s"], 2),
                 step_s=[round(t, 3) for t in v["times"]],
                 median_step_s=round(statistics.median(v["times"]), 3),
@@ -81,13 +90,14 @@ def main(argv=None):
     p.add_argument("--sizes", default="1024x1280,2048x2560")
     p.add_argument("--tiles", default="256,512", help="stream tiles to time against the unstreamed model")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--probe", action="store_true", help="also " + ", ".join(PROBES) + " (where the time goes)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     tiles = [int(t) for t in a.tiles.split(",")]
     sizes = []
     for size in a.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
-        sizes.append(run_size(h, w, tiles, a.rounds))
+        sizes.append(run_size(h, w, tiles, a.rounds, a.probe))
         print(json.dumps(sizes[-1]), file=sys.stderr, flush=True)
     text = json.dumps(dict(benchmark="stream_speed", machine=machine(), sizes=sizes), indent=1)
     print(text)
