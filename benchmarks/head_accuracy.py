@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_train import emit  # benchmarks/ is on sys.path when a script of it runs
+
 ROOT = Path(__file__).resolve().parents[1]
 # runs argv[1:], passes its exit code on, and prints its peak resident memory (bytes) as stderr's last line
 PEAK_OF_CHILD = (
@@ -98,10 +100,7 @@ def main(argv=None):
         seed=a.seed,
         runs=runs,
     )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ def main(argv=None):
             json.dump(worker(a), f)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_train import emit
     from profile_step import machine
 
     rows = []
@@ -159,12 +160,7 @@ def main(argv=None):
             if base and "step_s" in rows[-1] and len(base["step_s"]) > 1 and len(rows[-1]["step_s"]) > 1:
                 # the best step after the first (which compiles) of each
                 rows[-1]["step_time_vs_off"] = round(min(rows[-1]["step_s"][1:]) / min(base["step_s"][1:]), 3)
-    result = dict(benchmark="stream_memory", machine=machine(), steps=a.steps, rows=rows)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    emit(dict(benchmark="stream_memory", machine=machine(), steps=a.steps, rows=rows), a.out)
 
 
 if __name__ == "__main__":

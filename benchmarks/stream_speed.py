@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import emit  # noqa: E402
 from profile_step import machine  # noqa: E402
 
 from mcnn_jax import optim  # noqa: E402
@@ -99,11 +100,7 @@ def main(argv=None):
         h, w = (int(v) for v in size.split("x"))
         sizes.append(run_size(h, w, tiles, a.rounds, a.probe))
         print(json.dumps(sizes[-1]), file=sys.stderr, flush=True)
-    text = json.dumps(dict(benchmark="stream_speed", machine=machine(), sizes=sizes), indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    emit(dict(benchmark="stream_speed", machine=machine(), sizes=sizes), a.out)
 
 
 if __name__ == "__main__":

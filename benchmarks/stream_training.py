@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import emit  # noqa: E402
 from head_accuracy import ROOT, train_run  # noqa: E402
 
 
@@ -77,10 +78,7 @@ def main(argv=None):
         # training images/s (summary.json; the first run's wall time also generates the screen)
         unstreamed_over_streamed_images_per_s=round(u["images_per_s"] / s["images_per_s"], 3),
     )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(result, a.out)
 
 
 if __name__ == "__main__":
