@@ -40,7 +40,7 @@ import pandas as pd
 
 from mcnn_jax.evaluation import profiles as P
 from mcnn_jax.evaluation.evaluate import confusion_summary, tally
-from mcnn_jax.evaluation.forward import LAYERS, features, iter_outputs, outputs_fn, predict_probabilities  # noqa: F401
+from mcnn_jax.evaluation.forward import LAYERS, features, iter_outputs, predict_probabilities  # noqa: F401
 from mcnn_jax.evaluation.run import EVAL_BATCH, as_members, open_run
 
 # store metadata key -> table column (present only when the store records it)

@@ -71,16 +71,13 @@ def halo_overhead(model, height: int, width: int, channels: int = 3) -> float:
     nominal = streamed = 0
     for k, (f, w, on) in enumerate(zip(model.pool_factors, model.widths, model.streamed_branches())):
         h_, w_ = height // f, width // f
+        t = model.stream_tile // f
+        tiles = len(tile_starts(h_, t)) * len(tile_starts(w_, t)) if on else 0
         for j in range(model.convs_per_branch):
             per_pixel = (channels if j == 0 else w) * w
             nominal += per_pixel * h_ * w_
-            if on:  # conv j runs on the tile and what is left of the halo before it: halo - j p on each side
-                t = model.stream_tile // f
-                streamed += (
-                    per_pixel * len(tile_starts(h_, t)) * len(tile_starts(w_, t)) * (t + 2 * (halo - j * p)) ** 2
-                )
-            else:
-                streamed += per_pixel * h_ * w_
+            # streamed, conv j runs on the tile and what is left of the halo before it: halo - j p on each side
+            streamed += per_pixel * (tiles * (t + 2 * (halo - j * p)) ** 2 if on else h_ * w_)
     return streamed / nominal
 
 
